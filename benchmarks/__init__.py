@@ -1,0 +1,1 @@
+"""Benchmarks: latency, real-time factor, memory and quality beside the authors' way."""

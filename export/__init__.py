@@ -1,0 +1,1 @@
+"""Export side of vssflow: PyTorch model definitions, the authors' checkpoint, ONNX and TensorRT."""

@@ -1,0 +1,1 @@
+"""GPU kernels with reference fallbacks."""

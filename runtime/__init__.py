@@ -1,0 +1,1 @@
+"""Runtime side of vssflow: inputs, solvers, backends, streaming. Imports no torch by itself."""
