@@ -1,0 +1,104 @@
+"""The folded, cached flow transformer the exporter traces (DESIGN.md §2).
+
+Exact algebra on the authors' model, no approximation:
+* The state is `x = [z; k]` with `k` constant, so `proj_in (I + W_pre) x` splits into `A_z z`
+  (each step) and `A_k k` (once per window, a per-token bias).
+* The context `c` is fixed per window: the cross-attention keys/values of every block are
+  computed once by `ConditionStage`.
+* The unconditional pass has `c = 0` and every projection is bias-free, so its cross-attention
+  output is exactly zero: it is skipped.
+* Only the 128 audio rows of `(I + W_post) proj_out` are needed: one `[128, width]` matrix.
+* Both CFG passes run as one batch, the guidance mix inside the graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .conditions import ConditionProjector
+from .reference import clip_to_latent_rate, synch_to_latent_rate
+from .transformer import FlowTransformer, apply_rope, rope_tables
+
+
+def fold_input(flow: FlowTransformer, audio_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`proj_in (I + W_pre)` split into its audio `[width, 128]` and condition `[width, Ck]` columns."""
+    w_pre = flow.preprocess_conv.weight[:, :, 0]                                   # [C, C]
+    m = flow.proj_in.weight @ (torch.eye(w_pre.shape[0], dtype=w_pre.dtype) + w_pre)  # [width, C]
+    return m[:, :audio_channels].contiguous(), m[:, audio_channels:].contiguous()
+
+
+def fold_output(flow: FlowTransformer, audio_channels: int) -> torch.Tensor:
+    """The audio rows of `(I + W_post) proj_out`: `[128, width]`."""
+    w_post = flow.postprocess_conv.weight[:, :, 0]
+    m = (torch.eye(w_post.shape[0], dtype=w_post.dtype) + w_post) @ flow.proj_out.weight
+    return m[:audio_channels].contiguous()
+
+
+class ConditionStage(nn.Module):
+    """Once per window: conditions -> (per-token input bias, cross-attention K/V of all blocks).
+
+    clip `[1, T, Dc]`, synch `[1, T, Ds]` (already at the latent rate), phone_ids `[1, T]`,
+    speaker `[1, Dspk]` -> cond_bias `[1, T, width]`, keys/values `[L, 1, Hkv, 1+T, Dh]`.
+    """
+
+    def __init__(self, flow: FlowTransformer, conditions: ConditionProjector):
+        super().__init__()
+        self.conditions = conditions
+        self.blocks = flow.transformer_blocks
+        audio = flow.dims.in_channels - conditions.dims.channel_dim
+        _, a_k = fold_input(flow, audio)
+        self.register_buffer("a_k", a_k.detach().clone())
+
+    def forward(self, clip, synch, phone_ids, speaker):
+        context, channels = self.conditions(clip, synch, phone_ids, speaker)
+        cond_bias = channels.transpose(1, 2) @ self.a_k.T                              # [1, T, width]
+        keys, values = [], []
+        for blk in self.blocks:
+            a = blk.attn2
+            keys.append(a.heads(a.to_k(context), a.num_kv_heads))                     # [1, Hkv, 1+T, Dh]
+            values.append(a.heads(a.to_v(context), a.num_kv_heads))
+        return cond_bias, torch.stack(keys), torch.stack(values)
+
+
+class FlowStep(nn.Module):
+    """One guided velocity evaluation, both CFG passes batched.
+
+    z `[B, 128, T]`, t `[1]`, cond_bias `[B, T, width]`, keys/values `[L, B, Hkv, 1+T, Dh]`,
+    cfg `[1]` -> guided velocity of the audio channels `[B, 128, T]`.
+    """
+
+    def __init__(self, flow: FlowTransformer, audio_channels: int):
+        super().__init__()
+        self.flow = flow
+        a_z, _ = fold_input(flow, audio_channels)
+        self.register_buffer("a_z", a_z.detach().clone())
+        self.register_buffer("p_out", fold_output(flow, audio_channels).detach().clone())
+
+    def forward(self, z, t, cond_bias, keys, values, cfg):
+        b = z.shape[0]
+        n_tokens = z.shape[-1] + 1
+        cos, sin = rope_tables(n_tokens, self.flow.dims.rotary_dim, z.device)
+        hz = z.transpose(1, 2) @ self.a_z.T                                            # [B, T, width]
+        h = torch.cat([hz + cond_bias, hz], dim=0)                                     # cond | uncond
+        token = self.flow.time_token(t.expand(2 * b)).to(h.dtype)                      # [2B, 1, width]
+        h = torch.cat([token, h], dim=1)                                               # [2B, 1+T, width]
+        for i, blk in enumerate(self.flow.transformer_blocks):
+            h = h + blk.attn1(blk.norm1(h), cos, sin)
+            a = blk.attn2
+            q = apply_rope(a.heads(a.to_q(blk.norm2(h[:b])), a.num_heads), cos, sin)
+            rep = a.num_heads // a.num_kv_heads
+            k, v = keys[i], values[i]
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            cross = a.attend(q, k, v)                                                  # [B, 1+T, width]
+            h = h + torch.cat([cross, torch.zeros_like(cross)], dim=0)                 # uncond: exactly 0
+            h = h + blk.ff(blk.norm3(h))
+        v_all = (h[:, 1:] @ self.p_out.T).transpose(1, 2)                              # [2B, 128, T]
+        v_cond, v_uncond = v_all[:b], v_all[b:]
+        return v_uncond + cfg * (v_cond - v_uncond)
+
+
+def latent_rate_features(clip: torch.Tensor, synch: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder features at the latent rate, as `ConditionStage` takes them."""
+    return clip_to_latent_rate(clip, length), synch_to_latent_rate(synch, length)
