@@ -1,0 +1,46 @@
+"""Errors the runtime raises for a user to read: one line, naming the input and the problem.
+
+The command-line tool prints them without a traceback and exits with `exit_code`.
+"""
+
+
+class VssflowInputError(Exception):
+    """An input (video, transcript, reference voice, option) that cannot be used as given."""
+
+    exit_code = 2
+
+
+class VideoError(VssflowInputError):
+    """A video file that has no video stream, is corrupt or truncated, or has no frames."""
+
+    exit_code = 10
+
+
+class TranscriptError(VssflowInputError):
+    """A transcript or speech interval that cannot be turned into phoneme ids."""
+
+    exit_code = 11
+
+
+class AudioError(VssflowInputError):
+    """A reference-voice file that cannot be read or holds no usable audio."""
+
+    exit_code = 12
+
+
+class ModelFolderError(VssflowInputError):
+    """A model folder that is missing, altered, damaged, or from a newer format."""
+
+    exit_code = 3
+
+
+class BackendError(VssflowInputError):
+    """No backend can run the model as asked (a missing package, GPU or engine)."""
+
+    exit_code = 4
+
+
+class OutputError(VssflowInputError):
+    """An output path that cannot be written (type, folder, disk)."""
+
+    exit_code = 5

@@ -1,0 +1,422 @@
+"""Video frames for the two visual encoders, picked and prepared exactly as the authors do.
+
+One decoding pass over the video stream feeds both pickers; frames are resized the moment they
+are picked, so memory holds at most two windows of 224x224 frames whatever the video's length.
+
+**CLIP** (the authors' ``extract_clip.get_video_frames``, decord backend): decoded frame
+``round(i * fps / 10)`` (Python's round, ``fps`` the stream's average frame rate) for
+``i = 0..99``; indices past the last frame are dropped and black frames appended. Each frame is
+resized to 224x224 like Pillow's ``resize(BICUBIC)`` (no crop, aspect not kept), scaled to
+[0, 1] and normalised with CLIP's mean and std.
+
+**Synchformer** (``extract_synchformer.VideoDataset``): the stream resampled to 25 fps as the
+``fps`` filter torchaudio's ``StreamingMediaDecoder(frame_rate=25)`` inserts picks frames (see
+``FpsFilter``), the first 250 frames, zero frames appended if short. The zeros are appended to
+the raw uint8 frames, so after normalisation a padded frame is -1, not 0. Each frame: short side
+resized to 224 (bicubic, antialiased, as torchvision's ``v2.Resize`` on uint8), centre crop 224,
+``(x / 255 - 0.5) / 0.5``. Cut into 30 segments ``[8s : 8s + 16]`` with ``segments``.
+
+**Windows beyond the authors' first ten seconds** (our extension): window ``k`` covers
+``[10k, 10k + 10)`` s. Its CLIP frame ``i`` is decoded frame ``round((100k + i) * fps / 10)`` and
+its Synchformer frames are outputs ``250k .. 250k + 249`` of the same 25 fps resampling, i.e.
+both rules run on the whole video and are cut every ten seconds; for ``k = 0`` this is exactly
+the authors' input. A window is produced when it holds at least one frame of the video.
+
+**Rotation**: frames are turned upright by the display matrix (as decord does; torchaudio does
+not, so for rotated videos the authors' Synchformer frames were sideways).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import BinaryIO, Iterator, Literal, Union
+
+import av
+import numpy as np
+
+from .errors import VideoError
+from .resize import clip_resizer, planar, synch_resizer
+
+VideoSource = Union[str, "os.PathLike[str]", BinaryIO]
+
+WINDOW_SECONDS = 10
+CLIP_RATE = 10                                          # frames per second picked for CLIP
+CLIP_FRAMES = WINDOW_SECONDS * CLIP_RATE                # 100
+SYNCH_RATE = 25                                         # the fps filter's output rate
+SYNCH_FRAMES = WINDOW_SECONDS * SYNCH_RATE              # 250
+SEGMENT_FRAMES, SEGMENT_STEP = 16, 8
+SEGMENTS = (SYNCH_FRAMES - SEGMENT_FRAMES) // SEGMENT_STEP + 1    # 30
+FRAME_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SYNCH_MEAN = SYNCH_STD = 0.5
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container says about the video stream.
+
+    ``fps`` is the average frame rate (what decord's ``get_avg_fps`` returns, the CLIP rule's
+    rate); ``duration`` the stream's duration in seconds (``n_frames / fps`` when the container
+    has none); ``n_frames`` the container's frame count (packets counted when it has none);
+    ``width``/``height`` as displayed, after ``rotation`` (degrees counter-clockwise).
+    """
+
+    fps: float
+    duration: float
+    n_frames: int
+    width: int
+    height: int
+    rotation: int
+    has_audio: bool
+
+    @property
+    def n_windows(self) -> int:
+        """Number of 10-second windows covering ``duration`` (at least one)."""
+        return max(1, math.ceil(self.duration / WINDOW_SECONDS - 1e-9))
+
+
+@dataclass(frozen=True)
+class VideoWindow:
+    """The encoder inputs for seconds ``[start, start + 10)`` of a video.
+
+    ``clip_pixels [100, 3, 224, 224]`` and ``synch_pixels [250, 3, 224, 224]`` are the resized
+    uint8 frames, padding included (zeros); ``clip_count``/``synch_count`` of them came from the
+    video. ``clip_frames`` and ``synch_frames`` normalise them to float32 on each access (the
+    window itself holds only the uint8 frames, 52 MB).
+    """
+
+    index: int
+    clip_pixels: np.ndarray
+    synch_pixels: np.ndarray
+    clip_count: int
+    synch_count: int
+
+    @property
+    def start(self) -> float:
+        return float(self.index * WINDOW_SECONDS)
+
+    @property
+    def clip_frames(self) -> np.ndarray:
+        """``[100, 3, 224, 224]`` float32: ``(x / 255 - CLIP_MEAN) / CLIP_STD``."""
+        return _normalise(self.clip_pixels, CLIP_MEAN, CLIP_STD, divide=True)
+
+    @property
+    def synch_frames(self) -> np.ndarray:
+        """``[250, 3, 224, 224]`` float32: ``(x / 255 - 0.5) / 0.5``; padding is -1."""
+        return _normalise(self.synch_pixels, (SYNCH_MEAN,) * 3, (SYNCH_STD,) * 3, divide=False)
+
+    def synch_segments(self) -> np.ndarray:
+        """``[30, 16, 3, 224, 224]`` float32 segments of ``synch_frames`` (a strided view of a
+        fresh array; see ``segments``)."""
+        return segments(self.synch_frames)
+
+
+def segments(frames: np.ndarray) -> np.ndarray:
+    """Cut ``[250, ...]`` into ``[30, 16, ...]``: segment ``s`` is ``frames[8s : 8s + 16]``.
+
+    A read-only strided view (no copy); ``np.ascontiguousarray`` it to feed an engine.
+    """
+    assert frames.shape[0] == SYNCH_FRAMES, f"{frames.shape=}"
+    view = np.lib.stride_tricks.sliding_window_view(frames, SEGMENT_FRAMES, axis=0)
+    view = view[::SEGMENT_STEP]                                  # [30, ..., 16]
+    return np.moveaxis(view, -1, 1)                              # [30, 16, ...]
+
+
+def clip_frame_index(j: int, fps: float) -> int:
+    """Decoded frame index of the ``j``-th CLIP frame of the video (window ``j // 100``)."""
+    return round(j * fps / CLIP_RATE)
+
+
+class FpsFilter:
+    """FFmpeg's ``fps`` filter (``fps=25``, defaults ``round=near``, ``eof_action=round``, no
+    ``start_time``) as a frame picker, transcribed from ``libavfilter/vf_fps.c``.
+
+    Each input timestamp is rescaled to output ticks (1/rate s) rounding half away from zero.
+    Output ticks start at the first frame's tick; tick ``t`` shows the latest frame whose tick is
+    ``<= t``; frames are dropped or repeated to fill the ticks. At end of stream, ticks before
+    the end-of-stream timestamp (rescaled the same way) are filled with the last frame.
+
+    torchaudio closes its filter graph with no timestamp, and FFmpeg 4-6 (the versions it
+    supports) then end the stream at the last frame's own timestamp, so a clip ending at
+    ``t_last`` yields ``round(25 * t_last) - round(25 * t_first)`` frames: a 10.0 s clip gives
+    249, not 250, and is padded with one zero frame. FFmpeg >= 7 uses ``t_last + duration``.
+    """
+
+    def __init__(self, time_base: Fraction, rate: int = SYNCH_RATE):
+        self.time_base, self.rate = Fraction(time_base), rate
+        self._frames: list[tuple[int, object]] = []              # at most two (tick, payload)
+        self._next: int | None = None                            # next output tick
+        self._eof: int | None = None
+
+    def _ticks(self, pts: int) -> int:
+        """``av_rescale_q_rnd(pts, time_base, 1/rate, AV_ROUND_NEAR_INF)``."""
+        num = pts * self.time_base.numerator * self.rate
+        den = self.time_base.denominator
+        q, r = divmod(abs(num), den)
+        q += 2 * r >= den                                         # halves away from zero
+        return q if num >= 0 else -q
+
+    def push(self, pts: int, payload: object) -> list[object]:
+        """Feed one decoded frame (``pts`` in ``time_base``); returns the frames to output."""
+        self._frames.append((self._ticks(pts), payload))
+        out: list[object] = []
+        while len(self._frames) == 2:
+            self._step(out)
+        return out
+
+    def close(self, eof_pts: int) -> list[object]:
+        """End of stream at ``eof_pts`` (in ``time_base``); returns the remaining outputs."""
+        self._eof = self._ticks(eof_pts)
+        out: list[object] = []
+        while self._frames:
+            self._step(out)
+        return out
+
+    def _step(self, out: list[object]) -> None:
+        if self._next is None:
+            self._next = self._frames[0][0]
+        if len(self._frames) == 2 and self._frames[1][0] <= self._next:
+            self._frames.pop(0)                                   # superseded: drop
+        elif self._eof is not None and self._eof <= self._next:
+            self._frames.pop(0)                                   # past the end: drop
+        else:
+            out.append(self._frames[0][1])                        # show it for one tick
+            self._next += 1
+
+
+def probe(video: VideoSource) -> VideoInfo:
+    """Read fps, duration, frame count, displayed size, rotation and whether there is audio.
+
+    Decodes the first frame (to read its rotation and prove the stream decodes).
+    Raises ``VideoError`` for a file without a decodable video stream.
+    """
+    with _open(video) as (container, stream):
+        first, packets = None, 0
+        try:
+            for packet in container.demux(stream):
+                packets += packet.size > 0
+                if first is None:
+                    first = next(iter(packet.decode()), None)
+                elif stream.frames > 0:
+                    break                           # the container counts frames for us
+        except av.FFmpegError as e:
+            raise VideoError(f"{_name(video)}: corrupt video data ({_reason(e)})") from None
+        if first is None:
+            raise VideoError(f"{_name(video)}: the video stream has no frames")
+        fps = _average_rate(stream, video)
+        n_frames = stream.frames if stream.frames > 0 else packets
+        if stream.duration is not None and stream.duration > 0:
+            duration = float(stream.duration * stream.time_base)
+        else:
+            duration = n_frames / fps
+        rotation = _rotation(first)
+        width, height = first.width, first.height
+        if rotation % 180:
+            width, height = height, width
+        return VideoInfo(fps=fps, duration=duration, n_frames=n_frames, width=width,
+                         height=height, rotation=rotation, has_audio=bool(container.streams.audio))
+
+
+def windows(video: VideoSource, *, synch_eof: Literal["frame", "end"] = "frame"
+            ) -> Iterator[VideoWindow]:
+    """Stream the video and yield one ``VideoWindow`` per 10 seconds, in order.
+
+    ``synch_eof`` is where the 25 fps resampling ends: ``"frame"`` at the last frame's
+    timestamp (torchaudio on FFmpeg 4-6, the authors' setup), ``"end"`` at that timestamp plus
+    the frame's duration (FFmpeg >= 7). See ``FpsFilter``.
+
+    Raises ``VideoError`` for a file without a decodable video stream, a corrupt one, or one
+    that stops well short of the frame count its container declares.
+    """
+    if synch_eof not in ("frame", "end"):
+        raise ValueError(f"synch_eof must be 'frame' or 'end', got {synch_eof!r}")
+    with _open(video) as (container, stream):
+        fps = _average_rate(stream, video)
+        synch = FpsFilter(stream.time_base)
+        pending: dict[int, _WindowBuffer] = {}
+        clip_next = 0                                  # next CLIP frame, counted over the video
+        synch_done = 0                                 # Synchformer frames output so far
+        decoded = 0
+        last: _Frame | None = None
+        for n, frame in enumerate(_decode(container, stream, video)):
+            current = _Frame(frame, n, last)
+            decoded, last = n + 1, current
+            while clip_frame_index(clip_next, fps) <= n:
+                k, i = divmod(clip_next, CLIP_FRAMES)
+                _buffer(pending, k).clip[i] = current.clip()
+                _buffer(pending, k).clip_count = i + 1
+                clip_next += 1
+            for picked in synch.push(current.pts, current):
+                k, i = divmod(synch_done, SYNCH_FRAMES)
+                _buffer(pending, k).synch[i] = picked.synch()
+                _buffer(pending, k).synch_count = i + 1
+                synch_done += 1
+            done = min(clip_next // CLIP_FRAMES, synch_done // SYNCH_FRAMES)
+            for k in sorted(pending):
+                if k < done:
+                    yield pending.pop(k).finish(k)
+        if last is None:
+            raise VideoError(f"{_name(video)}: the video stream has no frames")
+        _check_complete(stream, decoded, video)
+        eof = last.pts + (_duration(last, fps, stream.time_base) if synch_eof == "end" else 0)
+        for picked in synch.close(eof):
+            k, i = divmod(synch_done, SYNCH_FRAMES)
+            _buffer(pending, k).synch[i] = picked.synch()
+            _buffer(pending, k).synch_count = i + 1
+            synch_done += 1
+        for k in range(min(pending, default=0), max(pending, default=-1) + 1):
+            yield _buffer(pending, k).finish(k)
+
+
+class _WindowBuffer:
+    """uint8 frames of one window as they are picked."""
+
+    def __init__(self):
+        self.clip = np.zeros((CLIP_FRAMES, 3, FRAME_SIZE, FRAME_SIZE), np.uint8)
+        self.synch = np.zeros((SYNCH_FRAMES, 3, FRAME_SIZE, FRAME_SIZE), np.uint8)
+        self.clip_count = self.synch_count = 0
+
+    def finish(self, index: int) -> VideoWindow:
+        """Black CLIP padding and zero Synchformer padding are the zeros never overwritten."""
+        return VideoWindow(index, self.clip, self.synch, self.clip_count, self.synch_count)
+
+
+def _normalise(frames: np.ndarray, mean, std, *, divide: bool) -> np.ndarray:
+    """uint8 ``[N, 3, H, W]`` → float32 ``(x / 255 - mean) / std``, in float32 as torchvision:
+    ``ToTensor`` divides by 255, ``v2.ToDtype(scale=True)`` multiplies by ``1 / 255``."""
+    x = frames.astype(np.float32)
+    if divide:
+        x /= np.float32(255)
+    else:
+        x *= np.float32(1.0 / 255)
+    x -= np.asarray(mean, np.float32)[:, None, None]
+    x /= np.asarray(std, np.float32)[:, None, None]
+    return x
+
+
+def _buffer(pending: dict[int, _WindowBuffer], k: int) -> _WindowBuffer:
+    if k not in pending:
+        pending[k] = _WindowBuffer()
+    return pending[k]
+
+
+class _Frame:
+    """A decoded frame, converted to RGB and resized only if some picker asks, at most once."""
+
+    def __init__(self, frame: av.VideoFrame, index: int, previous: _Frame | None):
+        self.frame, self.index = frame, index
+        self.pts = _pts(frame, previous)
+        self.duration = frame.duration
+        self._planar: np.ndarray | None = None
+        self._clip: np.ndarray | None = None
+        self._synch: np.ndarray | None = None
+
+    def _rgb_planar(self) -> np.ndarray:
+        if self._planar is None:
+            rgb = self.frame.to_ndarray(format="rgb24")              # [H, W, 3]
+            turns = _rotation(self.frame) // 90
+            if turns:
+                rgb = np.rot90(rgb, turns)
+            self._planar = planar(rgb)                                # [3, H, W] float32
+        return self._planar
+
+    def clip(self) -> np.ndarray:
+        """``[3, 224, 224]`` uint8, Pillow's bicubic resize."""
+        if self._clip is None:
+            x = self._rgb_planar()
+            self._clip = clip_resizer(x.shape[1], x.shape[2], FRAME_SIZE)(x)
+        return self._clip
+
+    def synch(self) -> np.ndarray:
+        """``[3, 224, 224]`` uint8, torchvision's short-side resize and centre crop."""
+        if self._synch is None:
+            x = self._rgb_planar()
+            self._synch = synch_resizer(x.shape[1], x.shape[2], FRAME_SIZE)(x)
+        return self._synch
+
+
+def _pts(frame: av.VideoFrame, previous: _Frame | None) -> int:
+    """The frame's timestamp, or (like torchaudio) an estimate where the decoder gives none."""
+    if frame.pts is not None:
+        return int(frame.pts)
+    if frame.dts is not None:
+        return int(frame.dts)
+    return previous.pts + 1 if previous is not None else 0
+
+
+def _duration(frame: _Frame, fps: float, time_base: Fraction) -> int:
+    """The last frame's duration in ``time_base`` (one average frame when the file has none)."""
+    if frame.duration:
+        return int(frame.duration)
+    return max(1, round(1 / (fps * time_base)))
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    """Counter-clockwise display rotation, snapped to 0/90/180/270 (flips are ignored)."""
+    angle = frame.rotation or 0
+    return int(round(angle / 90.0)) % 4 * 90
+
+
+@contextlib.contextmanager
+def _open(video: VideoSource):
+    """Open ``video`` (path or binary file object) and yield (container, first video stream)."""
+    if hasattr(video, "seek"):
+        video.seek(0)
+    elif not os.path.exists(os.fspath(video)):
+        raise VideoError(f"{_name(video)}: no such file")
+    try:
+        container = av.open(video if hasattr(video, "read") else os.fspath(video), "r")
+    except av.EOFError:
+        raise VideoError(f"{_name(video)}: the file ends before any video frame "
+                         "(empty or truncated)") from None
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(f"{_name(video)}: not a readable video file ({_reason(e)})") from None
+    try:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["no streams"]
+            raise VideoError(f"{_name(video)}: no video stream (has {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        yield container, stream
+    finally:
+        container.close()
+
+
+def _decode(container, stream, video: VideoSource) -> Iterator[av.VideoFrame]:
+    try:
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                yield frame
+    except av.FFmpegError as e:
+        raise VideoError(f"{_name(video)}: corrupt video data ({_reason(e)})") from None
+
+
+def _average_rate(stream, video: VideoSource) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate:
+            return rate.numerator / rate.denominator     # C's double division, as decord
+    raise VideoError(f"{_name(video)}: the video stream has no frame rate")
+
+
+def _check_complete(stream, decoded: int, video: VideoSource) -> None:
+    """A file cut short still opens when its index comes first; it then decodes far fewer
+    frames than the index lists."""
+    declared = stream.frames
+    if declared > 0 and decoded < declared - max(2, declared // 100):
+        raise VideoError(f"{_name(video)}: truncated: {decoded} of {declared} frames decode")
+
+
+def _name(video: VideoSource) -> str:
+    if hasattr(video, "read"):
+        return getattr(video, "name", "<file object>")
+    return os.fspath(video)
+
+
+def _reason(e: Exception) -> str:
+    text = getattr(e, "strerror", None) or str(e)
+    return " ".join(str(text).split())
