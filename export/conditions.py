@@ -46,7 +46,7 @@ class ConditionDims:
         if size in ("full", "small"):
             return cls()
         if size == "tiny":
-            return cls(clip_in=64, cond_hidden=128, cond_out=64, ref_hidden=128,
+            return cls(clip_in=64, cond_hidden=128, cond_out=64, speaker_in=32, ref_hidden=128,
                        synch_in=64, synch_hidden=32, synch_out=16,
                        lip_in=1024, lip_hidden=32, lip_out=16, phone_dim=8)
         raise ValueError(f"unknown size {size!r}: expected tiny, small or full")
