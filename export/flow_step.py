@@ -39,7 +39,8 @@ class ConditionStage(nn.Module):
     """Once per window: conditions -> (per-token input bias, cross-attention K/V of all blocks).
 
     clip `[1, T, Dc]`, synch `[1, T, Ds]` (already at the latent rate), phone_ids `[1, T]`,
-    speaker `[1, Dspk]` -> cond_bias `[1, T, width]`, keys/values `[L, 1, Hkv, 1+T, Dh]`.
+    speaker `[1, Dspk]` -> cond_bias `[1, T, width]`, keys/values `[L, 1, Hkv, 1+T, Dh]`, and the
+    condition channels `k` `[1, Ck, T]` themselves (dopri5's error norm counts them).
     """
 
     def __init__(self, flow: FlowTransformer, conditions: ConditionProjector):
@@ -58,7 +59,7 @@ class ConditionStage(nn.Module):
             a = blk.attn2
             keys.append(a.heads(a.to_k(context), a.num_kv_heads))                     # [1, Hkv, 1+T, Dh]
             values.append(a.heads(a.to_v(context), a.num_kv_heads))
-        return cond_bias, torch.stack(keys), torch.stack(values)
+        return cond_bias, torch.stack(keys), torch.stack(values), channels
 
 
 class FlowStep(nn.Module):

@@ -39,7 +39,8 @@ def test_flow_step_equals_guided_velocity(dims, t_len):
     z = torch.randn(1, ref.audio_channels, t_len, generator=torch.Generator().manual_seed(3))
     stage, step = ConditionStage(flow, cond).eval(), FlowStep(flow, ref.audio_channels).eval()
     with torch.no_grad():
-        bias, keys, values = stage(*latent_rate_features(clip, synch, t_len), ids, spk)
+        bias, keys, values, k_channels = stage(*latent_rate_features(clip, synch, t_len), ids, spk)
+        assert torch.equal(k_channels, channels)
         for t, w in [(0.0, 3.0), (0.37, 3.0), (0.9, 1.0), (0.5, 5.5)]:
             expected = GuidedVelocity(flow, context, channels.shape[1], w)(t, torch.cat([z, channels], 1))
             got = step(z, torch.tensor([t]), bias, keys, values, torch.tensor([w]))
@@ -56,7 +57,7 @@ def test_batched_windows():
     with torch.no_grad():
         for seed in (4, 5):
             clip, synch, ids, spk = _features(TINY[1], 50, seed)
-            bias, k, v = stage(*latent_rate_features(clip, synch, 50), ids, spk)
+            bias, k, v, _ = stage(*latent_rate_features(clip, synch, 50), ids, spk)
             z = torch.randn(1, 128, 50, generator=torch.Generator().manual_seed(seed))
             outs.append(step(z, torch.tensor([0.3]), bias, k, v, torch.tensor([3.0])))
             inputs.append((z, bias, k, v))

@@ -1,0 +1,118 @@
+"""`vssflow-export`: the authors' checkpoint -> ONNX graphs (and TensorRT engines) in a model folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from .errors import VssflowError
+
+DEMO_NOTE = "DEMO MODEL: random weights in the authors' layout; it runs the whole pipeline but makes noise."
+
+
+def default_demo_dir() -> Path:
+    home = os.environ.get("VSSFLOW_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vssflow")
+    return Path(home) / "demo-model"
+
+
+def export_demo(out: Path, *, replace: bool = False, progress=lambda m: None, backend: str = "onnx",
+                precision: str = "fp32") -> dict:
+    """Write a `tiny` random-weight checkpoint in the authors' layout and export it to `out`."""
+    from .checkpoint import write_random_assets
+    from .onnx_export import ExportOptions, export_model
+    with tempfile.TemporaryDirectory(prefix="vssflow-demo-") as tmp:
+        progress("writing a tiny random-weight checkpoint (authors' layout)")
+        paths = write_random_assets(tmp, "tiny")
+        return export_model(paths["checkpoint"], paths["synchformer"], out, rawnet=paths["rawnet"],
+                            options=ExportOptions(precision=precision, backend=backend), replace=replace,
+                            progress=progress, extra={"demo": True, "note": DEMO_NOTE})
+
+
+def _summary(manifest: dict, out: Path) -> str:
+    rows = [("stage", "file", "MB", "export s", "ORT vs torch")]
+    for name, entry in manifest["report"].items():
+        if name == "tensorrt":
+            continue
+        f = f"{name}.onnx"
+        parity = entry.get("parity", {})
+        worst = max((v["max_abs_err"] for v in parity.values()), default=None)
+        rows.append((name, f, f"{manifest['files'][f]['bytes'] / 1e6:.1f}", f"{entry['seconds']:.1f}",
+                     "-" if worst is None else f"max err {worst:.1e}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    trt = manifest["report"].get("tensorrt")
+    if trt is not None:
+        lines.append("TensorRT: " + (trt["skipped"] if "skipped" in trt else
+                                     ", ".join(f"{k} {v['seconds']} s" for k, v in trt.items())))
+    lines.append(f"model folder: {out}")
+    if manifest.get("demo"):
+        lines.append(DEMO_NOTE)
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
+              help="The authors' Lightning checkpoint (.ckpt) holding every trained part.")
+@click.option("--synchformer", type=click.Path(dir_okay=False, path_type=Path),
+              help="MMAudio's synchformer_state_dict.pth.")
+@click.option("--rawnet", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="RawNet3 model.pt (speaker embedding for --ref-audio); optional.")
+@click.option("--assets", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="The authors' assets folder; its vae/, vocoder/ and transformer config.json override "
+                   "what tensor shapes cannot tell (vocoder upsample rates, head size).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True,
+              help="Precision of the TensorRT engines; ONNX files are always fp32.")
+@click.option("--backend", type=click.Choice(["onnx", "trt", "all"]), default="all", show_default=True,
+              help="onnx: ONNX files only; trt/all: also TensorRT engines where TensorRT and a GPU exist.")
+@click.option("--max-seconds", type=float, default=10.0, show_default=True,
+              help="Longest window the graphs accept (1-10 s; 25 latent frames per second).")
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model folder to write (built under a temporary name, renamed when complete).")
+@click.option("--demo", is_flag=True, help="Export a tiny random-weight model (makes noise) to try the pipeline.")
+@click.option("--force", is_flag=True, help="Replace an existing model folder (atomically).")
+@click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check of each stage.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and the summary.")
+def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_seconds, out, demo, force,
+         no_verify, quiet):
+    """Export VSSFlow, loaded from the authors' files as they are, into a model folder.
+
+    \b
+    Example:
+      vssflow-export --checkpoint model.ckpt --synchformer synchformer_state_dict.pth \\
+                     --precision fp16 --out models/vssflow
+      vssflow-export --demo --out models/demo
+    """
+    def progress(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[vssflow-export] {msg}", err=True)
+
+    try:
+        if demo:
+            if checkpoint or synchformer:
+                raise click.UsageError("--demo writes its own random checkpoint: leave out --checkpoint/--synchformer")
+            out = out or default_demo_dir()
+            manifest = export_demo(out, replace=force, progress=progress, backend=backend, precision=precision)
+        else:
+            if checkpoint is None or synchformer is None:
+                raise click.UsageError("--checkpoint and --synchformer are required (or --demo)")
+            if out is None:
+                raise click.UsageError("--out is required")
+            from .onnx_export import ExportOptions, export_model
+            manifest = export_model(checkpoint, synchformer, out, assets=assets, rawnet=rawnet,
+                                    options=ExportOptions(precision, backend, max_seconds, not no_verify),
+                                    replace=force, progress=progress)
+    except VssflowError as e:
+        click.echo(f"vssflow-export: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("vssflow-export: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    click.echo(_summary(manifest, out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Trace each stage to ONNX, check it against PyTorch, and write the model folder.
+
+The folder is built under a temporary name beside `out` and renamed into place at the end, so
+it is either complete or untouched. `manifest.json` records the model dimensions, the stage
+contracts, every file with its sha256, and the versions used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vssflow.runtime.contracts import ModelSizes, StageContract, stage_contracts
+
+from .checkpoint import RAWNET, SYNCHFORMER, AuthorsCheckpoint, build_modules, read_aux, read_checkpoint
+from .errors import VssflowError
+from .flow_step import ConditionStage, FlowStep
+
+MANIFEST_VERSION = 1
+OPSET = 18
+STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
+# Compared by SNR, not max abs error: long convolution stacks (and RawNet3's log filterbank)
+# amplify float rounding differences between ONNX Runtime and PyTorch.
+SNR_STAGES = ("speaker_encoder", "vae_decoder", "vocoder")
+
+
+class ExportError(VssflowError):
+    exit_code = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"          # fp32 | fp16 (TensorRT engines; the ONNX files stay fp32)
+    backend: str = "onnx"            # onnx | trt | all
+    max_seconds: float = 10.0
+    verify: bool = True
+    torch_weights: bool = True       # weights.pt for the torch backend
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_sizes(ckpt: AuthorsCheckpoint, synch_dims) -> ModelSizes:
+    d = ckpt.dims
+    return ModelSizes(audio_channels=d.audio_channels, width=d.flow.width, layers=d.flow.num_layers,
+                      kv_heads=d.flow.num_kv_heads, head_dim=d.flow.head_dim, clip_dim=d.clip.width,
+                      synch_dim=synch_dims.embed_dim, speaker_dim=d.conditions.speaker_in,
+                      image_size=d.clip.image_size, synch_frames=synch_dims.temporal_tokens * synch_dims.tubelet,
+                      condition_channels=d.conditions.channel_dim)
+
+
+def stage_modules(ckpt: AuthorsCheckpoint, synchformer: torch.nn.Module,
+                  rawnet: torch.nn.Module | None = None) -> dict[str, torch.nn.Module]:
+    """Every stage's module; `speaker_encoder` only when RawNet3 weights are given."""
+    from .rawnet import SpeakerEmbedding
+    m = build_modules(ckpt)
+    speaker = {} if rawnet is None else {"speaker_encoder": _Batch1(SpeakerEmbedding(rawnet)).eval()}
+    return {"clip_encoder": m["clip"], "synch_encoder": synchformer, **speaker,
+            "condition": ConditionStage(m["flow"], m["conditions"]).eval(),
+            "flow_step": FlowStep(m["flow"], ckpt.dims.audio_channels).eval(),
+            "vae_decoder": LatentToMel(m["decoder"]).eval(), "vocoder": m["decoder"].vocoder}
+
+
+class _Batch1(torch.nn.Module):
+    """Adds the leading batch axis of 1 that the condition stage takes: `[D]` -> `[1, D]`."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)[None]
+
+
+class LatentToMel(torch.nn.Module):
+    """The flow model's audio channels `[B, 128, T]` -> log-mel `[B, 4T, 64]`."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder.latent_to_mel(z)
+
+
+def export_onnx(module: torch.nn.Module, contract: StageContract, path: Path) -> None:
+    # A small but non-trivial trace shape: the graph is shape-generic along the dynamic axes.
+    feed = contract.sample("min", **{a: max(lo, min(hi, 2 if a in ("N", "S", "B") else 30 if a != "T1" else 31))
+                                     for a, (lo, _, hi) in contract.axes.items()})
+    args = tuple(torch.from_numpy(feed[s.name]) for s in contract.inputs)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), input_names=[s.name for s in contract.inputs],
+                          output_names=[s.name for s in contract.outputs], dynamic_axes=contract.dynamic_axes(),
+                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    import onnx
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def verify_onnx(module: torch.nn.Module, contract: StageContract, path: Path, sizes: dict) -> dict:
+    """Run ONNX Runtime (CPU) beside PyTorch on a sample of other shapes than the trace's."""
+    import onnxruntime as ort
+    feed = contract.sample("opt", seed=1, **sizes)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, feed)
+    with torch.no_grad():
+        ref = module(*(torch.from_numpy(feed[s.name]) for s in contract.inputs))
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    report = {}
+    for spec, g, r in zip(contract.outputs, got, ref):
+        r = r.numpy()
+        if g.shape != r.shape:
+            raise ExportError(f"{contract.name}: ONNX output {spec.name} has shape {g.shape}, PyTorch {r.shape}")
+        err = float(np.abs(g - r).max())
+        snr = float(10 * np.log10(np.sum(r.astype(np.float64) ** 2) / max(np.sum((g - r).astype(np.float64) ** 2), 1e-30)))
+        report[spec.name] = {"max_abs_err": err, "snr_db": snr}
+        ok = snr >= 60 if contract.name in SNR_STAGES else err <= 1e-4 * max(1.0, float(np.abs(r).max()))
+        if not ok:
+            raise ExportError(f"{contract.name}: ONNX Runtime differs from PyTorch on {spec.name} "
+                              f"(max abs err {err:.3g}, SNR {snr:.1f} dB)")
+    return report
+
+
+def _versions() -> dict:
+    import onnx
+    v = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__}
+    try:
+        import onnxruntime
+        v["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        import tensorrt
+        v["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, out: str | os.PathLike, *,
+                 assets: str | os.PathLike | None = None, rawnet: str | os.PathLike | None = None,
+                 options: ExportOptions = ExportOptions(), replace: bool = False,
+                 progress: Callable[[str], None] = lambda msg: None, extra: dict | None = None) -> dict:
+    """Export every stage into `out`; returns the manifest."""
+    out = Path(out)
+    if out.exists() and not replace:
+        raise ExportError(f"{out}: already exists; pass --force to replace it")
+    if not 1 <= options.max_seconds <= 10:
+        raise ExportError(f"--max-seconds must be between 1 and 10 (one window), got {options.max_seconds}")
+    progress("reading checkpoint")
+    ckpt = read_checkpoint(checkpoint, assets)
+    from .synchformer import load_synchformer
+    synch_dims, synch_sd = read_aux(SYNCHFORMER, synchformer)
+    synch = load_synchformer(synch_sd)
+    rawnet_module = rawnet_sd = None
+    if rawnet is not None:
+        from .rawnet import load_rawnet
+        _, rawnet_sd = read_aux(RAWNET, rawnet, unwrap="model")
+        rawnet_module = load_rawnet(rawnet_sd)
+        if rawnet_module.dims.out != ckpt.dims.conditions.speaker_in:
+            raise ExportError(f"{rawnet}: RawNet3 gives {rawnet_module.dims.out}-d embeddings but the "
+                              f"checkpoint's ref_proj takes {ckpt.dims.conditions.speaker_in}")
+    sizes = model_sizes(ckpt, synch_dims)
+    contracts = stage_contracts(sizes, max_latents=int(round(options.max_seconds * 25)))
+    modules = stage_modules(ckpt, synch, rawnet_module)
+    contracts = {k: c for k, c in contracts.items() if k in modules}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is ordinary data
+    try:
+        files, report = {}, {}
+        for name in (s for s in STAGES if s in modules):
+            t0 = time.perf_counter()
+            progress(f"{name}: tracing to ONNX")
+            path = tmp / f"{name}.onnx"
+            export_onnx(modules[name], contracts[name], path)
+            entry = {"seconds": round(time.perf_counter() - t0, 2)}
+            if options.verify:
+                progress(f"{name}: checking ONNX Runtime against PyTorch")
+                small = {"N": 3, "S": 2, "B": 1, "T": 40, "T1": 41, "M": 80}
+                entry["parity"] = verify_onnx(modules[name], contracts[name], path, small)
+            report[name] = entry
+        if options.torch_weights:
+            from .torch_stages import save_weights
+            progress("weights.pt: the PyTorch weights for the torch backend")
+            save_weights(ckpt, synch_sd, tmp / "weights.pt", rawnet_sd)
+        if options.backend in ("trt", "all"):
+            from .tensorrt import build_engines
+            report["tensorrt"] = build_engines(tmp, contracts, options.precision, progress)
+        for p in sorted(tmp.iterdir()):
+            if p.is_file():
+                files[p.name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+        manifest = {
+            "format_version": MANIFEST_VERSION,
+            "dims": ckpt.dims.to_json(),
+            "synchformer_dims": dataclasses.asdict(synch_dims),
+            "sizes": dataclasses.asdict(sizes),
+            "contracts": {k: c.to_json() for k, c in contracts.items()},
+            "options": dataclasses.asdict(options),
+            "files": files,
+            "versions": _versions(),
+            "report": report,
+            "source": {"checkpoint": str(checkpoint), "synchformer": str(synchformer)},
+            **(extra or {}),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
