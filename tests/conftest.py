@@ -31,3 +31,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "trt" in item.keywords and not has_trt:
             item.add_marker(skip_trt)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """The authors' files with tiny random weights: model.ckpt, Synchformer and RawNet3 weights."""
+    from vssflow.export.checkpoint import write_random_assets
+    return write_random_assets(tmp_path_factory.mktemp("assets"), "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_assets):
+    """A model folder exported from `tiny_assets` (ONNX + weights.pt + manifest)."""
+    from vssflow.export.onnx_export import export_model
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], out, rawnet=tiny_assets["rawnet"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip12(tmp_path_factory):
+    """A 12-second 25 fps clip (two windows), small frames."""
+    from tests.media import make_video
+    path = tmp_path_factory.mktemp("media") / "clip12.mp4"
+    make_video(path, seconds=12, fps=25, size=(96, 64))
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip4(tmp_path_factory):
+    """A 4-second 25 fps clip (one window, padded by the model to 10 s), small frames."""
+    from tests.media import make_video
+    path = tmp_path_factory.mktemp("media") / "clip4.mp4"
+    make_video(path, seconds=4, fps=25, size=(96, 64))
+    return path

@@ -1,0 +1,169 @@
+"""`vssflow-run VIDEO`: generate the sound track of a silent video (sound effects and speech)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from .errors import OutputError, VssflowInputError
+from .solvers import SOLVERS
+
+EXIT_INTERRUPTED = 130
+
+
+def _default_model_dir() -> Path:
+    home = os.environ.get("VSSFLOW_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vssflow")
+    return Path(home) / "demo-model"
+
+
+def _ensure_demo(model_dir: Path, say) -> None:
+    """Export the demo model on first use (needs the export extra: torch, onnx)."""
+    if (model_dir / "manifest.json").is_file():
+        return
+    try:
+        from vssflow.export.cli import export_demo
+    except ImportError as e:
+        raise VssflowInputError(f"no model at {model_dir}, and the demo model cannot be exported here "
+                                f"({e.name} is missing: pip install 'vssflow[export]'), or pass --model") from None
+    say(f"no model given: exporting the demo model (random weights) to {model_dir}")
+    export_demo(model_dir, replace=True, progress=lambda m: say(m))
+
+
+def _raise_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        pass
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("video", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Model folder from vssflow-export. Default: the demo model (random weights: noise), "
+                   "exported on first use.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output: .wav, .flac, or a video file (.mp4/.mov/.mkv: the input's video stream copied "
+                   "without re-encoding, plus the new audio). Default: VIDEO_with_sound.<ext> beside the input.")
+@click.option("--transcript", default=None, help="Words spoken in the clip (English).")
+@click.option("--speech-start", type=float, default=None, help="Second the speech starts (default 0).")
+@click.option("--speech-end", type=float, default=None, help="Second the speech ends (default: end of clip, at most 10 s).")
+@click.option("--ref-audio", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A recording of the voice to speak with.")
+@click.option("--solver", type=click.Choice(SOLVERS), default="euler", show_default=True,
+              help="ODE solver; dopri5 reproduces the authors' sampler (slow).")
+@click.option("--steps", type=int, default=25, show_default=True, help="Steps of a fixed-step solver.")
+@click.option("--cfg", type=float, default=3.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--noise", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Initial latent as .npy [128, 250] (or [windows, 128, 250]), to reproduce a run exactly.")
+@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True,
+              help="auto: TensorRT if its engines fit this GPU, else ONNX Runtime, else PyTorch.")
+@click.option("--device", default=None, help="cpu or cuda[:N] (default: the best available).")
+@click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write features, phoneme ids, latents, mel and audio to this .npz for debugging.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+def main(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
+         noise, backend, device, dump_intermediates, as_json, quiet):
+    """Generate sound effects and speech for VIDEO and write them to a file.
+
+    \b
+    Examples:
+      vssflow-run clip.mp4 -o clip_with_sound.mp4
+      vssflow-run clip.mp4 --model models/vssflow --transcript "hello there" \\
+                  --speech-start 1.0 --speech-end 2.5 -o speech.wav
+    """
+    interactive = sys.stderr.isatty() and not quiet
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"[vssflow-run] {msg}", err=True)
+
+    _raise_on_sigterm()
+    try:
+        code = _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
+                    cfg, seed, noise, backend, device, dump_intermediates, as_json, interactive, say)
+    except VssflowInputError as e:
+        click.echo(f"vssflow-run: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("vssflow-run: interrupted; no output was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
+         noise, backend, device, dump_intermediates, as_json, interactive, say) -> int:
+    from .output import output_kind, write_audio_file, write_video_file
+    from .session import Session
+
+    if not video.is_file():
+        raise VssflowInputError(f"{video}: no such file")
+    output = output or video.with_name(f"{video.stem}_with_sound{video.suffix or '.mp4'}")
+    kind = output_kind(output)
+    if output.exists() and output.resolve() == video.resolve():
+        raise OutputError(f"{output}: is the input video; choose another output name")
+    if dump_intermediates is not None and dump_intermediates.suffix != ".npz":
+        raise OutputError(f"{dump_intermediates}: intermediates are written as .npz")
+    noise_arr = None
+    if noise is not None:
+        try:
+            noise_arr = np.load(noise, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise VssflowInputError(f"{noise}: not a readable .npy array ({e})") from None
+
+    if model_dir is None:
+        model_dir = _default_model_dir()
+        _ensure_demo(model_dir, say)
+    session = Session(model_dir, backend=backend, device=device)
+    bar = None
+
+    def progress(p: dict) -> None:
+        if bar is not None:
+            bar.label = f"window {p['window'] + 1}/{info.n_windows}"
+            bar.update(1)
+
+    chunks, info = session.stream(video, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg,
+                                  seed, noise_arr, keep_intermediates=dump_intermediates is not None,
+                                  progress=progress)
+    if info.demo_model:
+        say("DEMO MODEL: random weights; the sound it makes is noise")
+    say(f"{video.name}: {info.duration:.2f} s, {info.n_windows} window(s); backend {info.backend}, "
+        f"{solver}{'' if solver == 'dopri5' else f' {steps} steps'}, cfg {cfg}")
+    if interactive and solver != "dopri5":
+        bar = click.progressbar(length=info.n_windows * steps, label="generating", file=sys.stderr)
+        bar.__enter__()
+    try:
+        if kind == "audio":
+            samples = write_audio_file(output, chunks, info.sample_rate)
+        else:
+            samples = write_video_file(output, video, chunks, info.sample_rate)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+    stats = session.last_run()
+    if dump_intermediates is not None:
+        from .output import atomic_output
+        with atomic_output(dump_intermediates) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **stats["intermediates"])
+    summary = {"output": str(output), "seconds": round(samples / info.sample_rate, 3), "sample_rate": info.sample_rate,
+               "windows": info.n_windows, "backend": info.backend, "solver": solver, "steps": steps, "cfg": cfg,
+               "seed": seed, "nfe": stats["nfe"], "timings": {k: round(v, 4) for k, v in stats["timings"].items()},
+               "demo_model": info.demo_model}
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        say(f"wrote {output} ({summary['seconds']:.2f} s of audio, {stats['nfe']} flow evaluations)")
+    return 0
+
+
+if __name__ == "__main__":
+    main()

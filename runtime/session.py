@@ -1,0 +1,245 @@
+"""`Session`: a model folder, a backend, and the pipeline from video to sound track.
+
+    session = Session("models/vssflow")
+    result = session.generate("clip.mp4", transcript="hello there", speech_start=1.0, speech_end=3.0)
+    chunks, info = session.stream("clip.mp4")       # info at once, chunks as they are ready
+
+Per 10-second window: the encoders and the condition stage run once; the ODE loop calls only
+`flow_step` (both CFG passes batched); the VAE decodes the window's latent once and the
+vocoder streams it out in chunks. Windows follow one another without overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from . import contracts as C
+from . import audio, solvers, text, video
+from .backends import create_backend
+from .errors import VssflowInputError
+from .model_folder import ModelFolder
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """What shapes a result; travels with it. Change one with `dataclasses.replace`."""
+
+    transcript: str | None = None
+    speech_start: float | None = None     # seconds from the start of the video
+    speech_end: float | None = None
+    solver: str = "euler"
+    steps: int = 25                       # fixed-step solvers; dopri5 chooses its own
+    cfg: float = 3.0
+    seed: int = 0
+
+    def check(self, duration: float) -> None:
+        if self.solver not in solvers.SOLVERS:
+            raise VssflowInputError(f"unknown solver {self.solver!r}: choose one of {', '.join(solvers.SOLVERS)}")
+        if self.solver != "dopri5" and not 1 <= self.steps <= 1000:
+            raise VssflowInputError(f"steps must be between 1 and 1000, got {self.steps}")
+        if not np.isfinite(self.cfg) or not 0 <= self.cfg <= 100:
+            raise VssflowInputError(f"cfg must be a finite number between 0 and 100, got {self.cfg}")
+        if self.transcript is None and (self.speech_start is not None or self.speech_end is not None):
+            raise VssflowInputError("speech start/end given without a transcript")
+
+
+@dataclasses.dataclass
+class StreamInfo:
+    """Known before the first chunk: what will come out and how it is made."""
+
+    duration: float
+    sample_rate: int
+    n_windows: int
+    backend: str
+    options: GenerateOptions
+    video: video.VideoInfo
+    demo_model: bool
+
+
+@dataclasses.dataclass
+class Result:
+    audio: np.ndarray                 # float32 [samples], 16 kHz, cut to the video's length
+    sample_rate: int
+    info: StreamInfo
+    timings: dict[str, float]         # seconds per stage, summed over windows
+    nfe: int                          # flow_step calls (each runs both CFG passes)
+    intermediates: dict[str, np.ndarray] | None = None
+
+    @property
+    def options(self) -> GenerateOptions:
+        return self.info.options
+
+
+def nearest_indices(in_len: int, out_len: int, exact: bool = False) -> np.ndarray:
+    """Source indices of PyTorch's `nearest` / `nearest-exact` 1-d interpolation (float32 scale)."""
+    if in_len == out_len:
+        return np.arange(out_len)
+    scale = np.float32(in_len) / np.float32(out_len)
+    pos = np.arange(out_len, dtype=np.float32)
+    src = np.floor((pos + np.float32(0.5)) * scale if exact else pos * scale).astype(np.int64)
+    return np.minimum(src, in_len - 1)
+
+
+class Session:
+    """A loaded model: `generate()` for a whole result, `stream()` for chunks as they are ready.
+
+    Thread safety: a Session may be shared by threads; generations are serialized by a lock
+    (backends hold one set of buffers), so concurrent calls queue rather than run in parallel.
+    """
+
+    def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
+                 verify_hashes: bool = True):
+        self.folder = ModelFolder.open(model_dir, verify_hashes=verify_hashes)
+        self.backend = create_backend(self.folder, backend, device)
+        self.sizes = self.folder.sizes
+        self._lock = threading.Lock()
+        self._last_timings: dict[str, float] = {}
+        self._last_nfe = 0
+        self._last_intermediates: dict | None = None
+
+    # --- public ---------------------------------------------------------------------------
+    def generate(self, video_source, transcript: str | None = None, speech_start: float | None = None,
+                 speech_end: float | None = None, ref_audio=None, solver: str = "euler", steps: int = 25,
+                 cfg: float = 3.0, seed: int = 0, noise: np.ndarray | None = None,
+                 keep_intermediates: bool = False, progress: Callable[[dict], None] | None = None) -> Result:
+        chunks, info = self.stream(video_source, transcript, speech_start, speech_end, ref_audio, solver,
+                                   steps, cfg, seed, noise, keep_intermediates, progress)
+        pieces = list(chunks)
+        audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        stats = self.last_run()
+        return Result(audio, C.SAMPLE_RATE, info, stats["timings"], stats["nfe"], stats["intermediates"])
+
+    def last_run(self) -> dict:
+        """NFE, per-stage seconds and (if kept) intermediates of the last finished generation."""
+        kept = None
+        if self._last_intermediates is not None:
+            kept = {k: np.concatenate(v) if k == "audio" else np.stack(v) for k, v in self._last_intermediates.items()}
+        return {"nfe": self._last_nfe, "timings": dict(self._last_timings), "intermediates": kept}
+
+    def stream(self, video_source, transcript: str | None = None, speech_start: float | None = None,
+               speech_end: float | None = None, ref_audio=None, solver: str = "euler", steps: int = 25,
+               cfg: float = 3.0, seed: int = 0, noise: np.ndarray | None = None,
+               keep_intermediates: bool = False,
+               progress: Callable[[dict], None] | None = None) -> tuple[Iterator[np.ndarray], StreamInfo]:
+        """(chunks, info): `info` at once; `chunks` yields float32 audio as each piece is ready."""
+        meta = video.probe(video_source)
+        if transcript is not None and speech_start is None:
+            speech_start, speech_end = 0.0, min(meta.duration, C.WINDOW_SECONDS) if speech_end is None else speech_end
+        options = GenerateOptions(transcript, speech_start, speech_end, solver, steps, cfg, seed)
+        options.check(meta.duration)
+        if ref_audio is not None and "speaker_encoder" not in self.folder.contracts:
+            raise VssflowInputError(f"{self.folder.path}: this model folder has no speaker stage; "
+                                    "re-export with --rawnet to use a reference voice")
+        speaker_crops = None if ref_audio is None else audio.speaker_crops(audio.load_reference(ref_audio))
+        n_windows = meta.n_windows
+        ids = self._phoneme_track(options, meta.duration, n_windows)
+        noise = self._noise(noise, seed, n_windows)
+        info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.backend.describe(), options, meta,
+                          self.folder.is_demo)
+        return self._chunks(video_source, meta, options, ids, noise, speaker_crops, keep_intermediates,
+                            progress), info
+
+    # --- steps ----------------------------------------------------------------------------
+    def _phoneme_track(self, o: GenerateOptions, duration: float, n_windows: int) -> np.ndarray:
+        """Phoneme ids over the whole video `[n_windows * 250]`, stretched over the speech interval."""
+        total = n_windows * C.WINDOW_LATENTS
+        if o.transcript is None:
+            return np.zeros(total, np.int64)
+        return text.phoneme_ids(o.transcript, o.speech_start, o.speech_end,
+                                window_seconds=n_windows * C.WINDOW_SECONDS, clip_seconds=duration)
+
+    def _noise(self, noise: np.ndarray | None, seed: int, n_windows: int) -> np.ndarray:
+        shape = (n_windows, self.sizes.audio_channels, C.WINDOW_LATENTS)
+        if noise is None:
+            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+        noise = np.asarray(noise, dtype=np.float32)
+        if noise.shape == shape[1:]:
+            noise = noise[None]
+        if noise.ndim == 4 and noise.shape[1] == 1:
+            noise = noise[:, 0]
+        if noise.shape != shape:
+            raise VssflowInputError(f"noise must have shape {shape[1:]} or {shape} for this video, got {noise.shape}")
+        return noise
+
+    def _chunks(self, source, meta, options, ids, noise, crops, keep, progress) -> Iterator[np.ndarray]:
+        with self._lock:
+            self._last_timings: dict[str, float] = {}
+            self._last_nfe = 0
+            self._last_intermediates = {} if keep else None
+            speaker = np.zeros((1, self.sizes.speaker_dim), np.float32)
+            if crops is not None:
+                speaker = self._timed("speaker_encoder", "speaker_encoder", {"crops": crops})["embedding"]
+                self._keep("speaker", speaker[0])
+            remaining = int(round(meta.duration * C.SAMPLE_RATE))
+            for window in video.windows(source):
+                if window.index >= len(noise):
+                    break
+                z = self._window_latent(window, options, ids, noise[window.index], speaker, progress)
+                for chunk in self._decode(z):
+                    chunk = chunk[:remaining]
+                    remaining -= len(chunk)
+                    if len(chunk):
+                        self._keep("audio", chunk)
+                        yield chunk
+                if remaining <= 0:
+                    break
+
+    def _timed(self, name: str, stage: str, feed: dict) -> dict:
+        t0 = time.perf_counter()
+        out = self.backend.run(stage, feed)
+        self._last_timings[name] = self._last_timings.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    def _keep(self, name: str, value: np.ndarray) -> None:
+        if self._last_intermediates is not None:
+            self._last_intermediates.setdefault(name, []).append(value)
+
+    def _window_latent(self, window: video.VideoWindow, o: GenerateOptions, ids: np.ndarray,
+                       noise: np.ndarray, speaker: np.ndarray, progress) -> np.ndarray:
+        T = C.WINDOW_LATENTS
+        clip = self._timed("clip_encoder", "clip_encoder", {"frames": window.clip_frames})["features"]
+        segments = np.ascontiguousarray(window.synch_segments())
+        synch = self._timed("synch_encoder", "synch_encoder", {"segments": segments})["features"]
+        synch = synch.reshape(-1, synch.shape[-1])                                   # [240, Ds]
+        clip_t = clip[nearest_indices(len(clip), T)][None]                           # [1, T, Dc]
+        synch_t = synch[nearest_indices(len(synch), T, exact=True)][None]            # [1, T, Ds]
+        window_ids = ids[window.index * T:(window.index + 1) * T][None]
+        cond = self._timed("condition", "condition", {"clip": clip_t, "synch": synch_t,
+                                                      "phone_ids": window_ids, "speaker": speaker})
+        for name, value in (("clip_features", clip), ("synch_features", synch), ("phone_ids", window_ids[0]),
+                            ("initial_latent", noise)):
+            self._keep(name, value)
+        cfg = np.array([o.cfg], np.float32)
+        feed = {"cond_bias": cond["cond_bias"], "keys": cond["keys"], "values": cond["values"], "cfg": cfg}
+
+        def velocity(t: float, z: np.ndarray) -> np.ndarray:
+            self._last_nfe += 1
+            return self._timed("flow_step", "flow_step", {"z": z, "t": np.array([t], np.float32), **feed})["velocity"]
+
+        def report(step: dict) -> None:
+            if progress is not None:
+                progress({"window": window.index, "step": step["step"], "t": step["t"], "nfe": step["nfe"]})
+
+        z0 = noise[None]                                                             # [1, 128, T]
+        z1 = solvers.solve(o.solver, velocity, z0, o.steps, callback=report, frozen=cond["channels"])
+        self._keep("final_latent", z1[0])
+        return z1
+
+    def _decode(self, z: np.ndarray) -> Iterator[np.ndarray]:
+        """Latent `[1, 128, T]` -> audio chunks: the VAE once, the vocoder in overlapping chunks."""
+        mel = self._timed("vae_decoder", "vae_decoder", {"z": z})["mel"]             # [1, 4T, 64]
+        self._keep("mel", mel[0])
+        m = mel.shape[1]
+        step, ov = C.VOCODER_CHUNK, C.VOCODER_OVERLAP
+        for a in range(0, m, step):
+            b = min(m, a + step)
+            a0, b0 = max(0, a - ov), min(m, b + ov)
+            audio = self._timed("vocoder", "vocoder", {"mel": np.ascontiguousarray(mel[:, a0:b0])})["audio"][0]
+            end = (b - a0) * C.SAMPLES_PER_MEL + (C.VOCODER_EXTRA if b == m else 0)
+            yield audio[(a - a0) * C.SAMPLES_PER_MEL:end]

@@ -1,0 +1,125 @@
+"""`vssflow-run` and `vssflow-export` as a user runs them."""
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+
+
+def run(*args, timeout=600, **kw):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _video_packets(path):
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(c.streams.video[0]) if p.size]
+
+
+def test_mp4_output_copies_the_video_stream_and_adds_12s_of_audio(tiny_model, clip12, tmp_path):
+    before = hashlib.sha256(clip12.read_bytes()).hexdigest()
+    out = tmp_path / "with_sound.mp4"
+    r = run("vssflow.runtime.cli", str(clip12), "--model", str(tiny_model), "-o", str(out), "--steps", "2",
+            "--json", "--transcript", "hello", "--speech-start", "1", "--speech-end", "2")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["seconds"] == 12.0 and summary["nfe"] == 4 and summary["windows"] == 2
+    assert _video_packets(out) == _video_packets(clip12)            # bit-identical video stream
+    with av.open(str(out)) as c:
+        a = c.streams.audio[0]
+        assert a.codec_context.name == "aac" and a.sample_rate == 16000
+        samples = sum(f.samples for f in c.decode(a))
+    assert abs(samples - 12 * 16000) <= 2048                         # AAC frames of 1024 samples
+    assert hashlib.sha256(clip12.read_bytes()).hexdigest() == before  # input untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["with_sound.mp4"]  # no temporary left
+
+
+@pytest.mark.parametrize("ext", [".wav", ".flac"])
+def test_audio_outputs_have_rate_and_length(tiny_model, clip4, tmp_path, ext):
+    out = tmp_path / f"out{ext}"
+    r = run("vssflow.runtime.cli", str(clip4), "--model", str(tiny_model), "-o", str(out), "--steps", "2", "-q")
+    assert r.returncode == 0, r.stderr
+    data, sr = sf.read(out, dtype="float32")
+    assert sr == 16000 and data.shape == (4 * 16000,)
+    assert np.abs(data).max() > 0
+
+
+def test_noise_file_and_intermediates_reproduce_a_run(tiny_model, clip4, tmp_path):
+    noise = np.random.default_rng(0).standard_normal((128, 250), dtype=np.float32)
+    np.save(tmp_path / "noise.npy", noise)
+    outs = []
+    for i, backend in enumerate(("ort", "torch")):
+        out = tmp_path / f"a{i}.wav"
+        r = run("vssflow.runtime.cli", str(clip4), "--model", str(tiny_model), "-o", str(out), "--steps", "2",
+                "--noise", str(tmp_path / "noise.npy"), "--backend", backend, "-q",
+                "--dump-intermediates", str(tmp_path / f"dump{i}.npz"))
+        assert r.returncode == 0, r.stderr
+        outs.append(sf.read(out, dtype="float32")[0])
+    assert np.abs(outs[0] - outs[1]).max() <= 1e-4
+    dump = np.load(tmp_path / "dump0.npz")
+    assert {"clip_features", "synch_features", "phone_ids", "initial_latent", "final_latent", "mel",
+            "audio"} <= set(dump.files)
+    assert np.array_equal(dump["initial_latent"][0], noise)
+    assert np.array_equal(dump["audio"], outs[0])
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["missing.mp4"], 2, "no such file"),
+    (["{clip}", "-o", "{tmp}/out.xyz"], 5, "unknown output type"),
+    (["{clip}", "--model", "{tmp}/nomodel"], 3, "no such model folder"),
+    (["{clip}", "--transcript", "hi", "--speech-start", "3", "--speech-end", "2"], 11, "speech"),
+    (["{clip}", "--cfg", "nan"], 2, "cfg"),
+])
+def test_bad_input_gives_one_line_and_exit_code(tiny_model, clip4, tmp_path, args, code, message):
+    args = [a.format(clip=clip4, tmp=tmp_path) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_model)]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out.wav")]
+    r = run("vssflow.runtime.cli", *args)
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and message in r.stderr.lower()
+    assert not (tmp_path / "out.wav").exists()
+
+
+def test_refuses_to_overwrite_the_input(tiny_model, clip4, tmp_path):
+    copy = tmp_path / "clip.mp4"
+    copy.write_bytes(clip4.read_bytes())
+    r = run("vssflow.runtime.cli", str(copy), "--model", str(tiny_model), "-o", str(copy))
+    assert r.returncode == 5 and "input" in r.stderr
+    assert copy.read_bytes() == clip4.read_bytes()
+
+
+def test_export_demo_is_complete_and_atomic(tmp_path):
+    out = tmp_path / "demo"
+    r = run("vssflow.export.cli", "--demo", "--out", str(out), "--backend", "onnx", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "random weights" in r.stdout
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["demo"] is True
+    assert set(manifest["files"]) >= {f"{s}.onnx" for s in ("clip_encoder", "synch_encoder", "speaker_encoder",
+                                                             "condition", "flow_step", "vae_decoder", "vocoder")}
+    assert "TensorRT" not in r.stdout or "skipped" in r.stdout.lower() or "tensorrt" in r.stdout.lower()
+    again = run("vssflow.export.cli", "--demo", "--out", str(out), "--backend", "onnx", "-q")
+    assert again.returncode != 0 and "already exists" in again.stderr
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_export_refuses_a_bad_checkpoint(tmp_path, tiny_assets):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    r = run("vssflow.export.cli", "--checkpoint", str(bad), "--synchformer", str(tiny_assets["synchformer"]),
+            "--out", str(tmp_path / "m"))
+    assert r.returncode == 3 and "bad.ckpt" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_help_explains():
+    for module in ("vssflow.runtime.cli", "vssflow.export.cli"):
+        r = run(module, "--help")
+        assert r.returncode == 0 and "Example" in r.stdout

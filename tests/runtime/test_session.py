@@ -1,0 +1,100 @@
+"""Session end to end on the tiny model: backends agree, equal the reference, stream == generate."""
+
+import numpy as np
+import pytest
+import torch
+
+from vssflow.runtime import video
+from vssflow.runtime.session import Session, nearest_indices
+
+
+@pytest.fixture(scope="module")
+def ort_session(tiny_model):
+    return Session(tiny_model, backend="ort")
+
+
+def _noise(windows=2, seed=3):
+    return np.random.default_rng(seed).standard_normal((windows, 128, 250), dtype=np.float32)
+
+
+def test_nearest_indices_match_torch():
+    for n_in, n_out in [(100, 250), (240, 250), (100, 60), (7, 3), (250, 250)]:
+        for exact, mode in [(False, "nearest"), (True, "nearest-exact")]:
+            x = torch.arange(n_in, dtype=torch.float32)[None, None]
+            ref = torch.nn.functional.interpolate(x, size=n_out, mode=mode)[0, 0].long().numpy()
+            assert np.array_equal(nearest_indices(n_in, n_out, exact), ref), (n_in, n_out, mode)
+
+
+def test_ort_and_torch_backends_agree(tiny_model, clip4, ort_session):
+    kw = dict(transcript="hello world", speech_start=1.0, speech_end=3.0, steps=4, noise=_noise(1))
+    a = ort_session.generate(clip4, **kw)
+    b = Session(tiny_model, backend="torch").generate(clip4, **kw)
+    assert a.audio.shape == b.audio.shape == (4 * 16000,)
+    assert np.abs(a.audio).max() > 1e-3
+    assert np.abs(a.audio - b.audio).max() <= 1e-4
+    assert a.nfe == b.nfe == 4
+
+
+def test_stream_concatenated_equals_generate(clip12, ort_session):
+    kw = dict(steps=3, noise=_noise())
+    chunks, info = ort_session.stream(clip12, **kw)
+    assert info.n_windows == 2 and info.sample_rate == 16000 and abs(info.duration - 12) < 1e-6
+    pieces = list(chunks)
+    assert len(pieces) > 2  # the vocoder streams several chunks per window
+    whole = ort_session.generate(clip12, **kw).audio
+    assert np.array_equal(np.concatenate(pieces), whole)
+
+
+def test_equals_the_reference_pipeline(tiny_assets, clip4, ort_session):
+    """Same features and noise through the authors' way (unfolded, two CFG passes) give the same audio."""
+    from vssflow.export.checkpoint import build_modules, read_checkpoint
+    from vssflow.export.reference import ReferencePipeline
+    from vssflow.export.synchformer import load_synchformer
+    from vssflow.export.checkpoint import SYNCHFORMER, read_aux
+
+    noise = _noise(1)
+    result = ort_session.generate(clip4, transcript="the quick brown fox", speech_start=0.5, speech_end=4.0,
+                                  steps=5, cfg=2.5, noise=noise, keep_intermediates=True)
+    kept = result.intermediates
+    modules = build_modules(read_checkpoint(tiny_assets["checkpoint"]))
+    synch = load_synchformer(read_aux(SYNCHFORMER, tiny_assets["synchformer"])[1])
+    window = next(video.windows(clip4))
+    with torch.no_grad():
+        clip_ref = modules["clip"](torch.from_numpy(window.clip_frames)).numpy()
+        synch_ref = synch(torch.from_numpy(np.ascontiguousarray(window.synch_segments()))).numpy()
+    assert np.abs(kept["clip_features"][0] - clip_ref).max() <= 1e-4
+    assert np.abs(kept["synch_features"][0] - synch_ref.reshape(240, -1)).max() <= 1e-4
+
+    ref = ReferencePipeline(modules["flow"], modules["conditions"], modules["decoder"])
+    out = ref.generate(torch.from_numpy(clip_ref)[None], torch.from_numpy(synch_ref)[None],
+                       torch.from_numpy(kept["phone_ids"][0])[None], torch.zeros(1, ort_session.sizes.speaker_dim),
+                       torch.from_numpy(noise[:1]), solver="euler", steps=5, cfg=2.5)
+    assert np.abs(kept["final_latent"][0] - out["latent"][0].numpy()).max() <= 1e-4
+    audio_ref = out["audio"][0].numpy()[:4 * 16000]   # the authors generate 10 s and cut to the clip
+    assert np.abs(result.audio - audio_ref).max() <= 1e-4
+
+
+def test_dopri5_parity_mode_takes_the_authors_steps(tiny_assets, clip4, ort_session):
+    """The runtime's dopri5 on 128 channels takes the steps of the authors' dopri5 on 1952."""
+    from vssflow.export.checkpoint import build_modules, read_checkpoint
+    from vssflow.export.reference import ReferencePipeline
+
+    noise = _noise(1, seed=5)
+    result = ort_session.generate(clip4, solver="dopri5", noise=noise, keep_intermediates=True)
+    kept = result.intermediates
+    modules = build_modules(read_checkpoint(tiny_assets["checkpoint"]))
+    ref = ReferencePipeline(modules["flow"], modules["conditions"])
+    ctx, ch = ref.encode_conditions(torch.from_numpy(kept["clip_features"][:1]),
+                                    torch.from_numpy(kept["synch_features"][:1]),
+                                    torch.from_numpy(kept["phone_ids"][:1]), torch.zeros(1, ort_session.sizes.speaker_dim))
+    latent, nfe = ref.sample(ctx, ch, torch.from_numpy(noise[:1]), solver="dopri5")
+    assert result.nfe == nfe
+    assert np.abs(kept["final_latent"][0] - latent[0].numpy()).max() <= 1e-4
+
+
+def test_seed_reproducible_and_options_travel(clip4, ort_session):
+    a = ort_session.generate(clip4, steps=2, seed=7)
+    b = ort_session.generate(clip4, steps=2, seed=7)
+    c = ort_session.generate(clip4, steps=2, seed=8)
+    assert np.array_equal(a.audio, b.audio) and not np.array_equal(a.audio, c.audio)
+    assert a.options.seed == 7 and a.options.steps == 2 and a.options.solver == "euler"
