@@ -291,9 +291,27 @@ def write_random_assets(folder: str | os.PathLike, size: str = "tiny", seed: int
     return paths
 
 
-def _loaded(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-    module.load_state_dict({k: tensors[k] for k in module.state_dict()}, strict=True)
+def load_weights(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor], what: str,
+                 prefix: str = "") -> torch.nn.Module:
+    """Load the tensors `module` uses (a subset of the file's) strictly, as fp32; eval mode.
+
+    Raises CheckpointError naming every tensor the module needs that is missing or mis-shaped.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    shaped = [k for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if missing or shaped:
+        parts = [f"missing {', '.join(prefix + k for k in missing[:10])}"
+                 + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")] if missing else []
+        parts += [f"wrong shape {prefix}{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}"
+                  for k in shaped[:10]]
+        raise CheckpointError(f"{what}: " + "; ".join(parts))
+    module.load_state_dict({k: tensors[k].float() for k in expected}, strict=True)
     return module.eval()
+
+
+def _loaded(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    return load_weights(module, tensors, type(module).__name__)
 
 
 def build_modules(ckpt: AuthorsCheckpoint) -> dict[str, torch.nn.Module]:

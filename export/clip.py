@@ -180,20 +180,8 @@ class ClipVisual(nn.Module):
 
 def load_clip(sd: Mapping[str, torch.Tensor], config: dict | None = None) -> ClipVisual:
     """Build and load the tower from `image_encoder.visual.*` tensors (prefix removed)."""
-    dims = ClipDims.from_state_dict(sd, config)
-    model = ClipVisual(dims)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise CheckpointError(f"CLIP visual state dict lacks {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    bad = [k for k, v in expected.items() if tuple(sd[k].shape) != tuple(v.shape)]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(f"CLIP visual {k} has shape {tuple(sd[k].shape)}, "
-                              f"expected {tuple(expected[k].shape)}")
-    model.load_state_dict({k: sd[k].float() for k in expected}, strict=True)
-    return model.eval()
+    from vssflow.export.checkpoint import load_weights
+    return load_weights(ClipVisual(ClipDims.from_state_dict(sd, config)), sd, "CLIP visual state dict")
 
 
 __all__ = ["CHECKPOINT_PREFIX", "ClipDims", "ClipVisual", "MultiheadSelfAttention",

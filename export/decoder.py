@@ -453,14 +453,8 @@ class Decoder(nn.Module):
 
 
 def _load(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> nn.Module:
-    missing = [k for k in module.state_dict() if k not in sd]
-    if missing:
-        raise CheckpointError(f"{what}: missing tensors {', '.join(what + '.' + k for k in missing[:10])}")
-    try:
-        module.load_state_dict({k: sd[k] for k in module.state_dict()}, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{what}: {str(e).splitlines()[-1].strip()}") from None
-    return module.eval()
+    from vssflow.export.checkpoint import load_weights
+    return load_weights(module, sd, what, prefix=what + ".")
 
 
 def load_vae_decoder(sd: Mapping[str, torch.Tensor], config: Mapping | None = None) -> VAEDecoder:

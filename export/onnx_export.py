@@ -8,7 +8,6 @@ contracts, every file with its sha256, and the versions used.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from vssflow.runtime.contracts import ModelSizes, StageContract, stage_contracts
+from vssflow.runtime.model_folder import sha256
 
 from .checkpoint import RAWNET, SYNCHFORMER, AuthorsCheckpoint, build_modules, read_aux, read_checkpoint
 from .errors import VssflowError
@@ -47,14 +47,6 @@ class ExportOptions:
     max_seconds: float = 10.0
     verify: bool = True
     torch_weights: bool = True       # weights.pt for the torch backend
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_sizes(ckpt: AuthorsCheckpoint, synch_dims) -> ModelSizes:

@@ -389,20 +389,9 @@ def segment(frames: torch.Tensor, size: int = SEGMENT_FRAMES, step: int = SEGMEN
 
 def load_synchformer(sd: Mapping[str, torch.Tensor], config: dict | None = None) -> SynchformerVisual:
     """Build and load from `synchformer_state_dict.pth`'s dict (only `vfeat_extractor.*` is read)."""
-    dims = SynchformerDims.from_state_dict(sd, config)
-    model = SynchformerVisual(dims)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        raise CheckpointError(f"Synchformer state dict lacks {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    bad = [k for k, v in expected.items() if tuple(sd[k].shape) != tuple(v.shape)]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(f"Synchformer {k} has shape {tuple(sd[k].shape)}, "
-                              f"expected {tuple(expected[k].shape)}")
-    model.load_state_dict({k: sd[k].float() for k in expected}, strict=True)
-    return model.eval()
+    from vssflow.export.checkpoint import load_weights
+    return load_weights(SynchformerVisual(SynchformerDims.from_state_dict(sd, config)), sd,
+                        "Synchformer state dict")
 
 
 __all__ = ["SEGMENT_FRAMES", "SEGMENT_STEP", "SynchformerDims", "SynchformerVisual",

@@ -13,7 +13,7 @@ from .errors import ModelFolderError
 SUPPORTED_FORMAT = 1
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -65,6 +65,6 @@ class ModelFolder:
                 raise ModelFolderError(f"{path}: {name} is listed in manifest.json but missing")
             if f.stat().st_size != entry.get("bytes"):
                 raise ModelFolderError(f"{path}: {name} has {f.stat().st_size} bytes, manifest says {entry.get('bytes')}")
-            if verify_hashes and _sha256(f) != entry.get("sha256"):
+            if verify_hashes and sha256(f) != entry.get("sha256"):
                 raise ModelFolderError(f"{path}: {name} does not match its sha256 in manifest.json (altered or damaged)")
         return cls(path, manifest, sizes, contracts)
