@@ -47,7 +47,8 @@ class FlowDims:
         if size == "full":
             return cls()
         if size == "small":
-            return cls(width=512, num_layers=4, num_kv_heads=4, cross_dim=256, ff_inner=2048,
+            # Real condition widths (cross-attention context 768, 1824 condition channels).
+            return cls(width=512, num_layers=4, num_kv_heads=4, cross_dim=768, ff_inner=2048,
                        in_channels=128 + 1824)
         if size == "tiny":
             return cls(in_channels=128 + 16 + 8 + 16, width=128, num_layers=2, num_kv_heads=1,

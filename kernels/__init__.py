@@ -1,1 +1,10 @@
-"""GPU kernels with reference fallbacks."""
+"""GPU kernels with reference fallbacks.
+
+- `preprocess`: decoded uint8 frames -> normalised encoder input, Triton kernels and a torch
+  reference, bit-exact with the CPU path (`runtime/resize.py`).
+- `dispatch`: which runs: the kernel on CUDA when Triton imports, the reference elsewhere;
+  `VSSFLOW_KERNELS=0` or `use_kernel=False` turns kernels off.
+- `profiling`: where one clip's time goes (figures in `PROFILE.md`).
+
+Nothing is imported here: torch and triton load only with the module that needs them.
+"""
