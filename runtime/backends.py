@@ -8,15 +8,19 @@ backend is chosen.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from .errors import BackendError
+from .errors import BackendError, ModelFolderError
 from .model_folder import ModelFolder
 
 BACKENDS = ("auto", "trt", "ort", "torch")
+_ENGINE_NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z0-9-]+)"
+                          r"\.trt(?P<trt>[0-9][0-9A-Za-z.+]*?)\.(?P<precision>fp16|fp32)"
+                          r"\.p(?P<profile>[0-9a-f]{8})\.engine")
 
 
 class Backend:
@@ -48,6 +52,20 @@ class Backend:
     def describe(self) -> str:
         return self.name
 
+    def flow_loop(self, cond: Mapping[str, np.ndarray], cfg: float):
+        """(velocity(t, z), to_native, to_numpy) for the ODE loop of one window.
+
+        The constant inputs of `flow_step` (cond_bias, keys, values, cfg) are prepared once;
+        `velocity` takes and returns the backend's own array type, so a GPU backend keeps the
+        state and every constant on the device through the loop. Here: numpy arrays.
+        """
+        const = {"cond_bias": cond["cond_bias"], "keys": cond["keys"], "values": cond["values"],
+                 "cfg": np.array([cfg], np.float32)}
+
+        def velocity(t: float, z: np.ndarray) -> np.ndarray:
+            return self.run("flow_step", {"z": z, "t": np.array([t], np.float32), **const})["velocity"]
+        return velocity, (lambda a: a), (lambda a: a)
+
 
 class OrtBackend(Backend):
     """ONNX Runtime with the best provider present: CUDA, then CPU."""
@@ -76,7 +94,12 @@ class OrtBackend(Backend):
         if self.threads:
             opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
-        return self._ort.InferenceSession(str(self.folder.file(f"{name}.onnx")), opts, providers=self.providers)
+        path = self.folder.file(f"{name}.onnx")
+        try:
+            return self._ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
+            reason = " ".join(str(e).split())[:300]
+            raise ModelFolderError(f"{path}: ONNX Runtime cannot load it ({reason}); re-export the model") from None
 
     def _run(self, stage, session, feed):
         return session.run(None, feed)
@@ -98,14 +121,18 @@ class TorchBackend(Backend):
             raise BackendError("the torch backend needs PyTorch: pip install 'vssflow[torch]'") from None
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if not self.folder.file("weights.pt").is_file():
+        if "weights.pt" not in folder.manifest["files"]:
             raise BackendError(f"{folder.path}: no weights.pt (export without --no-torch-weights for the torch backend)")
         self._modules = None
 
     def _all_modules(self):
         if self._modules is None:
+            from vssflow.export.errors import VssflowError
             from vssflow.export.torch_stages import load_stage_modules
-            self._modules = load_stage_modules(self.folder.file("weights.pt"), self.device)
+            try:  # weights only: a pickled object is refused, never run (checkpoint.safe_load)
+                self._modules = load_stage_modules(self.folder.file("weights.pt"), self.device)
+            except VssflowError as e:
+                raise ModelFolderError(str(e)) from None
         return self._modules
 
     def _load(self, name: str):
@@ -121,6 +148,20 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         return f"torch ({self.device})"
 
+    def flow_loop(self, cond: Mapping[str, np.ndarray], cfg: float):
+        """Device tensors through the whole loop: constants uploaded once, no host copy per step."""
+        torch, step = self._torch, self._stage("flow_step")
+        dev = {k: torch.from_numpy(np.ascontiguousarray(cond[k])).to(self.device)
+               for k in ("cond_bias", "keys", "values")}
+        w = torch.tensor([cfg], dtype=torch.float32, device=self.device)
+
+        def velocity(t: float, z):
+            with torch.inference_mode():
+                tt = torch.full((1,), t, dtype=torch.float32, device=self.device)
+                return step(z, tt, dev["cond_bias"], dev["keys"], dev["values"], w)
+        return (velocity, lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device),
+                lambda a: a.float().cpu().numpy())
+
 
 class TrtBackend(Backend):
     """TensorRT engines built by `vssflow-export --backend trt` for this GPU and TensorRT version."""
@@ -134,26 +175,21 @@ class TrtBackend(Backend):
         if not ok:
             raise BackendError(f"the trt backend is unavailable: {reason}")
         self.engines = self._matching_engines()
-        missing = [s for s in folder.contracts if s not in self.engines]
-        if missing:
-            raise BackendError(f"{folder.path}: no TensorRT engine for {', '.join(missing)} built for this GPU "
-                               "and TensorRT version; re-run vssflow-export --backend trt")
 
     def _matching_engines(self) -> dict[str, str]:
         import tensorrt as trt
 
         from vssflow.export.tensorrt import gpu_tag
-        tag = f".{gpu_tag()}.trt{trt.__version__}."
-        found = {}
-        for f in self.folder.manifest["files"]:
-            if f.endswith(".engine") and tag in f:
-                found[f.split(".", 1)[0]] = f
-        return found
+        return match_engines(self.folder, gpu_tag(), trt.__version__)
 
     def _load(self, name: str):
         import tensorrt as trt
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(self.folder.file(self.engines[name]).read_bytes())
+        if engine is None:  # its name said this GPU and version, its contents disagree
+            raise BackendError(f"{self.folder.file(self.engines[name])}: TensorRT {trt.__version__} cannot load "
+                               "this engine (built for another GPU or TensorRT version?); re-run vssflow-export "
+                               "--backend trt, or use --backend ort")
         return engine, engine.create_execution_context()
 
     def _run(self, stage, runner, feed):
@@ -174,6 +210,41 @@ class TrtBackend(Backend):
             raise BackendError(f"TensorRT failed to run {stage}")
         stream.synchronize()
         return [o.cpu().numpy() for o in outs]
+
+
+def parse_engine_name(name: str) -> dict[str, str] | None:
+    """`export/tensorrt.engine_name`'s fields, or None for a name not of that form:
+    `{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`."""
+    m = _ENGINE_NAME.fullmatch(name)
+    return m.groupdict() if m else None
+
+
+def match_engines(folder: ModelFolder, gpu: str, trt_version: str) -> dict[str, str]:
+    """The engine file of every stage built for this GPU and TensorRT version from the folder's ONNX file.
+
+    Raises BackendError naming what the engines present were built for: an engine from another
+    GPU, TensorRT version or ONNX file is never loaded (TensorRT would refuse it or, worse, run it).
+    """
+    files = folder.manifest["files"]
+    found: dict[str, str] = {}
+    seen: dict[str, set[str]] = {}
+    for f in sorted(files):
+        e = parse_engine_name(f)
+        if e is None:
+            continue
+        onnx = files.get(f"{e['stage']}.onnx", {}).get("sha256", "")
+        seen.setdefault(e["stage"], set()).add(f"{e['gpu']} / TensorRT {e['trt']}"
+                                                + ("" if onnx.startswith(e["onnx"]) else " / another ONNX file"))
+        if e["gpu"] == gpu and e["trt"] == trt_version and onnx.startswith(e["onnx"]):
+            found.setdefault(e["stage"], f)
+    missing = [s for s in folder.contracts if s not in found]
+    if missing:
+        built = sorted(set().union(*seen.values())) if seen else []
+        present = f"its engines are for {'; '.join(built)}" if built else "it has no TensorRT engines"
+        raise BackendError(f"{folder.path}: no TensorRT engine for {', '.join(missing)} built for this machine "
+                           f"({gpu} / TensorRT {trt_version}); {present}: re-run vssflow-export "
+                           "--backend trt on this machine, or use --backend ort")
+    return found
 
 
 def create_backend(folder: ModelFolder, backend: str = "auto", device: str | None = None) -> Backend:

@@ -33,6 +33,9 @@ class ModelFolder:
         return bool(self.manifest.get("demo"))
 
     def file(self, name: str) -> Path:
+        """A file of the folder; only files listed (and so checked) in manifest.json are handed out."""
+        if name not in self.manifest["files"]:
+            raise ModelFolderError(f"{self.path}: {name} is not listed in manifest.json (re-export the model)")
         return self.path / name
 
     @classmethod
@@ -47,8 +50,10 @@ class ModelFolder:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError) as e:
             raise ModelFolderError(f"{manifest_path}: unreadable ({e})") from None
+        if not isinstance(manifest, dict):
+            raise ModelFolderError(f"{manifest_path}: malformed manifest (not a JSON object)")
         version = manifest.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise ModelFolderError(f"{manifest_path}: no format_version")
         if version > SUPPORTED_FORMAT:
             raise ModelFolderError(f"{manifest_path}: format version {version} is newer than this vssflow "
@@ -57,9 +62,13 @@ class ModelFolder:
             sizes = ModelSizes(**manifest["sizes"])
             contracts = {k: StageContract.from_json(k, v) for k, v in manifest["contracts"].items()}
             files = manifest["files"]
-        except (KeyError, TypeError) as e:
-            raise ModelFolderError(f"{manifest_path}: malformed manifest ({e})") from None
+            if not all(isinstance(e, dict) for e in files.values()):
+                raise TypeError("a files entry is not an object")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ModelFolderError(f"{manifest_path}: malformed manifest ({type(e).__name__}: {e})") from None
         for name, entry in files.items():
+            if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name:
+                raise ModelFolderError(f"{manifest_path}: lists {name!r}, which is not a file name inside the folder")
             f = path / name
             if not f.is_file():
                 raise ModelFolderError(f"{path}: {name} is listed in manifest.json but missing")

@@ -61,7 +61,20 @@ def write_audio_file(path: Path, chunks: Iterable[np.ndarray], sample_rate: int)
                 n += len(chunk)
     except OSError as e:
         raise OutputError(f"{path}: could not write ({e.strerror or e})") from None
+    except sf.LibsndfileError as e:  # libsndfile reports a failed write (a full disk) only as "System error."
+        raise OutputError(f"{path}: could not write ({_write_failure(path, e)})") from None
     return n
+
+
+def _write_failure(path: Path, error: Exception) -> str:
+    """What libsndfile leaves unsaid: whether the disk is full."""
+    import shutil
+    try:
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            return "No space left on device"
+    except OSError:
+        pass
+    return str(error).strip() or type(error).__name__
 
 
 def write_video_file(path: Path, video_in, chunks: Iterable[np.ndarray], sample_rate: int) -> int:

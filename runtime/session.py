@@ -76,6 +76,25 @@ class Result:
         return self.info.options
 
 
+class _Run:
+    """One generation's own record (threads sharing a Session each have theirs)."""
+
+    def __init__(self, keep: bool):
+        self.timings: dict[str, float] = {}
+        self.nfe = 0
+        self.intermediates: dict[str, list[np.ndarray]] | None = {} if keep else None
+
+    def keep(self, name: str, value: np.ndarray) -> None:
+        if self.intermediates is not None:
+            self.intermediates.setdefault(name, []).append(value)
+
+    def stats(self) -> dict:
+        kept = None
+        if self.intermediates is not None:
+            kept = {k: np.concatenate(v) if k == "audio" else np.stack(v) for k, v in self.intermediates.items()}
+        return {"nfe": self.nfe, "timings": dict(self.timings), "intermediates": kept}
+
+
 def nearest_indices(in_len: int, out_len: int, exact: bool = False) -> np.ndarray:
     """Source indices of PyTorch's `nearest` / `nearest-exact` 1-d interpolation (float32 scale)."""
     if in_len == out_len:
@@ -89,8 +108,11 @@ def nearest_indices(in_len: int, out_len: int, exact: bool = False) -> np.ndarra
 class Session:
     """A loaded model: `generate()` for a whole result, `stream()` for chunks as they are ready.
 
-    Thread safety: a Session may be shared by threads; generations are serialized by a lock
-    (backends hold one set of buffers), so concurrent calls queue rather than run in parallel.
+    Thread safety: a Session may be shared by threads. Every backend call is serialized by a
+    lock (backends hold one set of buffers), so concurrent generations take turns stage by stage
+    rather than run in parallel; each keeps its own state, so results equal sequential calls.
+    The lock is never held while a chunk is out with the caller: a stream abandoned half-way
+    blocks nobody.
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
@@ -99,28 +121,23 @@ class Session:
         self.backend = create_backend(self.folder, backend, device)
         self.sizes = self.folder.sizes
         self._lock = threading.Lock()
-        self._last_timings: dict[str, float] = {}
-        self._last_nfe = 0
-        self._last_intermediates: dict | None = None
+        self._last = _Run(keep=False)
 
     # --- public ---------------------------------------------------------------------------
     def generate(self, video_source, transcript: str | None = None, speech_start: float | None = None,
                  speech_end: float | None = None, ref_audio=None, solver: str = "euler", steps: int = 25,
                  cfg: float = 3.0, seed: int = 0, noise: np.ndarray | None = None,
                  keep_intermediates: bool = False, progress: Callable[[dict], None] | None = None) -> Result:
-        chunks, info = self.stream(video_source, transcript, speech_start, speech_end, ref_audio, solver,
-                                   steps, cfg, seed, noise, keep_intermediates, progress)
+        chunks, info, run = self._start(video_source, transcript, speech_start, speech_end, ref_audio, solver,
+                                        steps, cfg, seed, noise, keep_intermediates, progress)
         pieces = list(chunks)
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-        stats = self.last_run()
+        stats = run.stats()
         return Result(audio, C.SAMPLE_RATE, info, stats["timings"], stats["nfe"], stats["intermediates"])
 
     def last_run(self) -> dict:
         """NFE, per-stage seconds and (if kept) intermediates of the last finished generation."""
-        kept = None
-        if self._last_intermediates is not None:
-            kept = {k: np.concatenate(v) if k == "audio" else np.stack(v) for k, v in self._last_intermediates.items()}
-        return {"nfe": self._last_nfe, "timings": dict(self._last_timings), "intermediates": kept}
+        return self._last.stats()
 
     def stream(self, video_source, transcript: str | None = None, speech_start: float | None = None,
                speech_end: float | None = None, ref_audio=None, solver: str = "euler", steps: int = 25,
@@ -128,9 +145,17 @@ class Session:
                keep_intermediates: bool = False,
                progress: Callable[[dict], None] | None = None) -> tuple[Iterator[np.ndarray], StreamInfo]:
         """(chunks, info): `info` at once; `chunks` yields float32 audio as each piece is ready."""
+        chunks, info, _ = self._start(video_source, transcript, speech_start, speech_end, ref_audio, solver, steps,
+                                      cfg, seed, noise, keep_intermediates, progress)
+        return chunks, info
+
+    def _start(self, video_source, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
+               noise, keep_intermediates, progress) -> tuple[Iterator[np.ndarray], StreamInfo, _Run]:
+        """Check every input (raising before any model runs); the chunks fill their own `_Run`."""
         meta = video.probe(video_source)
-        if transcript is not None and speech_start is None:
-            speech_start, speech_end = 0.0, min(meta.duration, C.WINDOW_SECONDS) if speech_end is None else speech_end
+        if transcript is not None:          # defaults: from 0 to the end of the clip (at most 10 s)
+            speech_start = 0.0 if speech_start is None else speech_start
+            speech_end = min(meta.duration, C.WINDOW_SECONDS) if speech_end is None else speech_end
         options = GenerateOptions(transcript, speech_start, speech_end, solver, steps, cfg, seed)
         options.check(meta.duration)
         if ref_audio is not None and "speaker_encoder" not in self.folder.contracts:
@@ -142,8 +167,8 @@ class Session:
         noise = self._noise(noise, seed, n_windows)
         info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.backend.describe(), options, meta,
                           self.folder.is_demo)
-        return self._chunks(video_source, meta, options, ids, noise, speaker_crops, keep_intermediates,
-                            progress), info
+        run = _Run(keep_intermediates)
+        return self._chunks(video_source, meta, options, ids, noise, speaker_crops, run, progress), info, run
 
     # --- steps ----------------------------------------------------------------------------
     def _phoneme_track(self, o: GenerateOptions, duration: float, n_windows: int) -> np.ndarray:
@@ -167,79 +192,77 @@ class Session:
             raise VssflowInputError(f"noise must have shape {shape[1:]} or {shape} for this video, got {noise.shape}")
         return noise
 
-    def _chunks(self, source, meta, options, ids, noise, crops, keep, progress) -> Iterator[np.ndarray]:
-        with self._lock:
-            self._last_timings: dict[str, float] = {}
-            self._last_nfe = 0
-            self._last_intermediates = {} if keep else None
-            speaker = np.zeros((1, self.sizes.speaker_dim), np.float32)
-            if crops is not None:
-                speaker = self._timed("speaker_encoder", "speaker_encoder", {"crops": crops})["embedding"]
-                self._keep("speaker", speaker[0])
-            remaining = int(round(meta.duration * C.SAMPLE_RATE))
-            for window in video.windows(source):
-                if window.index >= len(noise):
-                    break
-                z = self._window_latent(window, options, ids, noise[window.index], speaker, progress)
-                for chunk in self._decode(z):
-                    chunk = chunk[:remaining]
-                    remaining -= len(chunk)
-                    if len(chunk):
-                        self._keep("audio", chunk)
-                        yield chunk
-                if remaining <= 0:
-                    break
+    def _chunks(self, source, meta, options, ids, noise, crops, run: _Run, progress) -> Iterator[np.ndarray]:
+        speaker = np.zeros((1, self.sizes.speaker_dim), np.float32)
+        if crops is not None:
+            speaker = self._timed(run, "speaker_encoder", "speaker_encoder", {"crops": crops})["embedding"]
+            run.keep("speaker", speaker[0])
+        remaining = int(round(meta.duration * C.SAMPLE_RATE))
+        for window in video.windows(source):
+            if window.index >= len(noise):
+                break
+            z = self._window_latent(run, window, options, ids, noise[window.index], speaker, progress)
+            for chunk in self._decode(run, z):
+                chunk = chunk[:remaining]
+                remaining -= len(chunk)
+                if len(chunk):
+                    run.keep("audio", chunk)
+                    yield chunk
+            if remaining <= 0:
+                break
+        self._last = run
 
-    def _timed(self, name: str, stage: str, feed: dict) -> dict:
-        t0 = time.perf_counter()
-        out = self.backend.run(stage, feed)
-        self._last_timings[name] = self._last_timings.get(name, 0.0) + time.perf_counter() - t0
+    def _timed(self, run: _Run, name: str, stage: str, feed: dict) -> dict:
+        with self._lock:
+            t0 = time.perf_counter()
+            out = self.backend.run(stage, feed)
+            run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    def _keep(self, name: str, value: np.ndarray) -> None:
-        if self._last_intermediates is not None:
-            self._last_intermediates.setdefault(name, []).append(value)
-
-    def _window_latent(self, window: video.VideoWindow, o: GenerateOptions, ids: np.ndarray,
+    def _window_latent(self, run: _Run, window: video.VideoWindow, o: GenerateOptions, ids: np.ndarray,
                        noise: np.ndarray, speaker: np.ndarray, progress) -> np.ndarray:
         T = C.WINDOW_LATENTS
-        clip = self._timed("clip_encoder", "clip_encoder", {"frames": window.clip_frames})["features"]
+        clip = self._timed(run, "clip_encoder", "clip_encoder", {"frames": window.clip_frames})["features"]
         segments = np.ascontiguousarray(window.synch_segments())
-        synch = self._timed("synch_encoder", "synch_encoder", {"segments": segments})["features"]
+        synch = self._timed(run, "synch_encoder", "synch_encoder", {"segments": segments})["features"]
         synch = synch.reshape(-1, synch.shape[-1])                                   # [240, Ds]
         clip_t = clip[nearest_indices(len(clip), T)][None]                           # [1, T, Dc]
         synch_t = synch[nearest_indices(len(synch), T, exact=True)][None]            # [1, T, Ds]
         window_ids = ids[window.index * T:(window.index + 1) * T][None]
-        cond = self._timed("condition", "condition", {"clip": clip_t, "synch": synch_t,
+        cond = self._timed(run, "condition", "condition", {"clip": clip_t, "synch": synch_t,
                                                       "phone_ids": window_ids, "speaker": speaker})
         for name, value in (("clip_features", clip), ("synch_features", synch), ("phone_ids", window_ids[0]),
                             ("initial_latent", noise)):
-            self._keep(name, value)
-        cfg = np.array([o.cfg], np.float32)
-        feed = {"cond_bias": cond["cond_bias"], "keys": cond["keys"], "values": cond["values"], "cfg": cfg}
+            run.keep(name, value)
+        flow_velocity, to_native, to_numpy = self.backend.flow_loop(cond, o.cfg)
 
-        def velocity(t: float, z: np.ndarray) -> np.ndarray:
-            self._last_nfe += 1
-            return self._timed("flow_step", "flow_step", {"z": z, "t": np.array([t], np.float32), **feed})["velocity"]
+        def velocity(t: float, z):
+            run.nfe += 1
+            with self._lock:
+                t0 = time.perf_counter()
+                v = flow_velocity(t, z)
+                run.timings["flow_step"] = run.timings.get("flow_step", 0.0) + time.perf_counter() - t0
+            return v
 
         def report(step: dict) -> None:
             if progress is not None:
                 progress({"window": window.index, "step": step["step"], "t": step["t"], "nfe": step["nfe"]})
 
-        z0 = noise[None]                                                             # [1, 128, T]
-        z1 = solvers.solve(o.solver, velocity, z0, o.steps, callback=report, frozen=cond["channels"])
-        self._keep("final_latent", z1[0])
+        z0 = to_native(noise[None])                                                  # [1, 128, T]
+        z1 = to_numpy(solvers.solve(o.solver, velocity, z0, o.steps, callback=report,
+                                    frozen=to_native(cond["channels"])))
+        run.keep("final_latent", z1[0])
         return z1
 
-    def _decode(self, z: np.ndarray) -> Iterator[np.ndarray]:
+    def _decode(self, run: _Run, z: np.ndarray) -> Iterator[np.ndarray]:
         """Latent `[1, 128, T]` -> audio chunks: the VAE once, the vocoder in overlapping chunks."""
-        mel = self._timed("vae_decoder", "vae_decoder", {"z": z})["mel"]             # [1, 4T, 64]
-        self._keep("mel", mel[0])
+        mel = self._timed(run, "vae_decoder", "vae_decoder", {"z": z})["mel"]        # [1, 4T, 64]
+        run.keep("mel", mel[0])
         m = mel.shape[1]
         step, ov = C.VOCODER_CHUNK, C.VOCODER_OVERLAP
         for a in range(0, m, step):
             b = min(m, a + step)
             a0, b0 = max(0, a - ov), min(m, b + ov)
-            audio = self._timed("vocoder", "vocoder", {"mel": np.ascontiguousarray(mel[:, a0:b0])})["audio"][0]
+            audio = self._timed(run, "vocoder", "vocoder", {"mel": np.ascontiguousarray(mel[:, a0:b0])})["audio"][0]
             end = (b - a0) * C.SAMPLES_PER_MEL + (C.VOCODER_EXTRA if b == m else 0)
             yield audio[(a - a0) * C.SAMPLES_PER_MEL:end]

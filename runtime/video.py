@@ -337,6 +337,9 @@ class _Frame:
         if self._synch is None:
             x = self._rgb_planar()
             self._synch = synch_resizer(x.shape[1], x.shape[2], FRAME_SIZE)(x)
+            # CLIP picks a frame while it is decoded, the 25 fps filter later: the float copy
+            # (400 MB for an 8K frame) is no longer needed once both are made.
+            self._planar = None
         return self._synch
 
 
@@ -380,11 +383,21 @@ def _open(video: VideoSource):
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["no streams"]
             raise VideoError(f"{_name(video)}: no video stream (has {', '.join(kinds)})")
+        if _is_still_image(container):
+            raise VideoError(f"{_name(video)}: a still image ({container.streams.video[0].codec_context.name}), "
+                             "not a video")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         yield container, stream
     finally:
         container.close()
+
+
+def _is_still_image(container) -> bool:
+    """FFmpeg reads a PNG/JPEG/... file as a one-frame stream through its image demuxers
+    (`image2`, `png_pipe`, `jpeg_pipe`, ...); animated formats (GIF, APNG) have their own."""
+    name = container.format.name
+    return name == "image2" or name.endswith("_pipe")
 
 
 def _decode(container, stream, video: VideoSource) -> Iterator[av.VideoFrame]:

@@ -98,3 +98,23 @@ def test_seed_reproducible_and_options_travel(clip4, ort_session):
     c = ort_session.generate(clip4, steps=2, seed=8)
     assert np.array_equal(a.audio, b.audio) and not np.array_equal(a.audio, c.audio)
     assert a.options.seed == 7 and a.options.steps == 2 and a.options.solver == "euler"
+
+
+def test_torch_backend_keeps_the_ode_state_in_torch(tiny_model, clip4, ort_session):
+    """The loop hands the torch backend its own tensors (device-resident on CUDA), never numpy."""
+    session = Session(tiny_model, backend="torch")
+    seen = []
+    make = session.backend.flow_loop
+
+    def spy(cond, cfg):
+        velocity, to_native, to_numpy = make(cond, cfg)
+
+        def watched(t, z):
+            seen.append(type(z))
+            return velocity(t, z)
+        return watched, to_native, to_numpy
+    session.backend.flow_loop = spy
+    noise = _noise(1)
+    a = session.generate(clip4, steps=3, noise=noise).audio
+    assert seen and all(t is torch.Tensor for t in seen)
+    assert np.abs(a - ort_session.generate(clip4, steps=3, noise=noise).audio).max() <= 1e-4

@@ -1,0 +1,71 @@
+"""Fixtures of the reliability tests: one shared Session, the hostile media, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.media import make_video
+
+from tests.reliability import hostile
+
+CLI_TIMEOUT = 120     # seconds; a run that takes longer has hung
+
+
+@pytest.fixture(scope="session")
+def session(tiny_model):
+    from vssflow.runtime.session import Session
+    return Session(tiny_model, backend="ort")
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hostile")
+
+
+@pytest.fixture(scope="session")
+def accepted_videos(media) -> dict[str, Path]:
+    """Odd but valid videos that must give a correct sound track (each 1-2 s, one window)."""
+    folder = media / "accepted"
+    folder.mkdir()
+    videos = {"one_frame": folder / "one_frame.mp4", "odd_size": folder / "odd_63x47.mp4",
+              "vfr": folder / "vfr.mp4", "rotated": folder / "rotated.mp4"}
+    make_video(videos["one_frame"], 1 / 25, 25, hostile.SIZE)
+    make_video(videos["odd_size"], 1, 25, (63, 47), pix_fmt="yuv444p")   # 4:2:0 needs even sizes
+    make_video(videos["vfr"], 2, 25, hostile.SIZE, vfr=True)
+    make_video(videos["rotated"], 1, 25, hostile.SIZE, rotate=90)
+    return videos
+
+
+@pytest.fixture(scope="session")
+def sequential_results(session, accepted_videos):
+    """Each accepted video generated alone (seed = its position): the reference the
+    concurrency tests compare with. Computed once, on first use."""
+    return {name: session.generate(path, steps=1, seed=i, keep_intermediates=True)
+            for i, (name, path) in enumerate(accepted_videos.items())}
+
+
+def run_cli(module: str, *args, timeout: float = CLI_TIMEOUT, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONFAULTHANDLER": "1"}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, **kw)
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, code: int, *needles: str, tool: str = "vssflow-run"):
+    """Exit `code`, no traceback, and the last stderr line is the only error line, holding every needle."""
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == code, (r.returncode, r.stderr)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith(f"{tool}: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
+    for needle in needles:
+        assert needle in errors[0], (needle, errors[0])
+
+
+def listing(folder: Path) -> list[str]:
+    """Every name in `folder`, hidden ones included (temporary files start with a dot)."""
+    return sorted(p.name for p in folder.iterdir())
