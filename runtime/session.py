@@ -95,6 +95,40 @@ class _Run:
         return {"nfe": self.nfe, "timings": dict(self.timings), "intermediates": kept}
 
 
+# Long videos: 10-second windows every 9 seconds; the 1-second overlaps are crossfaded.
+WINDOW_HOP = 9.0
+HOP_LATENTS = int(WINDOW_HOP * C.LATENT_RATE)                  # 225
+HOP_SAMPLES = int(WINDOW_HOP * C.SAMPLE_RATE)                  # 144 000
+FADE_SAMPLES = int((C.WINDOW_SECONDS - WINDOW_HOP) * C.SAMPLE_RATE)   # 16 000
+
+
+def crossfade_windows(windows: Iterator[Iterator[np.ndarray]], n_windows: int) -> Iterator[np.ndarray]:
+    """Join windows that start every `HOP_SAMPLES`: each window's audio (pieces in order) is
+    emitted as it comes, except that its first `FADE_SAMPLES` are mixed with the previous
+    window's held-back tail by an equal-power crossfade. The last window is emitted whole."""
+    theta = 0.5 * np.pi * (np.arange(FADE_SAMPLES) + 0.5) / FADE_SAMPLES
+    fade_in, fade_out = np.sin(theta).astype(np.float32), np.cos(theta).astype(np.float32)
+    tail = None
+    for k, pieces in enumerate(windows):
+        last = k == n_windows - 1
+        pos, held = 0, []
+        for piece in pieces:
+            start, pos = pos, pos + len(piece)
+            if tail is not None and start < FADE_SAMPLES:            # crossfade the head
+                n = min(FADE_SAMPLES, pos) - start
+                mixed = piece[:n] * fade_in[start:start + n] + tail[start:start + n] * fade_out[start:start + n]
+                piece = np.concatenate([mixed.astype(np.float32), piece[n:]])
+            if not last:                                             # hold back this window's tail
+                keep = max(0, min(pos, HOP_SAMPLES) - start)
+                held.append(piece[keep:])
+                piece = piece[:keep]
+            if len(piece):
+                yield piece
+        tail = np.concatenate(held)[:FADE_SAMPLES] if held else None
+        if tail is not None and len(tail) < FADE_SAMPLES:
+            tail = np.pad(tail, (0, FADE_SAMPLES - len(tail)))
+
+
 def nearest_indices(in_len: int, out_len: int, exact: bool = False) -> np.ndarray:
     """Source indices of PyTorch's `nearest` / `nearest-exact` 1-d interpolation (float32 scale)."""
     if in_len == out_len:
@@ -162,7 +196,7 @@ class Session:
             raise VssflowInputError(f"{self.folder.path}: this model folder has no speaker stage; "
                                     "re-export with --rawnet to use a reference voice")
         speaker_crops = None if ref_audio is None else audio.speaker_crops(audio.load_reference(ref_audio))
-        n_windows = meta.n_windows
+        n_windows = video.count_windows(meta.duration, WINDOW_HOP)
         ids = self._phoneme_track(options, meta.duration, n_windows)
         noise = self._noise(noise, seed, n_windows)
         info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.backend.describe(), options, meta,
@@ -172,12 +206,12 @@ class Session:
 
     # --- steps ----------------------------------------------------------------------------
     def _phoneme_track(self, o: GenerateOptions, duration: float, n_windows: int) -> np.ndarray:
-        """Phoneme ids over the whole video `[n_windows * 250]`, stretched over the speech interval."""
-        total = n_windows * C.WINDOW_LATENTS
+        """Phoneme ids over the windows' whole timeline, stretched over the speech interval."""
+        total = (n_windows - 1) * HOP_LATENTS + C.WINDOW_LATENTS
         if o.transcript is None:
             return np.zeros(total, np.int64)
         return text.phoneme_ids(o.transcript, o.speech_start, o.speech_end,
-                                window_seconds=n_windows * C.WINDOW_SECONDS, clip_seconds=duration)
+                                window_seconds=total / C.LATENT_RATE, clip_seconds=duration)
 
     def _noise(self, noise: np.ndarray | None, seed: int, n_windows: int) -> np.ndarray:
         shape = (n_windows, self.sizes.audio_channels, C.WINDOW_LATENTS)
@@ -197,17 +231,20 @@ class Session:
         if crops is not None:
             speaker = self._timed(run, "speaker_encoder", "speaker_encoder", {"crops": crops})["embedding"]
             run.keep("speaker", speaker[0])
+        def window_audio():
+            for window in video.windows(source, hop=WINDOW_HOP):
+                if window.index >= len(noise):
+                    break
+                z = self._window_latent(run, window, options, ids, noise[window.index], speaker, progress)
+                yield self._decode(run, z)
+
         remaining = int(round(meta.duration * C.SAMPLE_RATE))
-        for window in video.windows(source):
-            if window.index >= len(noise):
-                break
-            z = self._window_latent(run, window, options, ids, noise[window.index], speaker, progress)
-            for chunk in self._decode(run, z):
-                chunk = chunk[:remaining]
-                remaining -= len(chunk)
-                if len(chunk):
-                    run.keep("audio", chunk)
-                    yield chunk
+        for chunk in crossfade_windows(window_audio(), len(noise)):
+            chunk = chunk[:remaining]
+            remaining -= len(chunk)
+            if len(chunk):
+                run.keep("audio", chunk)
+                yield chunk
             if remaining <= 0:
                 break
         self._last = run
@@ -228,7 +265,7 @@ class Session:
         synch = synch.reshape(-1, synch.shape[-1])                                   # [240, Ds]
         clip_t = clip[nearest_indices(len(clip), T)][None]                           # [1, T, Dc]
         synch_t = synch[nearest_indices(len(synch), T, exact=True)][None]            # [1, T, Ds]
-        window_ids = ids[window.index * T:(window.index + 1) * T][None]
+        window_ids = ids[window.index * HOP_LATENTS:window.index * HOP_LATENTS + T][None]
         cond = self._timed(run, "condition", "condition", {"clip": clip_t, "synch": synch_t,
                                                       "phone_ids": window_ids, "speaker": speaker})
         for name, value in (("clip_features", clip), ("synch_features", synch), ("phone_ids", window_ids[0]),

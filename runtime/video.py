@@ -77,7 +77,12 @@ class VideoInfo:
     @property
     def n_windows(self) -> int:
         """Number of 10-second windows covering ``duration`` (at least one)."""
-        return max(1, math.ceil(self.duration / WINDOW_SECONDS - 1e-9))
+        return count_windows(self.duration)
+
+
+def count_windows(duration: float, hop: float = WINDOW_SECONDS) -> int:
+    """Windows of 10 s starting every ``hop`` seconds needed to cover ``duration`` (at least one)."""
+    return 1 + max(0, math.ceil((duration - WINDOW_SECONDS) / hop - 1e-9))
 
 
 @dataclass(frozen=True)
@@ -95,10 +100,11 @@ class VideoWindow:
     synch_pixels: np.ndarray
     clip_count: int
     synch_count: int
+    hop: float = WINDOW_SECONDS
 
     @property
     def start(self) -> float:
-        return float(self.index * WINDOW_SECONDS)
+        return float(self.index * self.hop)
 
     @property
     def clip_frames(self) -> np.ndarray:
@@ -222,9 +228,13 @@ def probe(video: VideoSource) -> VideoInfo:
                          height=height, rotation=rotation, has_audio=bool(container.streams.audio))
 
 
-def windows(video: VideoSource, *, synch_eof: Literal["frame", "end"] = "frame"
+def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Literal["frame", "end"] = "frame"
             ) -> Iterator[VideoWindow]:
-    """Stream the video and yield one ``VideoWindow`` per 10 seconds, in order.
+    """Stream the video and yield one ``VideoWindow`` of 10 seconds every ``hop`` seconds, in order.
+
+    ``hop`` below 10 makes windows overlap: window k holds CLIP frames ``100 k hop / 10 + i`` and
+    25 fps frames ``25 k hop + i`` of the whole video (``hop`` a multiple of 0.2 s); a frame
+    in an overlap goes into both windows. Only the windows still being filled are in memory.
 
     ``synch_eof`` is where the 25 fps resampling ends: ``"frame"`` at the last frame's
     timestamp (torchaudio on FFmpeg 4-6, the authors' setup), ``"end"`` at that timestamp plus
@@ -235,6 +245,23 @@ def windows(video: VideoSource, *, synch_eof: Literal["frame", "end"] = "frame"
     """
     if synch_eof not in ("frame", "end"):
         raise ValueError(f"synch_eof must be 'frame' or 'end', got {synch_eof!r}")
+    clip_step, synch_step = round(hop * CLIP_RATE), round(hop * SYNCH_RATE)
+    if not 0 < hop <= WINDOW_SECONDS or abs(clip_step - hop * CLIP_RATE) > 1e-9 \
+            or abs(synch_step - hop * SYNCH_RATE) > 1e-9:
+        raise ValueError(f"hop must be a multiple of 0.2 s in (0, {WINDOW_SECONDS}], got {hop}")
+
+    def holders(j: int, step: int, size: int):
+        """(window, position) of every window whose span holds global frame j."""
+        return [(k, j - k * step) for k in range(max(0, -(-(j - size + 1) // step)), j // step + 1)]
+
+    def complete(n: int, step: int, size: int) -> int:
+        return 0 if n < size else (n - size) // step + 1
+
+    def put_synch(pending, m: int, picked) -> None:
+        frame = picked.synch()
+        for k, i in holders(m, synch_step, SYNCH_FRAMES):
+            _buffer(pending, k, hop).synch[i] = frame
+            _buffer(pending, k, hop).synch_count = i + 1
     with _open(video) as (container, stream):
         fps = _average_rate(stream, video)
         synch = FpsFilter(stream.time_base)
@@ -247,16 +274,14 @@ def windows(video: VideoSource, *, synch_eof: Literal["frame", "end"] = "frame"
             current = _Frame(frame, n, last)
             decoded, last = n + 1, current
             while clip_frame_index(clip_next, fps) <= n:
-                k, i = divmod(clip_next, CLIP_FRAMES)
-                _buffer(pending, k).clip[i] = current.clip()
-                _buffer(pending, k).clip_count = i + 1
+                for k, i in holders(clip_next, clip_step, CLIP_FRAMES):
+                    _buffer(pending, k, hop).clip[i] = current.clip()
+                    _buffer(pending, k, hop).clip_count = i + 1
                 clip_next += 1
             for picked in synch.push(current.pts, current):
-                k, i = divmod(synch_done, SYNCH_FRAMES)
-                _buffer(pending, k).synch[i] = picked.synch()
-                _buffer(pending, k).synch_count = i + 1
+                put_synch(pending, synch_done, picked)
                 synch_done += 1
-            done = min(clip_next // CLIP_FRAMES, synch_done // SYNCH_FRAMES)
+            done = min(complete(clip_next, clip_step, CLIP_FRAMES), complete(synch_done, synch_step, SYNCH_FRAMES))
             for k in sorted(pending):
                 if k < done:
                     yield pending.pop(k).finish(k)
@@ -265,25 +290,24 @@ def windows(video: VideoSource, *, synch_eof: Literal["frame", "end"] = "frame"
         _check_complete(stream, decoded, video)
         eof = last.pts + (_duration(last, fps, stream.time_base) if synch_eof == "end" else 0)
         for picked in synch.close(eof):
-            k, i = divmod(synch_done, SYNCH_FRAMES)
-            _buffer(pending, k).synch[i] = picked.synch()
-            _buffer(pending, k).synch_count = i + 1
+            put_synch(pending, synch_done, picked)
             synch_done += 1
         for k in range(min(pending, default=0), max(pending, default=-1) + 1):
-            yield _buffer(pending, k).finish(k)
+            yield _buffer(pending, k, hop).finish(k)
 
 
 class _WindowBuffer:
     """uint8 frames of one window as they are picked."""
 
-    def __init__(self):
+    def __init__(self, hop: float = WINDOW_SECONDS):
+        self.hop = hop
         self.clip = np.zeros((CLIP_FRAMES, 3, FRAME_SIZE, FRAME_SIZE), np.uint8)
         self.synch = np.zeros((SYNCH_FRAMES, 3, FRAME_SIZE, FRAME_SIZE), np.uint8)
         self.clip_count = self.synch_count = 0
 
     def finish(self, index: int) -> VideoWindow:
         """Black CLIP padding and zero Synchformer padding are the zeros never overwritten."""
-        return VideoWindow(index, self.clip, self.synch, self.clip_count, self.synch_count)
+        return VideoWindow(index, self.clip, self.synch, self.clip_count, self.synch_count, self.hop)
 
 
 def _normalise(frames: np.ndarray, mean, std, *, divide: bool) -> np.ndarray:
@@ -299,9 +323,9 @@ def _normalise(frames: np.ndarray, mean, std, *, divide: bool) -> np.ndarray:
     return x
 
 
-def _buffer(pending: dict[int, _WindowBuffer], k: int) -> _WindowBuffer:
+def _buffer(pending: dict[int, _WindowBuffer], k: int, hop: float = WINDOW_SECONDS) -> _WindowBuffer:
     if k not in pending:
-        pending[k] = _WindowBuffer()
+        pending[k] = _WindowBuffer(hop)
     return pending[k]
 
 

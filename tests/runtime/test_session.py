@@ -118,3 +118,30 @@ def test_torch_backend_keeps_the_ode_state_in_torch(tiny_model, clip4, ort_sessi
     a = session.generate(clip4, steps=3, noise=noise).audio
     assert seen and all(t is torch.Tensor for t in seen)
     assert np.abs(a - ort_session.generate(clip4, steps=3, noise=noise).audio).max() <= 1e-4
+
+
+def test_crossfade_windows_joins_overlaps():
+    from vssflow.runtime.session import FADE_SAMPLES, HOP_SAMPLES, crossfade_windows
+    n_win, length = 3, 160032
+    windows = [np.full(length, float(k + 1), np.float32) for k in range(n_win)]
+
+    def pieces(w, size=7001):          # chunk boundaries that do not line up with the fade
+        return (w[i:i + size] for i in range(0, len(w), size))
+    out = np.concatenate(list(crossfade_windows((pieces(w) for w in windows), n_win)))
+    assert len(out) == (n_win - 1) * HOP_SAMPLES + length
+    assert np.all(out[:HOP_SAMPLES] == 1) and np.all(out[HOP_SAMPLES + FADE_SAMPLES:2 * HOP_SAMPLES] == 2)
+    fade = out[HOP_SAMPLES:HOP_SAMPLES + FADE_SAMPLES]          # 1 -> 2, equal power
+    assert fade[0] == pytest.approx(1, abs=1e-3) and fade[-1] == pytest.approx(2, abs=1e-3)
+    theta = 0.5 * np.pi * (np.arange(FADE_SAMPLES) + 0.5) / FADE_SAMPLES    # equal power: sin^2 + cos^2 = 1
+    assert np.allclose(fade, 2 * np.sin(theta) + 1 * np.cos(theta), atol=1e-5)
+    assert np.all(out[-(length - FADE_SAMPLES):] == 3)           # the last window whole
+
+
+def test_long_video_windows_overlap(clip12, ort_session):
+    """A 12 s clip: windows at 0 s and 9 s; the second's phoneme ids are the track from 9 s."""
+    r = ort_session.generate(clip12, transcript="one two three four", speech_start=8.0, speech_end=11.5,
+                             steps=1, keep_intermediates=True)
+    ids = r.intermediates["phone_ids"]
+    assert r.info.n_windows == 2 and r.audio.shape == (12 * 16000,)
+    assert np.array_equal(ids[0][225:], ids[1][:25])             # the shared second
+    assert (ids[1][:int(2.5 * 25)] > 0).all() and (ids[1][int(2.6 * 25):] == 0).all()

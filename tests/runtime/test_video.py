@@ -339,3 +339,17 @@ def test_truncated_file_with_index_first(tmp_path):
     assert video.probe(cut).n_frames == 100            # the index still says 100
     with pytest.raises(VideoError, match="truncated"):
         list(video.windows(cut))
+
+
+def test_overlapping_windows_share_frames(clips):
+    """hop=9: window 1 starts at 9 s and holds what the non-overlapping picking gives from 9 s on."""
+    path, wins = clips["25"]
+    over = list(video.windows(path, hop=9.0))
+    assert [w.index for w in over] == [0, 1] and over[1].start == 9.0
+    assert clip_indices(over[0]) == clip_indices(wins[0])
+    whole_clip = clip_indices(wins[0]) + clip_indices(wins[1])
+    whole_synch = synch_indices(wins[0]) + synch_indices(wins[1])
+    assert clip_indices(over[1])[:over[1].clip_count] == whole_clip[90:90 + over[1].clip_count]
+    assert synch_indices(over[1])[:over[1].synch_count] == whole_synch[225:225 + over[1].synch_count]
+    with pytest.raises(ValueError, match="hop"):
+        next(video.windows(path, hop=0.3))
