@@ -6,7 +6,9 @@
 
 Per 10-second window: the encoders and the condition stage run once; the ODE loop calls only
 `flow_step` (both CFG passes batched); the VAE decodes the window's latent once and the
-vocoder streams it out in chunks. Windows follow one another without overlap.
+vocoder streams it out in chunks. Longer videos take 10-second windows every 9 seconds, each
+streamed as soon as it is done, the 1-second overlaps joined by an equal-power crossfade.
+`video` may be a path, a binary file object, or `VideoFrames(frames, fps)` already decoded.
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ class Session:
     def _start(self, video_source, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
                noise, keep_intermediates, progress) -> tuple[Iterator[np.ndarray], StreamInfo, _Run]:
         """Check every input (raising before any model runs); the chunks fill their own `_Run`."""
+        if isinstance(video_source, video.VideoFrames):
+            video_source = video_source.as_file()
         meta = video.probe(video_source)
         if transcript is not None:          # defaults: from 0 to the end of the clip (at most 10 s)
             speech_start = 0.0 if speech_start is None else speech_start

@@ -29,6 +29,7 @@ not, so for rotated videos the authors' Synchformer frames were sideways).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -226,6 +227,39 @@ def probe(video: VideoSource) -> VideoInfo:
             width, height = height, width
         return VideoInfo(fps=fps, duration=duration, n_frames=n_frames, width=width,
                          height=height, rotation=rotation, has_audio=bool(container.streams.audio))
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """Already-decoded video: RGB uint8 frames ``[N, H, W, 3]`` shown at ``fps`` frames per second."""
+
+    frames: np.ndarray
+    fps: float
+
+    def as_file(self) -> io.BytesIO:
+        """The frames as an in-memory rawvideo stream (lossless, exact timestamps) that
+        ``probe`` and ``windows`` read like any file."""
+        frames = np.asarray(self.frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+            raise VideoError(f"decoded frames must be uint8 [N, H, W, 3] with N >= 1, got {frames.dtype} "
+                             f"{tuple(frames.shape)}")
+        if not (np.isfinite(self.fps) and 0 < self.fps <= 1000):
+            raise VideoError(f"decoded frames need a frame rate in (0, 1000], got {self.fps}")
+        rate = Fraction(self.fps).limit_denominator(1001)
+        buf = io.BytesIO()
+        with av.open(buf, "w", format="nut") as out:
+            stream = out.add_stream("rawvideo", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "rgb24"
+            stream.time_base = 1 / rate
+            for i, f in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")
+                frame.pts = i
+                for packet in stream.encode(frame):
+                    out.mux(packet)
+            for packet in stream.encode(None):
+                out.mux(packet)
+        buf.seek(0)
+        return buf
 
 
 def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Literal["frame", "end"] = "frame"

@@ -145,3 +145,17 @@ def test_long_video_windows_overlap(clip12, ort_session):
     assert r.info.n_windows == 2 and r.audio.shape == (12 * 16000,)
     assert np.array_equal(ids[0][225:], ids[1][:25])             # the shared second
     assert (ids[1][:int(2.5 * 25)] > 0).all() and (ids[1][int(2.6 * 25):] == 0).all()
+
+
+def test_decoded_frames_give_what_the_file_gives(clip4, ort_session):
+    import av
+
+    from vssflow.runtime import VideoFrames
+    with av.open(str(clip4)) as c:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    noise = _noise(1)
+    from_file = ort_session.generate(clip4, steps=2, noise=noise).audio
+    from_frames = ort_session.generate(VideoFrames(frames, 25.0), steps=2, noise=noise).audio
+    assert from_frames.shape == from_file.shape and np.abs(from_frames - from_file).max() <= 1e-5
+    with pytest.raises(video.VideoError, match="uint8"):
+        ort_session.generate(VideoFrames(frames.astype(np.float32), 25.0))

@@ -1,0 +1,143 @@
+"""What both ways run on: the model folder, the authors' PyTorch modules of the same weights, the inputs.
+
+* `model_folder(size)`: random weights in the authors' checkpoint layout, exported once into a
+  cache folder (`$VSSFLOW_HOME/bench-models/<size>-seed<seed>`) and reused.
+* `authors_modules(folder)`: the authors' modules (unfolded transformer, condition projections,
+  CLIP, Synchformer, VAE decoder and vocoder) from the folder's `weights.pt` — the very tensors
+  the exported graphs were made from.
+* `make_inputs(...)`: a synthetic 10-second clip, the phoneme track and the initial noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from vssflow.runtime import contracts as C
+
+DEMO_NOTE = "BENCHMARK MODEL: random weights in the authors' layout; it runs the whole pipeline but makes noise."
+
+
+def cache_root() -> Path:
+    home = os.environ.get("VSSFLOW_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vssflow")
+    return Path(home) / "bench-models"
+
+
+def model_folder(size: str, seed: int = 0, root: Path | None = None, progress=lambda msg: None) -> Path:
+    """The exported random-weight model of `size`, written and exported on first use."""
+    from vssflow.export import checkpoint as ck
+    from vssflow.export.onnx_export import ExportOptions, export_model
+    out = (root or cache_root()) / f"{size}-seed{seed}"
+    if (out / "manifest.json").is_file():
+        return out
+    with tempfile.TemporaryDirectory(prefix="vssflow-bench-") as tmp:
+        progress(f"writing random {size} weights in the authors' layout")
+        paths = ck.write_random_assets(tmp, size, seed)
+        progress(f"exporting to {out} (once; later runs reuse it)")
+        export_model(paths["checkpoint"], paths["synchformer"], out, rawnet=paths["rawnet"],
+                     options=ExportOptions(backend="onnx", verify=False), replace=True,
+                     progress=lambda m: progress(f"export: {m}"), extra={"demo": True, "note": DEMO_NOTE})
+    return out
+
+
+def authors_modules(folder: Path, device: str = "cpu") -> dict:
+    """The authors' modules, eager fp32, loaded strictly from `folder/weights.pt`.
+
+    Keys: flow, conditions, clip, decoder (VAE + vocoder), synchformer.
+    """
+    from vssflow.export.checkpoint import AuthorsCheckpoint, ModelDims, build_modules, safe_load, split_state_dict
+    from vssflow.export.synchformer import SynchformerDims, SynchformerVisual
+    folder = Path(folder)
+    weights = folder / "weights.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder}: no weights.pt; the authors' baseline needs the PyTorch weights "
+                                "(export without --no-torch-weights)")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    obj = safe_load(weights)
+    ckpt = AuthorsCheckpoint(ModelDims.from_json(manifest["dims"]), split_state_dict(obj["state_dict"], str(weights)))
+    modules = build_modules(ckpt)
+    sd = manifest["synchformer_dims"]
+    synch = SynchformerVisual(SynchformerDims(**{k: tuple(v) if isinstance(v, list) else v for k, v in sd.items()}))
+    synch.load_state_dict({k: obj["synchformer"][k] for k in synch.state_dict()}, strict=True)
+    modules["synchformer"] = synch
+    return {k: m.to(device).eval() for k, m in modules.items()}
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+def write_video(path: Path, seconds: float, fps: int = 25, size: tuple[int, int] = (320, 240)) -> Path:
+    """A synthetic H.264 clip: a colour ramp with a square moving across it."""
+    import av
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    ramp = np.stack([x * 200 // w + 30, y * 200 // h + 30, np.full_like(x, 110)], -1).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"preset": "ultrafast", "crf": "18"}
+        box = h // 4
+        for i in range(int(round(seconds * fps))):
+            img = ramp.copy()
+            x0 = (i * 5) % (w - box)
+            img[h // 3:h // 3 + box, x0:x0 + box] = (230, 60, 30)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def first_window(video: Path):
+    """The encoder inputs of the video's first 10 seconds (`VideoWindow`), the file closed after."""
+    from vssflow.runtime import video as V
+    windows = V.windows(video)
+    try:
+        return next(windows)
+    finally:
+        windows.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The same inputs for both ways: video file, phoneme ids `[250]`, noise `[Ca, 250]`."""
+
+    video: Path
+    seconds: float
+    phone_ids: np.ndarray
+    noise: np.ndarray
+    transcript: str | None
+    speech: tuple[float, float] | None
+
+    def save(self, path: Path) -> Path:
+        np.savez(path, phone_ids=self.phone_ids, noise=self.noise)
+        meta = {"video": str(self.video), "seconds": self.seconds, "transcript": self.transcript,
+                "speech": list(self.speech) if self.speech else None}
+        path.with_suffix(".json").write_text(json.dumps(meta))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> Inputs:
+        arrays = np.load(path)
+        meta = json.loads(Path(path).with_suffix(".json").read_text())
+        return cls(Path(meta["video"]), meta["seconds"], arrays["phone_ids"], arrays["noise"], meta["transcript"],
+                   tuple(meta["speech"]) if meta["speech"] else None)
+
+
+def make_inputs(work: Path, audio_channels: int, seconds: float, seed: int, transcript: str | None,
+                speech: tuple[float, float], video: Path | None = None) -> Inputs:
+    from vssflow.runtime import text
+    from vssflow.runtime import video as V
+    if video is None:
+        video = write_video(work / "clip.mp4", seconds)
+    duration = V.probe(video).duration
+    if transcript is not None:
+        speech = (min(speech[0], duration / 2), min(speech[1], duration))
+        ids = text.phoneme_ids(transcript, speech[0], speech[1], clip_seconds=min(duration, C.WINDOW_SECONDS))
+    else:
+        ids = np.zeros(C.WINDOW_LATENTS, np.int64)
+    noise = np.random.default_rng(seed).standard_normal((audio_channels, C.WINDOW_LATENTS), dtype=np.float32)
+    return Inputs(Path(video), min(duration, C.WINDOW_SECONDS), ids[:C.WINDOW_LATENTS].astype(np.int64), noise,
+                  transcript, speech if transcript is not None else None)
