@@ -104,6 +104,36 @@ class OrtBackend(Backend):
     def _run(self, stage, session, feed):
         return session.run(None, feed)
 
+    def flow_loop(self, cond: Mapping[str, np.ndarray], cfg: float):
+        """On the CUDA provider (with torch present to hold device buffers), IOBinding keeps the
+        state, the constants and the output on the GPU through the loop; elsewhere, numpy."""
+        if self.providers[0] != "CUDAExecutionProvider":
+            return super().flow_loop(cond, cfg)
+        try:
+            import torch
+        except ImportError:
+            return super().flow_loop(cond, cfg)
+        session = self._stage("flow_step")
+        dev = {k: torch.from_numpy(np.ascontiguousarray(cond[k])).cuda() for k in ("cond_bias", "keys", "values")}
+        dev["cfg"] = torch.tensor([cfg], dtype=torch.float32, device="cuda")
+        device_id = torch.cuda.current_device()
+
+        def bind(binding, name, tensor):
+            binding.bind_input(name, "cuda", device_id, np.float32, tuple(tensor.shape), tensor.data_ptr())
+
+        def velocity(t: float, z):
+            z = z.contiguous()
+            tt = torch.full((1,), t, dtype=torch.float32, device="cuda")
+            out = torch.empty_like(z)
+            binding = session.io_binding()
+            for name, tensor in {"z": z, "t": tt, **dev}.items():
+                bind(binding, name, tensor)
+            binding.bind_output("velocity", "cuda", device_id, np.float32, tuple(out.shape), out.data_ptr())
+            session.run_with_iobinding(binding)
+            return out
+        return (velocity, lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda(),
+                lambda a: a.float().cpu().numpy())
+
     def describe(self) -> str:
         return f"ort ({self.providers[0]})"
 
@@ -194,14 +224,18 @@ class TrtBackend(Backend):
 
     def _run(self, stage, runner, feed):
         import torch
-        engine, ctx = runner
-        contract = self.folder.contracts[stage]
         tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in feed.items()}
+        return [o.cpu().numpy() for o in self._execute(stage, runner, tensors)]
+
+    def _execute(self, stage, runner, tensors: dict) -> list:
+        """Run an engine on CUDA tensors (tensor addresses, no copies); outputs as CUDA tensors."""
+        import torch
+        engine, ctx = runner
         for k, v in tensors.items():
             ctx.set_input_shape(k, tuple(v.shape))
             ctx.set_tensor_address(k, v.data_ptr())
         outs = []
-        for s in contract.outputs:
+        for s in self.folder.contracts[stage].outputs:
             o = torch.empty(tuple(ctx.get_tensor_shape(s.name)), dtype=torch.float32, device="cuda")
             ctx.set_tensor_address(s.name, o.data_ptr())
             outs.append(o)
@@ -209,7 +243,20 @@ class TrtBackend(Backend):
         if not ctx.execute_async_v3(stream.cuda_stream):
             raise BackendError(f"TensorRT failed to run {stage}")
         stream.synchronize()
-        return [o.cpu().numpy() for o in outs]
+        return outs
+
+    def flow_loop(self, cond: Mapping[str, np.ndarray], cfg: float):
+        """State and constants stay CUDA tensors through the loop; the engine reads them in place."""
+        import torch
+        runner = self._stage("flow_step")
+        const = {k: torch.from_numpy(np.ascontiguousarray(cond[k])).cuda() for k in ("cond_bias", "keys", "values")}
+        const["cfg"] = torch.tensor([cfg], dtype=torch.float32, device="cuda")
+
+        def velocity(t: float, z):
+            tt = torch.full((1,), t, dtype=torch.float32, device="cuda")
+            return self._execute("flow_step", runner, {"z": z.contiguous(), "t": tt, **const})[0]
+        return (velocity, lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda(),
+                lambda a: a.float().cpu().numpy())
 
 
 def parse_engine_name(name: str) -> dict[str, str] | None:
