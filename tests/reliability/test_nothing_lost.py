@@ -20,7 +20,6 @@ import soundfile as sf
 from tests.media import make_video
 from tests.reliability import hostile
 from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, listing, run_cli
-from vssflow.runtime.errors import OutputError
 from vssflow.runtime.output import write_audio_file, write_video_file
 
 SR = 16000
