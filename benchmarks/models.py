@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -24,8 +23,8 @@ DEMO_NOTE = "BENCHMARK MODEL: random weights in the authors' layout; it runs the
 
 
 def cache_root() -> Path:
-    home = os.environ.get("VSSFLOW_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vssflow")
-    return Path(home) / "bench-models"
+    from vssflow.runtime.model_folder import vssflow_home
+    return vssflow_home() / "bench-models"
 
 
 def model_folder(size: str, seed: int = 0, root: Path | None = None, progress=lambda msg: None) -> Path:
@@ -50,20 +49,15 @@ def authors_modules(folder: Path, device: str = "cpu") -> dict:
 
     Keys: flow, conditions, clip, decoder (VAE + vocoder), synchformer.
     """
-    from vssflow.export.checkpoint import AuthorsCheckpoint, ModelDims, build_modules, safe_load, split_state_dict
-    from vssflow.export.synchformer import SynchformerDims, SynchformerVisual
+    from vssflow.export.checkpoint import build_modules
+    from vssflow.export.torch_stages import read_weights
     folder = Path(folder)
     weights = folder / "weights.pt"
     if not weights.is_file():
         raise FileNotFoundError(f"{folder}: no weights.pt; the authors' baseline needs the PyTorch weights "
                                 "(export without --no-torch-weights)")
-    manifest = json.loads((folder / "manifest.json").read_text())
-    obj = safe_load(weights)
-    ckpt = AuthorsCheckpoint(ModelDims.from_json(manifest["dims"]), split_state_dict(obj["state_dict"], str(weights)))
+    ckpt, synch, _ = read_weights(weights)
     modules = build_modules(ckpt)
-    sd = manifest["synchformer_dims"]
-    synch = SynchformerVisual(SynchformerDims(**{k: tuple(v) if isinstance(v, list) else v for k, v in sd.items()}))
-    synch.load_state_dict({k: obj["synchformer"][k] for k in synch.state_dict()}, strict=True)
     modules["synchformer"] = synch
     return {k: m.to(device).eval() for k, m in modules.items()}
 

@@ -98,10 +98,11 @@ class ModelDims:
 
     @classmethod
     def from_json(cls, d: Mapping) -> ModelDims:
-        return cls(**{c.name: _dims_from_json(c.dims_cls, d[c.name]) for c in COMPONENTS})
+        return cls(**{c.name: dims_from_json(c.dims_cls, d[c.name]) for c in COMPONENTS})
 
 
-def _dims_from_json(dims_cls: type, d: Mapping):
+def dims_from_json(dims_cls: type, d: Mapping):
+    """A frozen dims dataclass from its JSON form (lists back to tuples)."""
     def tup(v):
         return tuple(tup(x) for x in v) if isinstance(v, list) else v
     return dims_cls(**{k: tup(v) for k, v in d.items()})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -12,11 +11,6 @@ import click
 from .errors import VssflowError
 
 DEMO_NOTE = "DEMO MODEL: random weights in the authors' layout; it runs the whole pipeline but makes noise."
-
-
-def default_demo_dir() -> Path:
-    home = os.environ.get("VSSFLOW_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vssflow")
-    return Path(home) / "demo-model"
 
 
 def export_demo(out: Path, *, replace: bool = False, progress=lambda m: None, backend: str = "onnx",
@@ -94,7 +88,8 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
         if demo:
             if checkpoint or synchformer:
                 raise click.UsageError("--demo writes its own random checkpoint: leave out --checkpoint/--synchformer")
-            out = out or default_demo_dir()
+            from vssflow.runtime.model_folder import demo_model_dir
+            out = out or demo_model_dir()
             manifest = export_demo(out, replace=force, progress=progress, backend=backend, precision=precision)
         else:
             if checkpoint is None or synchformer is None:

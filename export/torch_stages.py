@@ -21,16 +21,22 @@ def save_weights(ckpt: AuthorsCheckpoint, synchformer_sd: dict, path: Path, rawn
     atomic_torch_save(obj, path)
 
 
-def load_stage_modules(path: Path, device: str = "cpu") -> dict[str, torch.nn.Module]:
+def read_weights(path: Path) -> tuple[AuthorsCheckpoint, torch.nn.Module, torch.nn.Module | None]:
+    """A model folder's `weights.pt`: (the authors' checkpoint, Synchformer, RawNet3 or None),
+    dims from the folder's manifest."""
+    from .checkpoint import dims_from_json, load_weights
     from .synchformer import SynchformerDims, SynchformerVisual
     manifest = json.loads((Path(path).parent / "manifest.json").read_text())
     obj = safe_load(path)
     ckpt = AuthorsCheckpoint(ModelDims.from_json(manifest["dims"]), split_state_dict(obj["state_dict"], str(path)))
-    synch = SynchformerVisual(SynchformerDims(**{k: tuple(v) if isinstance(v, list) else v
-                                                 for k, v in manifest["synchformer_dims"].items()}))
-    synch.load_state_dict({k: obj["synchformer"][k] for k in synch.state_dict()}, strict=True)
+    synch = SynchformerVisual(dims_from_json(SynchformerDims, manifest["synchformer_dims"]))
+    load_weights(synch, obj["synchformer"], f"{path} (synchformer)")
     rawnet = None
     if "rawnet" in obj:
         from .rawnet import load_rawnet
         rawnet = load_rawnet(obj["rawnet"])
-    return {name: m.to(device).eval() for name, m in stage_modules(ckpt, synch.eval(), rawnet).items()}
+    return ckpt, synch, rawnet
+
+
+def load_stage_modules(path: Path, device: str = "cpu") -> dict[str, torch.nn.Module]:
+    return {name: m.to(device).eval() for name, m in stage_modules(*read_weights(path)).items()}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -15,11 +14,6 @@ from .errors import OutputError, VssflowInputError
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
-
-
-def _default_model_dir() -> Path:
-    home = os.environ.get("VSSFLOW_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vssflow")
-    return Path(home) / "demo-model"
 
 
 def _ensure_demo(model_dir: Path, say) -> None:
@@ -121,7 +115,8 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
             raise VssflowInputError(f"{noise}: not a readable .npy array ({e})") from None
 
     if model_dir is None:
-        model_dir = _default_model_dir()
+        from .model_folder import demo_model_dir
+        model_dir = demo_model_dir()
         _ensure_demo(model_dir, say)
     session = Session(model_dir, backend=backend, device=device)
     bar = None

@@ -5,12 +5,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from .contracts import ModelSizes, StageContract
 from .errors import ModelFolderError
 
 SUPPORTED_FORMAT = 1
+
+
+def vssflow_home() -> Path:
+    """Where vssflow keeps models it makes itself (the demo, benchmark models): $VSSFLOW_HOME or ~/.cache/vssflow."""
+    return Path(os.environ.get("VSSFLOW_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "vssflow"))
+
+
+def demo_model_dir() -> Path:
+    return vssflow_home() / "demo-model"
 
 
 def sha256(path: Path) -> str:
