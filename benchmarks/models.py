@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,18 +28,13 @@ def cache_root() -> Path:
 
 def model_folder(size: str, seed: int = 0, root: Path | None = None, progress=lambda msg: None) -> Path:
     """The exported random-weight model of `size`, written and exported on first use."""
-    from vssflow.export import checkpoint as ck
-    from vssflow.export.onnx_export import ExportOptions, export_model
+    from vssflow.export.onnx_export import ExportOptions, export_random
     out = (root or cache_root()) / f"{size}-seed{seed}"
     if (out / "manifest.json").is_file():
         return out
-    with tempfile.TemporaryDirectory(prefix="vssflow-bench-") as tmp:
-        progress(f"writing random {size} weights in the authors' layout")
-        paths = ck.write_random_assets(tmp, size, seed)
-        progress(f"exporting to {out} (once; later runs reuse it)")
-        export_model(paths["checkpoint"], paths["synchformer"], out, rawnet=paths["rawnet"],
-                     options=ExportOptions(backend="onnx", verify=False), replace=True,
-                     progress=lambda m: progress(f"export: {m}"), extra={"demo": True, "note": DEMO_NOTE})
+    progress(f"writing random {size} weights in the authors' layout and exporting to {out} (once; later runs reuse it)")
+    export_random(out, size, seed, options=ExportOptions(backend="onnx", verify=False), replace=True,
+                  progress=lambda m: progress(f"export: {m}"), note=DEMO_NOTE)
     return out
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -16,14 +15,9 @@ DEMO_NOTE = "DEMO MODEL: random weights in the authors' layout; it runs the whol
 def export_demo(out: Path, *, replace: bool = False, progress=lambda m: None, backend: str = "onnx",
                 precision: str = "fp32") -> dict:
     """Write a `tiny` random-weight checkpoint in the authors' layout and export it to `out`."""
-    from .checkpoint import write_random_assets
-    from .onnx_export import ExportOptions, export_model
-    with tempfile.TemporaryDirectory(prefix="vssflow-demo-") as tmp:
-        progress("writing a tiny random-weight checkpoint (authors' layout)")
-        paths = write_random_assets(tmp, "tiny")
-        return export_model(paths["checkpoint"], paths["synchformer"], out, rawnet=paths["rawnet"],
-                            options=ExportOptions(precision=precision, backend=backend), replace=replace,
-                            progress=progress, extra={"demo": True, "note": DEMO_NOTE})
+    from .onnx_export import ExportOptions, export_random
+    return export_random(out, "tiny", options=ExportOptions(precision=precision, backend=backend),
+                         replace=replace, progress=progress, note=DEMO_NOTE)
 
 
 def _summary(manifest: dict, out: Path) -> str:

@@ -146,6 +146,20 @@ def _versions() -> dict:
     return v
 
 
+def export_random(out: str | os.PathLike, size: str = "tiny", seed: int = 0, *,
+                  options: ExportOptions = ExportOptions(), replace: bool = False,
+                  progress: Callable[[str], None] = lambda msg: None, note: str = "") -> dict:
+    """Random weights of `size` written in the authors' layout (checkpoint, Synchformer, RawNet3),
+    exported to `out` and labelled as a demo model (it makes noise)."""
+    from .checkpoint import write_random_assets
+    with tempfile.TemporaryDirectory(prefix="vssflow-random-") as tmp:
+        progress(f"writing a {size} random-weight checkpoint (authors' layout)")
+        paths = write_random_assets(tmp, size, seed)
+        return export_model(paths["checkpoint"], paths["synchformer"], out, rawnet=paths["rawnet"],
+                            options=options, replace=replace, progress=progress,
+                            extra={"demo": True, "note": note})
+
+
 def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, out: str | os.PathLike, *,
                  assets: str | os.PathLike | None = None, rawnet: str | os.PathLike | None = None,
                  options: ExportOptions = ExportOptions(), replace: bool = False,
