@@ -25,6 +25,9 @@ _ENGINE_NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<g
 
 class Backend:
     name = "base"
+    # Where the encoders can take their frames as torch tensors (`kernels.frames` resizes them
+    # there); None: numpy arrays from the host only.
+    frames_device: str | None = None
 
     def __init__(self, folder: ModelFolder, device: str | None = None):
         self.folder, self.device = folder, device
@@ -151,6 +154,7 @@ class TorchBackend(Backend):
             raise BackendError("the torch backend needs PyTorch: pip install 'vssflow[torch]'") from None
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.frames_device = self.device
         if "weights.pt" not in folder.manifest["files"]:
             raise BackendError(f"{folder.path}: no weights.pt (export without --no-torch-weights for the torch backend)")
         self._modules = None
@@ -171,7 +175,8 @@ class TorchBackend(Backend):
     def _run(self, stage, module, feed):
         torch = self._torch
         with torch.inference_mode():
-            out = module(*(torch.from_numpy(np.ascontiguousarray(a)).to(self.device) for a in feed.values()))
+            out = module(*(a.to(self.device) if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a))
+                           .to(self.device) for a in feed.values()))
         out = out if isinstance(out, tuple) else (out,)
         return [o.float().cpu().numpy() for o in out]
 
@@ -197,6 +202,7 @@ class TrtBackend(Backend):
     """TensorRT engines built by `vssflow-export --backend trt` for this GPU and TensorRT version."""
 
     name = "trt"
+    frames_device = "cuda"
 
     def __init__(self, folder: ModelFolder, device: str | None = None):
         super().__init__(folder, device)
@@ -224,7 +230,8 @@ class TrtBackend(Backend):
 
     def _run(self, stage, runner, feed):
         import torch
-        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)).cuda() for k, v in feed.items()}
+        tensors = {k: (v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v))).cuda().contiguous()
+                   for k, v in feed.items()}
         return [o.cpu().numpy() for o in self._execute(stage, runner, tensors)]
 
     def _execute(self, stage, runner, tensors: dict) -> list:

@@ -73,13 +73,13 @@ class StageContract:
                 feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
         return feed
 
-    def check_feed(self, feed: Mapping[str, np.ndarray]) -> None:
+    def check_feed(self, feed: Mapping[str, np.ndarray]) -> None:   # or torch tensors (GPU backends)
         """Raise ValueError naming the first input whose name, dtype, rank or size is off."""
         for s in self.inputs:
             if s.name not in feed:
                 raise ValueError(f"{self.name}: missing input {s.name!r}")
             a = feed[s.name]
-            if str(a.dtype) != s.dtype or a.ndim != len(s.shape):
+            if str(a.dtype).removeprefix("torch.") != s.dtype or a.ndim != len(s.shape):   # numpy or torch
                 raise ValueError(f"{self.name}.{s.name}: expected {s.dtype} of rank {len(s.shape)}, "
                                  f"got {a.dtype} {tuple(a.shape)}")
             for dim, axis in zip(a.shape, s.shape):

@@ -9,6 +9,10 @@ Per 10-second window: the encoders and the condition stage run once; the ODE loo
 vocoder streams it out in chunks. Longer videos take 10-second windows every 9 seconds, each
 streamed as soon as it is done, the 1-second overlaps joined by an equal-power crossfade.
 `video` may be a path, a binary file object, or `VideoFrames(frames, fps)` already decoded.
+
+Frames are resized and normalised on the host (`video.py`, numpy), or, for a backend whose
+encoders run on a GPU, on that GPU (`vssflow.kernels.frames`, Triton): the picked frames go up
+once per window and come out bit for bit the same; see `PREPROCESS`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 from . import contracts as C
 from . import audio, solvers, text, video
 from .backends import create_backend
-from .errors import VssflowInputError
+from .errors import BackendError, VssflowInputError
 from .model_folder import ModelFolder
 
 
@@ -97,6 +101,11 @@ class _Run:
         return {"nfe": self.nfe, "timings": dict(self.timings), "intermediates": kept}
 
 
+# Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
+# backend's device, torch or trt backends; a CPU torch device runs the kernels' reference),
+# "auto" (device when that is a GPU).
+PREPROCESS = ("auto", "host", "device")
+
 # Long videos: 10-second windows every 9 seconds; the 1-second overlaps are crossfaded.
 WINDOW_HOP = 9.0
 HOP_LATENTS = int(WINDOW_HOP * C.LATENT_RATE)                  # 225
@@ -152,9 +161,10 @@ class Session:
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
-                 verify_hashes: bool = True):
+                 verify_hashes: bool = True, preprocess: str = "auto"):
         self.folder = ModelFolder.open(model_dir, verify_hashes=verify_hashes)
         self.backend = create_backend(self.folder, backend, device)
+        self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
         self._lock = threading.Lock()
         self._last = _Run(keep=False)
@@ -203,10 +213,26 @@ class Session:
         n_windows = video.count_windows(meta.duration, WINDOW_HOP)
         ids = self._phoneme_track(options, meta.duration, n_windows)
         noise = self._noise(noise, seed, n_windows)
-        info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.backend.describe(), options, meta,
+        info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.describe(), options, meta,
                           self.folder.is_demo)
         run = _Run(keep_intermediates)
         return self._chunks(video_source, meta, options, ids, noise, speaker_crops, run, progress), info, run
+
+    def describe(self) -> str:
+        """The backend, and where frames are prepared when not on the host."""
+        where = "" if self.frames_device is None else f", frames on {self.frames_device}"
+        return self.backend.describe() + where
+
+    def _frames_device(self, preprocess: str) -> str | None:
+        if preprocess not in PREPROCESS:
+            raise VssflowInputError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+        device = self.backend.frames_device
+        if preprocess == "host" or (preprocess == "auto" and not str(device).startswith("cuda")):
+            return None
+        if device is None:
+            raise BackendError(f"the {self.backend.name} backend takes frames from the host; preprocessing on the "
+                               "device needs the torch or trt backend")
+        return device
 
     # --- steps ----------------------------------------------------------------------------
     def _phoneme_track(self, o: GenerateOptions, duration: float, n_windows: int) -> np.ndarray:
@@ -235,8 +261,13 @@ class Session:
         if crops is not None:
             speaker = self._timed(run, "speaker_encoder", "speaker_encoder", {"crops": crops})["embedding"]
             run.keep("speaker", speaker[0])
+        upload = None
+        if self.frames_device is not None:
+            from vssflow.kernels.frames import uploader
+            upload = uploader(self.frames_device)
+
         def window_audio():
-            for window in video.windows(source, hop=WINDOW_HOP):
+            for window in video.windows(source, hop=WINDOW_HOP, upload=upload):
                 if window.index >= len(noise):
                     break
                 z = self._window_latent(run, window, options, ids, noise[window.index], speaker, progress)
@@ -260,12 +291,23 @@ class Session:
             run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - t0
         return out
 
-    def _window_latent(self, run: _Run, window: video.VideoWindow, o: GenerateOptions, ids: np.ndarray,
-                       noise: np.ndarray, speaker: np.ndarray, progress) -> np.ndarray:
+    def _encoder_inputs(self, run: _Run, window: video.VideoWindow | video.FrameWindow):
+        """(clip frames, Synchformer segments): numpy from the host, or tensors made on the device."""
+        if isinstance(window, video.VideoWindow):
+            return window.clip_frames, np.ascontiguousarray(window.synch_segments())
+        from vssflow.kernels.frames import window_inputs
+        t0 = time.perf_counter()
+        frames, segments = window_inputs(window)
+        run.timings["preprocess"] = run.timings.get("preprocess", 0.0) + time.perf_counter() - t0
+        return frames, segments
+
+    def _window_latent(self, run: _Run, window: video.VideoWindow | video.FrameWindow, o: GenerateOptions,
+                       ids: np.ndarray, noise: np.ndarray, speaker: np.ndarray, progress) -> np.ndarray:
         T = C.WINDOW_LATENTS
-        clip = self._timed(run, "clip_encoder", "clip_encoder", {"frames": window.clip_frames})["features"]
-        segments = np.ascontiguousarray(window.synch_segments())
+        frames, segments = self._encoder_inputs(run, window)
+        clip = self._timed(run, "clip_encoder", "clip_encoder", {"frames": frames})["features"]
         synch = self._timed(run, "synch_encoder", "synch_encoder", {"segments": segments})["features"]
+        del frames, segments                           # device memory back before the ODE loop
         synch = synch.reshape(-1, synch.shape[-1])                                   # [240, Ds]
         clip_t = clip[nearest_indices(len(clip), T)][None]                           # [1, T, Dc]
         synch_t = synch[nearest_indices(len(synch), T, exact=True)][None]            # [1, T, Ds]

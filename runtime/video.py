@@ -22,6 +22,11 @@ its Synchformer frames are outputs ``250k .. 250k + 249`` of the same 25 fps res
 both rules run on the whole video and are cut every ten seconds; for ``k = 0`` this is exactly
 the authors' input. A window is produced when it holds at least one frame of the video.
 
+**On a GPU**: with ``upload``, ``windows`` yields ``FrameWindow``s instead: each picked frame
+is decoded, turned upright and handed to ``upload`` (once, however many streams and windows pick
+it), and the resize and normalisation run on the device (``vssflow.kernels.frames``), bit for
+bit as here.
+
 **Rotation**: frames are turned upright by the display matrix (as decord does; torchaudio does
 not, so for rotated videos the authors' Synchformer frames were sideways).
 """
@@ -34,7 +39,7 @@ import math
 import os
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import BinaryIO, Iterator, Literal, Union
+from typing import BinaryIO, Callable, Iterator, Literal, Union
 
 import av
 import numpy as np
@@ -121,6 +126,34 @@ class VideoWindow:
         """``[30, 16, 3, 224, 224]`` float32 segments of ``synch_frames`` (a strided view of a
         fresh array; see ``segments``)."""
         return segments(self.synch_frames)
+
+
+@dataclass(frozen=True)
+class FrameWindow:
+    """The frames picked for seconds ``[start, start + 10)``, not yet resized.
+
+    ``clip`` and ``synch`` hold, for each picked frame in order, what ``upload`` returned for
+    its upright RGB uint8 ``[H, W, 3]`` array (typically a device tensor); a frame picked by
+    both streams or by two overlapping windows is the same object. The padding of
+    ``VideoWindow`` (black CLIP frames, zero Synchformer frames) is not stored.
+    """
+
+    index: int
+    clip: tuple
+    synch: tuple
+    hop: float = WINDOW_SECONDS
+
+    @property
+    def start(self) -> float:
+        return float(self.index * self.hop)
+
+    @property
+    def clip_count(self) -> int:
+        return len(self.clip)
+
+    @property
+    def synch_count(self) -> int:
+        return len(self.synch)
 
 
 def segments(frames: np.ndarray) -> np.ndarray:
@@ -262,8 +295,8 @@ class VideoFrames:
         return buf
 
 
-def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Literal["frame", "end"] = "frame"
-            ) -> Iterator[VideoWindow]:
+def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Literal["frame", "end"] = "frame",
+            upload: Callable[[np.ndarray], object] | None = None) -> Iterator[VideoWindow | FrameWindow]:
     """Stream the video and yield one ``VideoWindow`` of 10 seconds every ``hop`` seconds, in order.
 
     ``hop`` below 10 makes windows overlap: window k holds CLIP frames ``100 k hop / 10 + i`` and
@@ -273,6 +306,10 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
     ``synch_eof`` is where the 25 fps resampling ends: ``"frame"`` at the last frame's
     timestamp (torchaudio on FFmpeg 4-6, the authors' setup), ``"end"`` at that timestamp plus
     the frame's duration (FFmpeg >= 7). See ``FpsFilter``.
+
+    ``upload``: when given, yield ``FrameWindow``s of ``upload(rgb)`` for each picked frame
+    (``rgb`` upright, contiguous ``[H, W, 3]`` uint8, one call per decoded frame picked)
+    instead of resized ``VideoWindow``s.
 
     Raises ``VideoError`` for a file without a decodable video stream, a corrupt one, or one
     that stops well short of the frame count its container declares.
@@ -291,11 +328,21 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
     def complete(n: int, step: int, size: int) -> int:
         return 0 if n < size else (n - size) // step + 1
 
+    if upload is None:
+        new_buffer, clip_of, synch_of = _WindowBuffer, _Frame.clip, _Frame.synch
+    else:
+        new_buffer, clip_of, synch_of = _FrameBuffer, (lambda f: f.raw(upload)), (lambda f: f.raw(upload))
+
+    def buffer(pending, k: int):
+        if k not in pending:
+            pending[k] = new_buffer(hop)
+        return pending[k]
+
     def put_synch(pending, m: int, picked) -> None:
-        frame = picked.synch()
+        frame = synch_of(picked)
         for k, i in holders(m, synch_step, SYNCH_FRAMES):
-            _buffer(pending, k, hop).synch[i] = frame
-            _buffer(pending, k, hop).synch_count = i + 1
+            buffer(pending, k).synch[i] = frame
+            buffer(pending, k).synch_count = i + 1
     with _open(video) as (container, stream):
         fps = _average_rate(stream, video)
         synch = FpsFilter(stream.time_base)
@@ -309,8 +356,8 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
             decoded, last = n + 1, current
             while clip_frame_index(clip_next, fps) <= n:
                 for k, i in holders(clip_next, clip_step, CLIP_FRAMES):
-                    _buffer(pending, k, hop).clip[i] = current.clip()
-                    _buffer(pending, k, hop).clip_count = i + 1
+                    buffer(pending, k).clip[i] = clip_of(current)
+                    buffer(pending, k).clip_count = i + 1
                 clip_next += 1
             for picked in synch.push(current.pts, current):
                 put_synch(pending, synch_done, picked)
@@ -327,7 +374,7 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
             put_synch(pending, synch_done, picked)
             synch_done += 1
         for k in range(min(pending, default=0), max(pending, default=-1) + 1):
-            yield _buffer(pending, k, hop).finish(k)
+            yield buffer(pending, k).finish(k)
 
 
 class _WindowBuffer:
@@ -344,6 +391,20 @@ class _WindowBuffer:
         return VideoWindow(index, self.clip, self.synch, self.clip_count, self.synch_count, self.hop)
 
 
+class _FrameBuffer:
+    """One window's picked frames as ``upload`` returned them."""
+
+    def __init__(self, hop: float = WINDOW_SECONDS):
+        self.hop = hop
+        self.clip: list = [None] * CLIP_FRAMES
+        self.synch: list = [None] * SYNCH_FRAMES
+        self.clip_count = self.synch_count = 0
+
+    def finish(self, index: int) -> FrameWindow:
+        # Positions fill in order from 0, so the first `count` are all set.
+        return FrameWindow(index, tuple(self.clip[:self.clip_count]), tuple(self.synch[:self.synch_count]), self.hop)
+
+
 def _normalise(frames: np.ndarray, mean, std, *, divide: bool) -> np.ndarray:
     """uint8 ``[N, 3, H, W]`` → float32 ``(x / 255 - mean) / std``, in float32 as torchvision:
     ``ToTensor`` divides by 255, ``v2.ToDtype(scale=True)`` multiplies by ``1 / 255``."""
@@ -357,12 +418,6 @@ def _normalise(frames: np.ndarray, mean, std, *, divide: bool) -> np.ndarray:
     return x
 
 
-def _buffer(pending: dict[int, _WindowBuffer], k: int, hop: float = WINDOW_SECONDS) -> _WindowBuffer:
-    if k not in pending:
-        pending[k] = _WindowBuffer(hop)
-    return pending[k]
-
-
 class _Frame:
     """A decoded frame, converted to RGB and resized only if some picker asks, at most once."""
 
@@ -373,15 +428,24 @@ class _Frame:
         self._planar: np.ndarray | None = None
         self._clip: np.ndarray | None = None
         self._synch: np.ndarray | None = None
+        self._raw: object = None
+
+    def _rgb(self) -> np.ndarray:
+        """``[H, W, 3]`` uint8, upright (a strided view when rotated)."""
+        rgb = self.frame.to_ndarray(format="rgb24")
+        turns = _rotation(self.frame) // 90
+        return np.rot90(rgb, turns) if turns else rgb
 
     def _rgb_planar(self) -> np.ndarray:
         if self._planar is None:
-            rgb = self.frame.to_ndarray(format="rgb24")              # [H, W, 3]
-            turns = _rotation(self.frame) // 90
-            if turns:
-                rgb = np.rot90(rgb, turns)
-            self._planar = planar(rgb)                                # [3, H, W] float32
+            self._planar = planar(self._rgb())                        # [3, H, W] float32
         return self._planar
+
+    def raw(self, upload: Callable[[np.ndarray], object]) -> object:
+        """``upload`` of the upright RGB frame, called at most once."""
+        if self._raw is None:
+            self._raw = upload(np.ascontiguousarray(self._rgb()))
+        return self._raw
 
     def clip(self) -> np.ndarray:
         """``[3, 224, 224]`` uint8, Pillow's bicubic resize."""
