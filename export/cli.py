@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -100,6 +101,14 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
     except KeyboardInterrupt:
         click.echo("vssflow-export: interrupted; nothing was written", err=True)
         sys.exit(130)
+    except click.ClickException:
+        raise
+    except Exception as e:                     # the model folder is written under a temporary name
+        from vssflow.runtime.cli import DEBUG_ENV, EXIT_INTERNAL, internal_error
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        click.echo(internal_error("vssflow-export", e) + "; nothing was written", err=True)
+        sys.exit(EXIT_INTERNAL)
     click.echo(_summary(manifest, out))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -14,6 +15,16 @@ from .errors import OutputError, VssflowInputError
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 1
+DEBUG_ENV = "VSSFLOW_DEBUG"          # "1": let unexpected errors end in their traceback
+
+
+def internal_error(tool: str, e: BaseException) -> str:
+    """One line for an error no check foresaw (a bug, or the machine running out of memory)."""
+    if isinstance(e, MemoryError):
+        return f"{tool}: error: out of memory (try a shorter video, --backend ort, or a smaller model)"
+    return (f"{tool}: internal error: {type(e).__name__}: {e} (a bug; {DEBUG_ENV}=1 shows the traceback, "
+            "please report it)")
 
 
 def _ensure_demo(model_dir: Path, say) -> None:
@@ -61,12 +72,15 @@ def _raise_on_sigterm() -> None:
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True,
               help="auto: TensorRT if its engines fit this GPU, else ONNX Runtime, else PyTorch.")
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: the best available).")
+@click.option("--preprocess", type=click.Choice(["auto", "host", "device"]), default="auto", show_default=True,
+              help="Where frames are resized and normalised: auto: on the GPU when the backend runs on one "
+                   "(torch or trt), else on the host. Same result either way.")
 @click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write features, phoneme ids, latents, mel and audio to this .npz for debugging.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, dump_intermediates, as_json, quiet):
+         noise, backend, device, preprocess, dump_intermediates, as_json, quiet):
     """Generate sound effects and speech for VIDEO and write them to a file.
 
     \b
@@ -84,18 +98,25 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
     _raise_on_sigterm()
     try:
         code = _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
-                    cfg, seed, noise, backend, device, dump_intermediates, as_json, interactive, say)
+                    cfg, seed, noise, backend, device, preprocess, dump_intermediates, as_json, interactive, say)
     except VssflowInputError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("vssflow-run: interrupted; no output was written", err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except click.ClickException:
+        raise
+    except Exception as e:                     # outputs go to a temporary name: nothing half-written
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        click.echo(internal_error("vssflow-run", e) + "; no output was written", err=True)
+        sys.exit(EXIT_INTERNAL)
     sys.exit(code)
 
 
 def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, dump_intermediates, as_json, interactive, say) -> int:
+         noise, backend, device, preprocess, dump_intermediates, as_json, interactive, say) -> int:
     from .output import output_kind, write_audio_file, write_video_file
     from .session import Session
 
@@ -118,7 +139,7 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         from .model_folder import demo_model_dir
         model_dir = demo_model_dir()
         _ensure_demo(model_dir, say)
-    session = Session(model_dir, backend=backend, device=device)
+    session = Session(model_dir, backend=backend, device=device, preprocess=preprocess)
     bar = None
 
     def progress(p: dict) -> None:

@@ -73,6 +73,7 @@ def test_noise_file_and_intermediates_reproduce_a_run(tiny_model, clip4, tmp_pat
     (["{clip}", "--model", "{tmp}/nomodel"], 3, "no such model folder"),
     (["{clip}", "--transcript", "hi", "--speech-start", "3", "--speech-end", "2"], 11, "speech"),
     (["{clip}", "--cfg", "nan"], 2, "cfg"),
+    (["{clip}", "--backend", "ort", "--preprocess", "device"], 4, "takes frames from the host"),
 ])
 def test_bad_input_gives_one_line_and_exit_code(tiny_model, clip4, tmp_path, args, code, message):
     args = [a.format(clip=clip4, tmp=tmp_path) for a in args]
@@ -123,3 +124,23 @@ def test_help_explains():
     for module in ("vssflow.runtime.cli", "vssflow.export.cli"):
         r = run(module, "--help")
         assert r.returncode == 0 and "Example" in r.stdout
+
+
+@pytest.mark.parametrize("error,message", [(RuntimeError("boom"), "internal error: runtimeerror: boom"),
+                                           (MemoryError(), "out of memory")])
+def test_unexpected_error_is_one_line_and_exit_1(tiny_model, clip4, tmp_path, monkeypatch, error, message):
+    from click.testing import CliRunner
+
+    from vssflow.runtime import cli, session
+
+    def fail(*args, **kw):
+        raise error
+    monkeypatch.setattr(session.Session, "stream", fail)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    out = tmp_path / "out.wav"
+    r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(out)])
+    assert r.exit_code == cli.EXIT_INTERNAL, r.output
+    assert message in r.output.lower() and "Traceback" not in r.output and not out.exists()
+    monkeypatch.setenv(cli.DEBUG_ENV, "1")                     # debugging: the traceback comes back
+    r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(out)])
+    assert r.exception is error
