@@ -74,7 +74,7 @@ def _raise_on_sigterm() -> None:
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: the best available).")
 @click.option("--preprocess", type=click.Choice(["auto", "host", "device"]), default="auto", show_default=True,
               help="Where frames are resized and normalised: auto: on the GPU when the backend runs on one "
-                   "(torch or trt), else on the host. Same result either way.")
+                   "(torch or trt), else on the host. Same result either way; device on a CPU is slow.")
 @click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write features, phoneme ids, latents, mel and audio to this .npz for debugging.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")

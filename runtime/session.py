@@ -102,8 +102,9 @@ class _Run:
 
 
 # Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
-# backend's device, torch or trt backends; a CPU torch device runs the kernels' reference),
-# "auto" (device when that is a GPU).
+# backend's device, torch or trt backends), "auto" (device when that is a GPU). On a CPU torch
+# device "device" runs the kernels' reference (dense float64 products, ~7x slower than the
+# host path): for checking, not speed.
 PREPROCESS = ("auto", "host", "device")
 
 # Long videos: 10-second windows every 9 seconds; the 1-second overlaps are crossfaded.
@@ -295,9 +296,12 @@ class Session:
         """(clip frames, Synchformer segments): numpy from the host, or tensors made on the device."""
         if isinstance(window, video.VideoWindow):
             return window.clip_frames, np.ascontiguousarray(window.synch_segments())
+        import torch
+
         from vssflow.kernels.frames import window_inputs
         t0 = time.perf_counter()
-        frames, segments = window_inputs(window)
+        dtype = getattr(torch, self.folder.contracts["clip_encoder"].inputs[0].dtype)    # the engines' own
+        frames, segments = window_inputs(window, dtype=dtype)
         run.timings["preprocess"] = run.timings.get("preprocess", 0.0) + time.perf_counter() - t0
         return frames, segments
 
