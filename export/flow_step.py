@@ -18,7 +18,7 @@ from torch import nn
 
 from .conditions import ConditionProjector
 from .reference import clip_to_latent_rate, synch_to_latent_rate
-from .transformer import FlowTransformer, apply_rope, rope_tables
+from .transformer import FlowTransformer, apply_rope_auto, rope_tables
 
 
 def fold_input(flow: FlowTransformer, audio_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +87,7 @@ class FlowStep(nn.Module):
         for i, blk in enumerate(self.flow.transformer_blocks):
             h = h + blk.attn1(blk.norm1(h), cos, sin)
             a = blk.attn2
-            q = apply_rope(a.heads(a.to_q(blk.norm2(h[:b])), a.num_heads), cos, sin)
+            q = apply_rope_auto(a.heads(a.to_q(blk.norm2(h[:b])), a.num_heads), cos, sin)
             rep = a.num_heads // a.num_kv_heads
             k, v = keys[i], values[i]
             if rep > 1:

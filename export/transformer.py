@@ -8,6 +8,7 @@ DESIGN.md §1.3. State-dict keys are those of the authors' `StableAudioDiTModel`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 
@@ -112,13 +113,37 @@ def authors_state_dict(dims: FlowDims, *, generator: torch.Generator | None = No
 
 
 def rope_tables(n_positions: int, rotary_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin `[n_positions, rotary_dim]` in fp32, halves repeated (non-interleaved RoPE)."""
+    """cos, sin `[n_positions, rotary_dim]` in fp32, halves repeated (non-interleaved RoPE).
+
+    Eager calls share one cached pair per (n_positions, rotary_dim, device): read-only, never
+    modify them. Traced or compiled calls compute the tables in the graph (the exported T axis
+    is dynamic).
+    """
+    if _in_graph():
+        return _rope_tables(n_positions, rotary_dim, device)
+    return _cached_rope_tables(int(n_positions), int(rotary_dim), torch.device(device or "cpu"))
+
+
+def _rope_tables(n_positions: int, rotary_dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     exponent = torch.arange(0, rotary_dim, 2, dtype=torch.float32, device=device) / rotary_dim
     inv_freq = 1.0 / (ROPE_THETA ** exponent)                         # [rotary_dim/2]
     pos = torch.arange(n_positions, dtype=torch.float32, device=device)
     freqs = torch.outer(pos, inv_freq)                                # [N, rotary_dim/2]
     cos, sin = freqs.cos(), freqs.sin()
     return torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_rope_tables(n_positions: int, rotary_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Ordinary tensors even when first asked for under inference_mode, so that later autograd
+    # use may save them for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        return _rope_tables(n_positions, rotary_dim, device)
+
+
+def _in_graph() -> bool:
+    """True while tracing (TorchScript/ONNX export) or compiling: every op must stay in the graph."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -130,6 +155,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x_rot[..., : r // 2], x_rot[..., r // 2:]
     rotated = torch.cat([-x2, x1], dim=-1)
     return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1).to(dtype)
+
+
+def apply_rope_auto(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope`, or on eager CUDA the in-place kernel (`vssflow.kernels.rope`): then `x`
+    itself is rotated and returned, so pass a tensor nothing else reads (a fresh projection)."""
+    kernels = _rope_kernels(x)
+    return apply_rope(x, cos, sin) if kernels is None else kernels.apply_rope_(x, cos, sin)
+
+
+def _rope_kernels(x: torch.Tensor):
+    """`vssflow.kernels.rope` where its in-place kernel should rotate `x`, else None.
+
+    Only for CUDA tensors outside autograd, tracing, ONNX export and compilation, when Triton
+    imports and `VSSFLOW_KERNELS` allows (`kernels/dispatch.py`). Imported here, lazily: the
+    export package works without Triton.
+    """
+    if not x.is_cuda or x.requires_grad or _in_graph():
+        return None
+    try:
+        from vssflow.kernels import dispatch, rope
+    except ImportError:
+        return None
+    return rope if dispatch.use_kernel(x.device) else None
 
 
 def time_embedding_features(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -171,9 +219,15 @@ class Attention(nn.Module):
 
 class SelfAttention(Attention):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = apply_rope(self.heads(self.to_q(x), self.num_heads), cos, sin)
+        q = self.heads(self.to_q(x), self.num_heads)
+        kernels = _rope_kernels(q)
+        if kernels is None:                      # the reference: the exported graph, op for op
+            q = apply_rope(q, cos, sin)
+            k, v = self.kv(x)
+            return self.attend(q, apply_rope(k, cos, sin), v)
         k, v = self.kv(x)
-        return self.attend(q, apply_rope(k, cos, sin), v)
+        kernels.apply_rope_pair_(q, k, cos, sin)                       # in place, one launch
+        return self.attend(q, k, v)
 
 
 class CrossAttention(Attention):
@@ -181,7 +235,7 @@ class CrossAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        q = apply_rope(self.heads(self.to_q(x), self.num_heads), cos, sin)
+        q = apply_rope_auto(self.heads(self.to_q(x), self.num_heads), cos, sin)
         k, v = self.kv(context)
         return self.attend(q, k, v)
 

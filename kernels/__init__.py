@@ -2,6 +2,8 @@
 
 - `preprocess`: decoded uint8 frames -> normalised encoder input, Triton kernels and a torch
   reference, bit-exact with the CPU path (`runtime/resize.py`).
+- `rope`: rotary embedding applied in place to q/k heads, one launch (q and k together in
+  self-attention), bit-exact with `export/transformer.apply_rope`; the transformer uses it on CUDA.
 - `dispatch`: which runs: the kernel on CUDA when Triton imports, the reference elsewhere;
   `VSSFLOW_KERNELS=0` or `use_kernel=False` turns kernels off.
 - `profiling`: where one clip's time goes (figures in `PROFILE.md`).
