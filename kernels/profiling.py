@@ -2,6 +2,7 @@
 
     python -m vssflow.kernels.profiling MODEL_DIR --make-model small     # random weights, once
     python -m vssflow.kernels.profiling MODEL_DIR --backend torch [--video clip.mp4 | --size 1280x720]
+    python -m vssflow.kernels.profiling --launches all                   # no model folder needed
 
 Prints one JSON report (the figures of ``kernels/PROFILE.md``):
 
@@ -13,18 +14,25 @@ Prints one JSON report (the figures of ``kernels/PROFILE.md``):
 * ``flow_step``: one flow step under ``torch.profiler`` (torch backend) or ONNX Runtime's node
   profiler (ort backend): self time in matrix products, in attention, and outside both, and the
   compute operators per call (on a GPU, each is a kernel launch).
+* ``launches`` (``--launches``, alone): the kernel launches of one flow step as eager torch
+  would issue them on a GPU, counted on the meta device (no compute), by kind, with and without
+  the RoPE kernel; and the solvers' own launches per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import tempfile
 import time
-from collections import defaultdict
+import types
+from collections import Counter, defaultdict
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -213,9 +221,203 @@ def flow_step_ort(model: Path, calls: int = 3, threads: int = 0) -> dict:
             "compute_ops_per_call": nodes / calls}
 
 
+# --- kernel launches (no model folder, no compute) -----------------------------------------------
+
+LAUNCH_SIZES = ("tiny", "small", "full")
+LAUNCH_KINDS = ("gemm", "attention", "rope", "norm", "other")
+LAUNCH_VARIANTS = ("before", "after")
+# Dispatched ops that launch nothing on a GPU: views, allocations (and .item(), counted as a sync).
+NO_LAUNCH_ATEN = NO_KERNEL_OPS | {"aten::unbind", "aten::split_with_sizes", "aten::view_as", "aten::new_empty",
+                                  "aten::new_empty_strided", "aten::_local_scalar_dense"}
+
+
+def _launch_counter():
+    """A TorchDispatchMode counting, by (kind, op), the ATen ops that launch a GPU kernel."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LaunchCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts: Counter = Counter()
+            self.scope = ["other"]                     # innermost region: "rope" or "other"
+            self.paused = 0
+
+        def add(self, op: str, kind: str) -> None:
+            if not self.paused:
+                self.counts[kind, op] += 1
+
+        @contextlib.contextmanager
+        def region(self, kind: str):
+            self.scope.append(kind)
+            try:
+                yield
+            finally:
+                self.scope.pop()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if name == "aten::_local_scalar_dense":
+                self.add(name, "sync")                # .item(): a device-to-host copy and a sync
+            elif name not in NO_LAUNCH_ATEN:
+                kind = self.scope[-1]
+                if kind == "other":
+                    kind = "gemm" if name in GEMM_OPS else "norm" if "norm" in name else "other"
+                self.add(name, kind)
+            return func(*args, **(kwargs or {}))
+
+    return LaunchCounter()
+
+
+def _fused_attention(counter):
+    """A TorchFunctionMode making ``F.scaled_dot_product_attention`` one launch, as the fused
+    CUDA kernels are, returning their output layout (``[B, N, H, Dv]`` memory) uncomputed."""
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    class FusedAttention(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is not F.scaled_dot_product_attention:
+                return func(*args, **(kwargs or {}))
+            counter.add("aten::_scaled_dot_product_flash_attention", "attention")
+            q, v = args[0], args[2]
+            b, h, n, _ = q.shape
+            return torch.empty(b, n, h, v.shape[-1], dtype=q.dtype, device=q.device).transpose(1, 2)
+
+    return FusedAttention()
+
+
+def flow_step_launches(size: str, variant: str = "before", *, frames: int = 250, batch: int = 1,
+                       device: str = "meta", num_layers: int | None = None) -> Counter:
+    """``(kind, op) -> launches`` of one ``FlowStep`` call (both CFG passes) of preset ``size``.
+
+    ``variant``: ``before``: RoPE in torch ops, tables recomputed on every call (the code before
+    the RoPE kernel); ``after``: the code as it stands on eager CUDA (cached tables, the kernel
+    for every rotation: self-attention q and k in one launch, the cross-attention queries in
+    one). On ``meta`` (shapes only) the kernel is a stub
+    counted as one launch, and attention counts as one fused launch.
+    """
+    import torch
+
+    from vssflow.export import flow_step as fs
+    from vssflow.export import transformer as tr
+    if variant not in LAUNCH_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: expected one of {', '.join(LAUNCH_VARIANTS)}")
+    dims = tr.FlowDims.preset(size)
+    if num_layers is not None:
+        dims = dataclasses.replace(dims, num_layers=num_layers)
+    counter = _launch_counter()
+
+    def scoped(fn):
+        def run(*args, **kwargs):
+            with counter.region("rope"):
+                return fn(*args, **kwargs)
+        return run
+
+    def kernel(x, cos, sin):
+        counter.add("triton:rope", "rope")
+        return x
+
+    def kernel_pair(q, k, cos, sin):
+        counter.add("triton:rope_pair", "rope")
+        return q, k
+
+    kernels = None if variant == "before" else types.SimpleNamespace(apply_rope_=kernel, apply_rope_pair_=kernel_pair)
+    tables = scoped(tr._rope_tables if variant == "before" else tr.rope_tables)
+    patches = {(tr, "apply_rope"): scoped(tr.apply_rope), (tr, "rope_tables"): tables, (fs, "rope_tables"): tables,
+               (tr, "_rope_kernels"): lambda x: kernels}
+    # no_grad, not inference_mode: under inference_mode the dispatch mode would see composite ops
+    # (linear, layer_norm, to) before they decompose into what runs.
+    with torch.device(device), torch.no_grad():
+        step = fs.FlowStep(tr.FlowTransformer(dims), 128).eval()
+        kv = (dims.num_layers, batch, dims.num_kv_heads, frames + 1, dims.head_dim)
+        args = (torch.randn(batch, 128, frames), torch.full((1,), 0.5), torch.randn(batch, frames, dims.width),
+                torch.randn(kv), torch.randn(kv), torch.full((1,), 3.0))
+        with contextlib.ExitStack() as stack:
+            for (module, name), value in patches.items():
+                stack.enter_context(mock.patch.object(module, name, value))
+            stack.enter_context(_fused_attention(counter))
+            step(*args)                                         # warm-up: fills the table cache
+            counter.counts.clear()
+            with counter:
+                step(*args)
+    return counter.counts
+
+
+def _launch_summary(counts: Counter) -> dict:
+    by_kind = {k: sum(v for (kind, _), v in counts.items() if kind == k) for k in LAUNCH_KINDS}
+    return {"total": sum(by_kind.values()), **by_kind}
+
+
+def launch_report(sizes=LAUNCH_SIZES, frames: int = 250) -> dict:
+    """Launches per flow step (B = 1, both CFG passes) for each variant of ``flow_step_launches``:
+    totals by kind, the launches outside the blocks, and per block."""
+    from vssflow.export.transformer import FlowDims
+    report = {"device": "meta (shapes only; attention as one fused launch, the Triton kernel as one)",
+              "batch": 1, "frames": frames, "dtype": "float32"}
+    for size in sizes:
+        blocks = FlowDims.preset(size).num_layers
+        entry = {"blocks": blocks}
+        for variant in LAUNCH_VARIANTS:
+            counts = flow_step_launches(size, variant, frames=frames)
+            summary = _launch_summary(counts)
+            outside = _launch_summary(flow_step_launches(size, variant, frames=frames, num_layers=0))["total"]
+            entry[variant] = {**summary, "outside_blocks": outside, "per_block": (summary["total"] - outside) / blocks}
+            if variant == "before":
+                entry["rope_ops_before"] = {op: n for (kind, op), n in sorted(counts.items()) if kind == "rope"}
+        report[size] = entry
+    return report
+
+
+def solver_launches(shape=(1, 128, 250), frozen_channels: int = 1824, steps: int = 25) -> dict:
+    """Each solver's own launches on torch tensors ``shape`` (the velocity's ops not counted), as
+    the runtime calls ``solvers.solve`` (dopri5 with the condition channels as ``frozen``).
+
+    On CUDA each ``_combo`` call also uploads its weights (one host-to-device copy), and each
+    ``sync`` is a ``.item()``: the host waits for the device.
+    """
+    import torch
+
+    from vssflow.runtime import solvers
+    g = torch.Generator().manual_seed(0)
+    x0, target = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    frozen = torch.randn(shape[0], frozen_channels, shape[-1], generator=g)
+    out = {}
+    for name in solvers.SOLVERS:
+        counter = _launch_counter()
+        uploads, accepted, nfe = [0], [0], [0]
+
+        def velocity(t: float, x):                               # its own ops are not counted
+            nfe[0] += 1
+            counter.paused += 1
+            try:
+                return (target - x) * (1.0 + math.sin(4.0 * t))
+            finally:
+                counter.paused -= 1
+
+        def combo(*args, _combo=solvers._combo):
+            uploads[0] += args[0] is torch
+            return _combo(*args)
+
+        def callback(info):
+            accepted[0] += 1
+        with mock.patch.object(solvers, "_combo", combo), counter:
+            solvers.solve(name, velocity, x0, steps, callback=callback, frozen=frozen)
+        counts = counter.counts
+        launches = sum(v for (kind, _), v in counts.items() if kind != "sync")
+        syncs = sum(v for (kind, _), v in counts.items() if kind == "sync")
+        out[name] = {"accepted_steps": accepted[0], "nfe": nfe[0], "launches": launches, "syncs": syncs,
+                     "uploads_on_cuda": uploads[0],
+                     "launches_per_step": round(launches / accepted[0], 2),
+                     "launches_per_nfe": round(launches / nfe[0], 2),
+                     "syncs_per_step": round(syncs / accepted[0], 2),
+                     "by_op": {op: n for (_, op), n in counts.most_common()}}
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model", type=Path, nargs="?")
     ap.add_argument("--backend", choices=["torch", "ort"], default="torch")
     ap.add_argument("--video", type=Path, default=None)
     ap.add_argument("--size", default="1280x720", help="synthetic clip size when no --video")
@@ -224,7 +426,15 @@ def main(argv=None) -> None:
     ap.add_argument("--repeat", type=int, default=1, help="session runs; the fastest is reported")
     ap.add_argument("--skip-session", action="store_true", help="only frames and the flow step")
     ap.add_argument("--make-model", metavar="SIZE", help="write a random-weight model folder and exit")
+    ap.add_argument("--launches", metavar="SIZE", choices=LAUNCH_SIZES + ("all",),
+                    help="only count the kernel launches of a flow step and of the solvers (no model folder)")
     a = ap.parse_args(argv)
+    if a.launches:
+        sizes = LAUNCH_SIZES if a.launches == "all" else (a.launches,)
+        print(json.dumps({"launches": launch_report(sizes), "solvers": solver_launches(steps=a.steps)}, indent=1))
+        return
+    if a.model is None:
+        ap.error("MODEL_DIR is required unless --launches")
     if a.make_model:
         make_model(a.make_model, a.model)
         return
