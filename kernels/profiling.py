@@ -41,6 +41,8 @@ from vssflow.runtime.resize import clip_resizer, planar, synch_resizer
 
 GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
             "MatMul", "Gemm", "FusedMatMul", "MatMulNBits"}
+ATTENTION_KERNEL_MARKS = ("flash", "fmha", "attention", "softmax")                      # CUDA kernel names
+GEMM_KERNEL_MARKS = ("gemm", "cutlass", "sm90_xmma", "ampere_", "cublas", "nvjet")   # CUDA kernel names
 ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention", "Attention", "Softmax")
 NO_KERNEL_OPS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::transpose", "aten::t",
                  "aten::expand", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze",
@@ -136,10 +138,15 @@ def _timed_windows(total: list):
         video.windows = original
 
 
-def session_profile(model: Path, backend: str, clip: Path, steps: int, solver: str, repeat: int = 1) -> dict:
-    """The fastest of ``repeat`` runs (a shared machine's noise only ever adds time)."""
+def session_profile(model: Path, backend: str, clip: Path, steps: int, solver: str, repeat: int = 1,
+                    preprocess: str = "auto") -> dict:
+    """The fastest of ``repeat`` runs (a shared machine's noise only ever adds time).
+
+    ``frames_s`` is the time inside ``video.windows``: decode + resize + normalise on the host,
+    decode + upload with ``preprocess="device"`` (the kernels are then ``timings_s["preprocess"]``).
+    """
     from vssflow.runtime.session import Session
-    session = Session(model, backend=backend)
+    session = Session(model, backend=backend, preprocess=preprocess)
     session.generate(clip, steps=1, solver="euler")                     # loads every stage
     best: dict | None = None
     for _ in range(repeat):
@@ -149,7 +156,7 @@ def session_profile(model: Path, backend: str, clip: Path, steps: int, solver: s
             result = session.generate(clip, steps=steps, solver=solver)
             total = time.perf_counter() - t0
         if best is None or total < best["total_s"]:
-            best = {"backend": session.backend.describe(), "solver": solver, "steps": steps, "nfe": result.nfe,
+            best = {"backend": session.describe(), "solver": solver, "steps": steps, "nfe": result.nfe,
                     "total_s": total, "timings_s": result.timings, "frames_s": frames[0],
                     "other_s": total - sum(result.timings.values()) - frames[0],
                     "flow_step_per_nfe_s": result.timings.get("flow_step", 0.0) / max(result.nfe, 1)}
@@ -157,8 +164,14 @@ def session_profile(model: Path, backend: str, clip: Path, steps: int, solver: s
 
 
 def _classify(by_op: dict[str, float]) -> dict:
-    gemm = sum(v for k, v in by_op.items() if k in GEMM_OPS)
-    attn = sum(v for k, v in by_op.items() if k not in GEMM_OPS and any(m in k for m in ATTENTION_MARKS))
+    """Time in attention (first: fused attention kernels may be CUTLASS ones), in matrix
+    products, and outside both."""
+    def is_attention(k: str) -> bool:
+        return k not in GEMM_OPS and (any(m in k for m in ATTENTION_MARKS)
+                                      or any(m in k.lower() for m in ATTENTION_KERNEL_MARKS))
+    attn = sum(v for k, v in by_op.items() if is_attention(k))
+    gemm = sum(v for k, v in by_op.items() if not is_attention(k)
+               and (k in GEMM_OPS or any(m in k.lower() for m in GEMM_KERNEL_MARKS)))
     total = sum(by_op.values())
     top = sorted(by_op.items(), key=lambda kv: -kv[1])[:12]
     return {"total_s": total, "gemm_s": gemm, "attention_s": attn, "other_s": total - gemm - attn,
@@ -166,28 +179,51 @@ def _classify(by_op: dict[str, float]) -> dict:
             "top_ops_s": {k: round(v, 5) for k, v in top}}
 
 
-def flow_step_torch(model: Path, calls: int = 3) -> dict:
-    """Self CPU time per operator over ``calls`` flow steps of the torch modules."""
+def flow_step_torch(model: Path, calls: int = 3, device: str = "cpu", autocast: str | None = None) -> dict:
+    """Self time per operator over ``calls`` flow steps of the torch modules.
+
+    On ``cuda``: GPU kernel time per kernel (``torch.profiler`` CUDA activity), and the kernels
+    launched per call. ``autocast``: ``bf16`` / ``fp16`` run the step under ``torch.autocast``
+    (the precision a GPU would use; the runtime's torch backend itself runs float32).
+    """
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from vssflow.export.torch_stages import load_stage_modules
     from vssflow.runtime.model_folder import ModelFolder
     folder = ModelFolder.open(model, verify_hashes=False)
-    module = load_stage_modules(folder.file("weights.pt"), "cpu")["flow_step"]
+    module = load_stage_modules(folder.file("weights.pt"), device)["flow_step"]
     feed = folder.contracts["flow_step"].sample(B=1, T=250, T1=251)
-    args = [torch.from_numpy(v) for v in feed.values()]
-    with torch.inference_mode():
-        module(*args)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+    args = [torch.from_numpy(v).to(device) for v in feed.values()]
+    cuda = torch.device(device).type == "cuda"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}[autocast]
+    cast = (torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None
+            else contextlib.nullcontext())
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.inference_mode(), cast:
+        for _ in range(2):
+            module(*args)                                               # warm-up (and cuDNN/cuBLAS picks)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
             for _ in range(calls):
                 module(*args)
+            if cuda:
+                torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / calls
     by_op: dict[str, float] = defaultdict(float)
     launches = 0
     for e in prof.events():
-        by_op[e.name] += e.self_cpu_time_total / 1e6 / calls
-        launches += not e.cpu_children and e.name not in NO_KERNEL_OPS
-    return {"engine": "torch eager fp32 (CPU)", **_classify(by_op), "compute_ops_per_call": launches / calls}
+        if cuda:                                                         # GPU kernels: their device time
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                by_op[e.name] += e.device_time_total / 1e6 / calls
+                launches += 1
+        else:
+            by_op[e.name] += e.self_cpu_time_total / 1e6 / calls
+            launches += not e.cpu_children and e.name not in NO_KERNEL_OPS
+    engine = f"torch eager {autocast or 'fp32'} ({device})"
+    return {"engine": engine, "wall_per_call_s": wall, **_classify(by_op), "compute_ops_per_call": launches / calls}
 
 
 def flow_step_ort(model: Path, calls: int = 3, threads: int = 0) -> dict:
@@ -424,7 +460,12 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--solver", default="euler")
     ap.add_argument("--repeat", type=int, default=1, help="session runs; the fastest is reported")
+    ap.add_argument("--preprocess", choices=["auto", "host", "device"], default="auto",
+                    help="where the session prepares frames (device: the kernels on a GPU)")
     ap.add_argument("--skip-session", action="store_true", help="only frames and the flow step")
+    ap.add_argument("--device", default="cpu", help="device of the flow-step profile (cuda: GPU kernel times)")
+    ap.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
+                    help="flow-step profile under torch.autocast in this precision")
     ap.add_argument("--make-model", metavar="SIZE", help="write a random-weight model folder and exit")
     ap.add_argument("--launches", metavar="SIZE", choices=LAUNCH_SIZES + ("all",),
                     help="only count the kernel launches of a flow step and of the solvers (no model folder)")
@@ -445,9 +486,9 @@ def main(argv=None) -> None:
         clip = a.video or synthetic_video(Path(tmp) / "clip.mp4", size=tuple(map(int, a.size.split("x"))))
         report["frames"] = frame_breakdown(clip)
         if not a.skip_session:
-            report["session"] = session_profile(a.model, a.backend, clip, a.steps, a.solver, a.repeat)
+            report["session"] = session_profile(a.model, a.backend, clip, a.steps, a.solver, a.repeat, a.preprocess)
     if a.backend == "torch":
-        report["flow_step"] = flow_step_torch(a.model)
+        report["flow_step"] = flow_step_torch(a.model, device=a.device, autocast=a.autocast)
     else:
         report["flow_step"] = flow_step_ort(a.model, threads=int(os.environ.get("OMP_NUM_THREADS", 0)))
     print(json.dumps(report, indent=1))

@@ -302,6 +302,8 @@ class Session:
         t0 = time.perf_counter()
         dtype = getattr(torch, self.folder.contracts["clip_encoder"].inputs[0].dtype)    # the engines' own
         frames, segments = window_inputs(window, dtype=dtype)
+        if frames.is_cuda:
+            torch.cuda.synchronize(frames.device)      # time the kernels, not their launch
         run.timings["preprocess"] = run.timings.get("preprocess", 0.0) + time.perf_counter() - t0
         return frames, segments
 

@@ -149,3 +149,17 @@ def test_session_preprocess_choices(tiny_model):
         Session(tiny_model, backend="ort", preprocess="device")
     with pytest.raises(VssflowInputError, match="preprocess must be one of"):
         Session(tiny_model, backend="ort", preprocess="gpu")
+
+
+@pytest.mark.gpu
+def test_cuda_kernels_give_the_host_inputs(tmp_path):
+    """On a GPU: the compiled kernels (chosen automatically), 720p and portrait, bit for bit."""
+    for i, size in enumerate([(1280, 720), (360, 640)]):
+        path = tmp_path / f"clip{i}.mp4"
+        make_video(path, 3, 25, size)
+        host = next(video.windows(path))
+        device = next(video.windows(path, upload=KF.uploader("cuda")))
+        clip, segments = KF.window_inputs(device)
+        assert clip.is_cuda
+        np.testing.assert_array_equal(clip.cpu().numpy(), host.clip_frames)
+        np.testing.assert_array_equal(segments.cpu().numpy(), host.synch_segments())
