@@ -16,6 +16,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.kernels.support import require_interpreted  # noqa: E402
 from tests.media import make_video  # noqa: E402
 from vssflow.kernels import dispatch  # noqa: E402
 from vssflow.kernels import frames as KF  # noqa: E402
@@ -28,10 +29,7 @@ from vssflow.runtime.session import Session  # noqa: E402
 @pytest.fixture
 def kernel_forced(monkeypatch):
     """Every ``preprocess`` call runs the Triton kernels (through the interpreter, on CPU)."""
-    pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(P._rows_kernel, InterpretedFunction):
-        pytest.skip("vssflow.kernels.preprocess was imported before TRITON_INTERPRET=1 was set")
+    require_interpreted(P._rows_kernel, "vssflow.kernels.preprocess")
     calls = []
 
     def forced(device, requested=None):

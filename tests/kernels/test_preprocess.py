@@ -12,14 +12,11 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.kernels.support import require_interpreted, run_compiled  # noqa: E402
 from vssflow.kernels import dispatch  # noqa: E402
 from vssflow.kernels import preprocess as P  # noqa: E402
 from vssflow.runtime import resize, video  # noqa: E402
@@ -53,11 +50,7 @@ def cpu_path(f: np.ndarray, stream: str) -> np.ndarray:
 @pytest.fixture
 def interpreted():
     """Triton present, and our kernels built for its interpreter (skip otherwise)."""
-    triton = pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(P._rows_kernel, InterpretedFunction):
-        pytest.skip("vssflow.kernels.preprocess was imported before TRITON_INTERPRET=1 was set")
-    return triton
+    return require_interpreted(P._rows_kernel, "vssflow.kernels.preprocess")
 
 
 # --- the reference (no triton needed) -----------------------------------------------------------
@@ -183,8 +176,7 @@ def test_kernels_compile_for_cuda():
     """The interpreter forgives what the compiler does not (types, casts, pointer arithmetic):
     build both kernels ahead of time to an sm_90 cubin, which needs no GPU (a fresh process,
     since this one holds the interpreter's versions)."""
-    pytest.importorskip("triton")
-    code = textwrap.dedent("""
+    run_compiled("""
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -206,18 +198,13 @@ def test_kernels_compile_for_cuda():
                                target=target)
             assert k.asm["cubin"]
         print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "0"                   # silence 3.9's notice; no float math here
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    """, env={"TRITON_DEFAULT_FP_FUSION": "0"})  # silence 3.9's FP-fusion notice; no float math here
 
 
 @pytest.mark.gpu
 def test_cuda_kernel_equals_reference():
     """The compiled kernels on a real GPU (a fresh process: no interpreter there)."""
-    pytest.importorskip("triton")
-    code = textwrap.dedent("""
+    run_compiled("""
         import numpy as np, torch
         from vssflow.kernels import preprocess as P
         rng = np.random.default_rng(0)
@@ -229,7 +216,4 @@ def test_cuda_kernel_equals_reference():
                     want = P.preprocess_reference(f, stream, index=[4, 0, 2], dtype=dtype)
                     assert torch.equal(got, want), (hw, stream, dtype, (got - want).abs().max())
         print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    """, timeout=600)

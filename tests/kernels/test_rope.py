@@ -15,14 +15,13 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import functools  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import textwrap  # noqa: E402
 import types  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tests.kernels.support import require_interpreted, run_compiled  # noqa: E402
 from vssflow.export import transformer as T  # noqa: E402
 from vssflow.export.flow_step import FlowStep  # noqa: E402
 from vssflow.kernels import dispatch  # noqa: E402
@@ -35,11 +34,7 @@ ULP = {torch.float32: 0.0, torch.float16: 0.0, torch.bfloat16: 2.0 ** -7}   # re
 @pytest.fixture
 def interpreted():
     """Triton present, and our kernel built for its interpreter (skip otherwise)."""
-    triton = pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(R._rope_kernel, InterpretedFunction):
-        pytest.skip("vssflow.kernels.rope was imported before TRITON_INTERPRET=1 was set")
-    return triton
+    return require_interpreted(R._rope_kernel, "vssflow.kernels.rope")
 
 
 def heads(b=2, n=37, h=3, dh=64, dtype=torch.float32, seed=0, extra=0):
@@ -239,8 +234,7 @@ def test_launch_counts():
 def test_kernel_compiles_for_cuda():
     """Ahead-of-time sm_90 compile (no GPU needed; a fresh process without the interpreter):
     no FMA contraction anywhere, and bfloat16 stores round to nearest even."""
-    pytest.importorskip("triton")
-    code = textwrap.dedent("""
+    run_compiled("""
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
@@ -257,16 +251,12 @@ def test_kernel_compiles_for_cuda():
             assert dt != "bf16" or "cvt.rn.bf16" in ptx, ptx
         print("ok")
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
 
 
 @pytest.mark.gpu
 def test_cuda_kernel_equals_reference():
     """The compiled kernel on a GPU, bit for bit in every dtype, and the model's kernel path."""
-    pytest.importorskip("triton")
-    code = textwrap.dedent("""
+    run_compiled("""
         import torch
         from vssflow.export import transformer as T
         from vssflow.kernels import rope as R
@@ -288,7 +278,4 @@ def test_cuda_kernel_equals_reference():
             want = flow(x, t, c)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
         print("ok")
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
+    """, timeout=600)
