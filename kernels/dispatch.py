@@ -18,12 +18,8 @@ ENV_SWITCH = "VSSFLOW_KERNELS"            # "0": references only
 @functools.cache
 def triton_available() -> bool:
     """True when ``import triton`` works (installed, and its backend loads)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:        # ImportError, or a broken install failing on load
-        return False
-    return True
+    from ._triton import triton
+    return triton is not None
 
 
 def interpreting() -> bool:

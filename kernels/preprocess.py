@@ -34,16 +34,9 @@ from vssflow.runtime import video
 from vssflow.runtime.resize import AxisResampler, clip_resizer, synch_resizer
 
 from . import dispatch
+from ._triton import jit as _jit
+from ._triton import tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-    _jit = triton.jit
-except ImportError:                   # the references still work
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
 
 Stream = Literal["clip", "synch"]
 STREAMS = ("clip", "synch")

@@ -21,16 +21,9 @@ from __future__ import annotations
 import torch
 
 from . import dispatch
+from ._triton import jit as _jit
+from ._triton import tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-    _jit = triton.jit
-except ImportError:                   # the reference still works
-    triton = tl = None
-
-    def _jit(fn):
-        return fn
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK_N = 64                          # positions per program (untuned: no GPU to tune on)
