@@ -44,12 +44,15 @@ GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_add
 ATTENTION_KERNEL_MARKS = ("flash", "fmha", "attention", "softmax")                      # CUDA kernel names
 GEMM_KERNEL_MARKS = ("gemm", "cutlass", "sm90_xmma", "ampere_", "cublas", "nvjet")   # CUDA kernel names
 ATTENTION_MARKS = ("scaled_dot_product", "flash_attention", "efficient_attention", "Attention", "Softmax")
+# Dispatched ops that launch nothing on a GPU: views, allocations (and .item(), counted as a sync).
 NO_KERNEL_OPS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::transpose", "aten::t",
                  "aten::expand", "aten::slice", "aten::select", "aten::unsqueeze", "aten::squeeze",
                  "aten::as_strided", "aten::permute", "aten::chunk", "aten::split", "aten::_unsafe_view",
                  "aten::empty", "aten::empty_like", "aten::empty_strided", "aten::detach", "aten::alias",
                  "aten::narrow", "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh",
-                 "aten::unflatten", "aten::flatten", "aten::result_type"}
+                 "aten::unflatten", "aten::flatten", "aten::result_type", "aten::unbind",
+                 "aten::split_with_sizes", "aten::view_as", "aten::new_empty", "aten::new_empty_strided",
+                 "aten::_local_scalar_dense"}
 
 
 def make_model(size: str, out: Path) -> None:
@@ -183,7 +186,7 @@ def flow_step_torch(model: Path, calls: int = 3, device: str = "cpu", autocast: 
     """Self time per operator over ``calls`` flow steps of the torch modules.
 
     On ``cuda``: GPU kernel time per kernel (``torch.profiler`` CUDA activity), and the kernels
-    launched per call. ``autocast``: ``bf16`` / ``fp16`` run the step under ``torch.autocast``
+    launched per call; elsewhere the ops that would launch one (``count_launches``). ``autocast``: ``bf16`` / ``fp16`` run the step under ``torch.autocast``
     (the precision a GPU would use; the runtime's torch backend itself runs float32).
     """
     import torch
@@ -225,7 +228,9 @@ def flow_step_torch(model: Path, calls: int = 3, device: str = "cpu", autocast: 
                 launches += 1
         else:
             by_op[e.name] += e.self_cpu_time_total / 1e6 / calls
-            launches += not e.cpu_children and e.name not in NO_KERNEL_OPS
+    if not cuda:
+        with cast:
+            launches = calls * sum(n for (kind, _), n in count_launches(module, *args).items() if kind != "sync")
     engine = f"torch eager {autocast or 'fp32'} ({device})"
     return {"engine": engine, "wall_per_call_s": wall, **_classify(by_op), "compute_ops_per_call": launches / calls}
 
@@ -266,9 +271,6 @@ def flow_step_ort(model: Path, calls: int = 3, threads: int = 0) -> dict:
 LAUNCH_SIZES = ("tiny", "small", "full")
 LAUNCH_KINDS = ("gemm", "attention", "rope", "norm", "other")
 LAUNCH_VARIANTS = ("before", "after")
-# Dispatched ops that launch nothing on a GPU: views, allocations (and .item(), counted as a sync).
-NO_LAUNCH_ATEN = NO_KERNEL_OPS | {"aten::unbind", "aten::split_with_sizes", "aten::view_as", "aten::new_empty",
-                                  "aten::new_empty_strided", "aten::_local_scalar_dense"}
 
 
 def _launch_counter():
@@ -298,7 +300,7 @@ def _launch_counter():
             name = func._schema.name
             if name == "aten::_local_scalar_dense":
                 self.add(name, "sync")                # .item(): a device-to-host copy and a sync
-            elif name not in NO_LAUNCH_ATEN:
+            elif name not in NO_KERNEL_OPS:
                 kind = self.scope[-1]
                 if kind == "other":
                     kind = "gemm" if name in GEMM_OPS else "norm" if "norm" in name else "other"
@@ -366,8 +368,6 @@ def flow_step_launches(size: str, variant: str = "before", *, frames: int = 250,
     tables = scoped(tr._rope_tables if variant == "before" else tr.rope_tables)
     patches = {(tr, "apply_rope"): scoped(tr.apply_rope), (tr, "rope_tables"): tables, (fs, "rope_tables"): tables,
                (tr, "_rope_kernels"): lambda x: kernels}
-    # no_grad, not inference_mode: under inference_mode the dispatch mode would see composite ops
-    # (linear, layer_norm, to) before they decompose into what runs.
     with torch.device(device), torch.no_grad():
         step = fs.FlowStep(tr.FlowTransformer(dims), 128).eval()
         kv = (dims.num_layers, batch, dims.num_kv_heads, frames + 1, dims.head_dim)
@@ -376,11 +376,23 @@ def flow_step_launches(size: str, variant: str = "before", *, frames: int = 250,
         with contextlib.ExitStack() as stack:
             for (module, name), value in patches.items():
                 stack.enter_context(mock.patch.object(module, name, value))
-            stack.enter_context(_fused_attention(counter))
             step(*args)                                         # warm-up: fills the table cache
-            counter.counts.clear()
-            with counter:
-                step(*args)
+            return count_launches(step, *args, counter=counter)
+
+
+def count_launches(fn, *args, counter=None) -> Counter:
+    """``(kind, op) -> launches`` of one call ``fn(*args)``: the ATen ops that launch a GPU kernel
+    (any device; ``meta`` costs nothing), SDPA as one fused launch whose output is left
+    uncomputed: count with it, never use its result.
+
+    Under no_grad, not inference_mode: under inference_mode the dispatch mode would see
+    composite ops (linear, layer_norm, to) before they decompose into what runs.
+    """
+    import torch
+    counter = counter or _launch_counter()
+    counter.counts.clear()                     # stubs may have counted into it before (a warm-up)
+    with torch.no_grad(), _fused_attention(counter), counter:
+        fn(*args)
     return counter.counts
 
 
