@@ -154,10 +154,13 @@ class TorchBackend(Backend):
             raise BackendError("the torch backend needs PyTorch: pip install 'vssflow[torch]'") from None
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.frames_device = self.device
         if "weights.pt" not in folder.manifest["files"]:
             raise BackendError(f"{folder.path}: no weights.pt (export without --no-torch-weights for the torch backend)")
         self._modules = None
+
+    @property
+    def frames_device(self) -> str:
+        return self.device
 
     def _all_modules(self):
         if self._modules is None:
