@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -104,11 +103,8 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
     except click.ClickException:
         raise
     except Exception as e:                     # the model folder is written under a temporary name
-        from vssflow.runtime.cli import DEBUG_ENV, EXIT_INTERNAL, internal_error
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        click.echo(internal_error("vssflow-export", e) + "; nothing was written", err=True)
-        sys.exit(EXIT_INTERNAL)
+        from vssflow.runtime.cli import exit_on_internal_error
+        exit_on_internal_error("vssflow-export", e, "nothing was written")
     click.echo(_summary(manifest, out))
 
 

@@ -19,12 +19,18 @@ EXIT_INTERNAL = 1
 DEBUG_ENV = "VSSFLOW_DEBUG"          # "1": let unexpected errors end in their traceback
 
 
-def internal_error(tool: str, e: BaseException) -> str:
-    """One line for an error no check foresaw (a bug, or the machine running out of memory)."""
+def exit_on_internal_error(tool: str, e: Exception, outcome: str) -> None:
+    """An error no check foresaw (a bug, or the machine out of memory): one line and exit 1, or
+    its traceback with ``VSSFLOW_DEBUG=1``. ``outcome`` says what became of the output."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        raise e
     if isinstance(e, MemoryError):
-        return f"{tool}: error: out of memory (try a shorter video, --backend ort, or a smaller model)"
-    return (f"{tool}: internal error: {type(e).__name__}: {e} (a bug; {DEBUG_ENV}=1 shows the traceback, "
-            "please report it)")
+        line = f"{tool}: error: out of memory (try a shorter video, --backend ort, or a smaller model)"
+    else:
+        line = (f"{tool}: internal error: {type(e).__name__}: {e} (a bug; {DEBUG_ENV}=1 shows the traceback, "
+                "please report it)")
+    click.echo(f"{line}; {outcome}", err=True)
+    sys.exit(EXIT_INTERNAL)
 
 
 def _ensure_demo(model_dir: Path, say) -> None:
@@ -108,10 +114,7 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
     except click.ClickException:
         raise
     except Exception as e:                     # outputs go to a temporary name: nothing half-written
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
-            raise
-        click.echo(internal_error("vssflow-run", e) + "; no output was written", err=True)
-        sys.exit(EXIT_INTERNAL)
+        exit_on_internal_error("vssflow-run", e, "no output was written")
     sys.exit(code)
 
 

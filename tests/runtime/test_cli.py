@@ -144,3 +144,19 @@ def test_unexpected_error_is_one_line_and_exit_1(tiny_model, clip4, tmp_path, mo
     monkeypatch.setenv(cli.DEBUG_ENV, "1")                     # debugging: the traceback comes back
     r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(out)])
     assert r.exception is error
+
+
+def test_export_unexpected_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from vssflow.export import cli as export_cli
+    from vssflow.runtime import cli
+
+    def fail(*args, **kw):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(export_cli, "export_demo", fail)
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+    r = CliRunner().invoke(export_cli.main, ["--demo", "--out", str(tmp_path / "m")])
+    assert r.exit_code == cli.EXIT_INTERNAL, r.output
+    assert "internal error: runtimeerror: boom" in r.output.lower() and "nothing was written" in r.output
+    assert "Traceback" not in r.output and not (tmp_path / "m").exists()
