@@ -5,12 +5,12 @@ output survives a failed run, the input video is never written, and an interrupt
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import av
 import numpy as np
@@ -154,6 +154,33 @@ def test_error_after_the_first_window_leaves_the_old_output(media, tiny_model, t
     assert out.read_bytes() == OLD and listing(tmp_path) == ["out.wav"]
 
 
+# vssflow-run as users run it, except that it stops itself (SIGSTOP) once the first chunk of audio
+# has gone to the writer, so the test signals it at a known point of the run whatever the load
+# of the machine: no timing, no race with the run finishing first.
+_PAUSING_CLI = textwrap.dedent("""
+    import inspect, os, signal, sys
+    from vssflow.runtime import cli, output
+
+    def paused(chunks):
+        for i, chunk in enumerate(chunks):
+            yield chunk
+            if i == 0:
+                os.kill(os.getpid(), signal.SIGSTOP)              # the test signals us here
+
+    def pausing(write):
+        def wrapped(*args, **kwargs):
+            call = inspect.signature(write).bind(*args, **kwargs)
+            call.arguments["chunks"] = paused(call.arguments["chunks"])
+            return write(*call.args, **call.kwargs)
+        return wrapped
+
+    output.write_audio_file = pausing(output.write_audio_file)
+    output.write_video_file = pausing(output.write_video_file)
+    sys.argv[0] = "vssflow-run"
+    cli.main()
+""")
+
+
 @pytest.mark.parametrize("sig,name", [(signal.SIGINT, "out.wav"), (signal.SIGTERM, "out.mp4")],
                          ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_leaves_nothing(sig, name, clip12, tiny_model, tmp_path):
@@ -164,22 +191,15 @@ def test_interrupted_run_leaves_nothing(sig, name, clip12, tiny_model, tmp_path)
     out = tmp_path / name
     out.write_bytes(OLD)
     before, sha = listing(tmp_path), _sha(video)
-    proc = subprocess.Popen([sys.executable, "-m", "vssflow.runtime.cli", str(video), "--model", str(tiny_model),
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSING_CLI, str(video), "--model", str(tiny_model),
                              "-o", str(out), "--steps", "1"], stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stderr.readline()
-        while "window(s)" not in line:                       # stream() has returned: the model runs
-            assert line, "the run ended before it started generating"
-            line = proc.stderr.readline()
-        deadline = time.monotonic() + 30
-        if name.endswith(".wav"):
-            while not _partials(tmp_path):
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.02)
-        else:
-            time.sleep(0.5)
-        assert proc.poll() is None, "finished before the signal"
-        proc.send_signal(sig)
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)             # returns once it has stopped itself
+        assert os.WIFSTOPPED(status), f"the run ended before its first chunk: {proc.stderr.read()}"
+        if name.endswith(".wav"):                                  # the first chunk is in the partial file
+            assert len(_partials(tmp_path)) == 1, listing(tmp_path)
+        proc.send_signal(sig)                                      # pending until it runs again
+        os.kill(proc.pid, signal.SIGCONT)
         rest = proc.stderr.read()
         rc = proc.wait(timeout=CLI_TIMEOUT)
     finally:
