@@ -8,46 +8,24 @@ version, precision and profile. A timing cache is kept beside them.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from vssflow.runtime import engines
 from vssflow.runtime.contracts import StageContract
+from vssflow.runtime.model_folder import sha256
 
 # Layer types whose outputs stay FP32 in an FP16 engine.
 _FP32_LAYER_TYPES = ("NORMALIZATION", "SOFTMAX", "REDUCE")
 _FP32_UNARY = ("COS", "SIN", "EXP", "SQRT", "RECIP")
 
 
-def availability() -> tuple[bool, str]:
-    """(usable, reason): whether engines can be built here, and what is missing if not."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return False, ("TensorRT is not installed: `pip install tensorrt` (x86-64), or on a Jetson use the "
-                       "one JetPack ships; ONNX files were written and run on ONNX Runtime")
-    try:
-        import torch
-        if not torch.cuda.is_available():
-            return False, "no CUDA GPU is visible; TensorRT engines need one (ONNX files were written)"
-    except ImportError:
-        pass
-    return True, ""
-
-
-def gpu_tag() -> str:
-    import torch
-    p = torch.cuda.get_device_properties(0)
-    name = "".join(ch if ch.isalnum() else "-" for ch in p.name).strip("-").lower()
-    return f"{name}-sm{p.major}{p.minor}"
-
-
 def engine_name(stage: str, onnx_path: Path, precision: str, contract: StageContract) -> str:
+    """The name the runtime looks for (`vssflow.runtime.engines`): this GPU, this TensorRT, this ONNX file."""
     import tensorrt as trt
-    onnx_hash = hashlib.sha256(onnx_path.read_bytes()).hexdigest()[:12]
-    profile = hashlib.sha256(repr(sorted(contract.axes.items())).encode()).hexdigest()[:8]
-    return f"{stage}.{onnx_hash}.{gpu_tag()}.trt{trt.__version__}.{precision}.p{profile}.engine"
+    return engines.engine_name(stage, sha256(onnx_path), engines.gpu_tag(), trt.__version__, precision,
+                               engines.profile_key(contract))
 
 
 def build_engine(onnx_path: Path, contract: StageContract, precision: str, out_dir: Path,
@@ -91,7 +69,7 @@ def build_engine(onnx_path: Path, contract: StageContract, precision: str, out_d
 
 def build_engines(folder: Path, contracts: Mapping[str, StageContract], precision: str,
                   progress: Callable[[str], None] = lambda m: None) -> dict:
-    ok, reason = availability()
+    ok, reason = engines.availability()
     if not ok:
         progress(f"TensorRT: skipped: {reason}")
         return {"skipped": reason}

@@ -8,19 +8,16 @@ backend is chosen.
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from . import engines
 from .errors import BackendError, ModelFolderError
 from .model_folder import ModelFolder
 
 BACKENDS = ("auto", "trt", "ort", "torch")
-_ENGINE_NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z0-9-]+)"
-                          r"\.trt(?P<trt>[0-9][0-9A-Za-z.+]*?)\.(?P<precision>fp16|fp32)"
-                          r"\.p(?P<profile>[0-9a-f]{8})\.engine")
 
 
 class Backend:
@@ -28,6 +25,8 @@ class Backend:
     # Where the encoders can take their frames as torch tensors (`kernels.frames` resizes them
     # there); None: numpy arrays from the host only.
     frames_device: str | None = None
+    # Set by `create_backend("auto")`: why each backend tried before this one could not run.
+    passed_over: tuple[str, ...] = ()
 
     def __init__(self, folder: ModelFolder, device: str | None = None):
         self.folder, self.device = folder, device
@@ -209,17 +208,14 @@ class TrtBackend(Backend):
 
     def __init__(self, folder: ModelFolder, device: str | None = None):
         super().__init__(folder, device)
-        from vssflow.export.tensorrt import availability  # lazy: imports tensorrt only when asked
-        ok, reason = availability()
+        ok, reason = engines.availability()
         if not ok:
             raise BackendError(f"the trt backend is unavailable: {reason}")
         self.engines = self._matching_engines()
 
     def _matching_engines(self) -> dict[str, str]:
         import tensorrt as trt
-
-        from vssflow.export.tensorrt import gpu_tag
-        return match_engines(self.folder, gpu_tag(), trt.__version__)
+        return engines.match_engines(self.folder, engines.gpu_tag(), trt.__version__)
 
     def _load(self, name: str):
         import tensorrt as trt
@@ -269,41 +265,6 @@ class TrtBackend(Backend):
                 lambda a: a.float().cpu().numpy())
 
 
-def parse_engine_name(name: str) -> dict[str, str] | None:
-    """`export/tensorrt.engine_name`'s fields, or None for a name not of that form:
-    `{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`."""
-    m = _ENGINE_NAME.fullmatch(name)
-    return m.groupdict() if m else None
-
-
-def match_engines(folder: ModelFolder, gpu: str, trt_version: str) -> dict[str, str]:
-    """The engine file of every stage built for this GPU and TensorRT version from the folder's ONNX file.
-
-    Raises BackendError naming what the engines present were built for: an engine from another
-    GPU, TensorRT version or ONNX file is never loaded (TensorRT would refuse it or, worse, run it).
-    """
-    files = folder.manifest["files"]
-    found: dict[str, str] = {}
-    seen: dict[str, set[str]] = {}
-    for f in sorted(files):
-        e = parse_engine_name(f)
-        if e is None:
-            continue
-        onnx = files.get(f"{e['stage']}.onnx", {}).get("sha256", "")
-        seen.setdefault(e["stage"], set()).add(f"{e['gpu']} / TensorRT {e['trt']}"
-                                                + ("" if onnx.startswith(e["onnx"]) else " / another ONNX file"))
-        if e["gpu"] == gpu and e["trt"] == trt_version and onnx.startswith(e["onnx"]):
-            found.setdefault(e["stage"], f)
-    missing = [s for s in folder.contracts if s not in found]
-    if missing:
-        built = sorted(set().union(*seen.values())) if seen else []
-        present = f"its engines are for {'; '.join(built)}" if built else "it has no TensorRT engines"
-        raise BackendError(f"{folder.path}: no TensorRT engine for {', '.join(missing)} built for this machine "
-                           f"({gpu} / TensorRT {trt_version}); {present}: re-run vssflow-export "
-                           "--backend trt on this machine, or use --backend ort")
-    return found
-
-
 def create_backend(folder: ModelFolder, backend: str = "auto", device: str | None = None) -> Backend:
     """`auto`: TensorRT if its engines fit this GPU, else ONNX Runtime, else torch."""
     makers: dict[str, Callable[[], Backend]] = {
@@ -316,7 +277,10 @@ def create_backend(folder: ModelFolder, backend: str = "auto", device: str | Non
     reasons = []
     for name in ("trt", "ort", "torch"):
         try:
-            return makers[name]()
+            chosen = makers[name]()
         except BackendError as e:
             reasons.append(str(e))
+        else:
+            chosen.passed_over = tuple(reasons)
+            return chosen
     raise BackendError("no backend can run this model: " + " | ".join(reasons))

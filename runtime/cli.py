@@ -143,6 +143,8 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         model_dir = demo_model_dir()
         _ensure_demo(model_dir, say)
     session = Session(model_dir, backend=backend, device=device, preprocess=preprocess)
+    for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
+        say(f"backend auto: {reason}")
     bar = None
 
     def progress(p: dict) -> None:

@@ -5,12 +5,12 @@ import sys
 import numpy as np
 import pytest
 
-from vssflow.export import tensorrt as vtrt
+from vssflow.runtime import engines
 
 
 def test_missing_tensorrt_is_reported(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
-    ok, reason = vtrt.availability()
+    ok, reason = engines.availability()
     assert not ok and "TensorRT is not installed" in reason and "JetPack" in reason
 
 

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from tests.reliability.conftest import assert_one_line_error, listing, run_cli
-from vssflow.runtime.backends import TrtBackend, create_backend, match_engines, parse_engine_name
+from vssflow.runtime.backends import TrtBackend, create_backend
+from vssflow.runtime.engines import match_engines, parse_engine_name
 from vssflow.runtime.errors import BackendError, ModelFolderError
 from vssflow.runtime.model_folder import ModelFolder
 from vssflow.runtime.session import Session
@@ -220,11 +221,12 @@ def test_engines_for_another_machine_are_refused_with_the_reason(engines, needle
 
 
 def test_engine_names_written_by_the_exporter_parse(tmp_path, monkeypatch, tiny_model):
-    """export/tensorrt.engine_name and runtime/backends.parse_engine_name must agree on the format."""
+    """export/tensorrt.engine_name and runtime/engines.parse_engine_name must agree on the format."""
     from vssflow.export import tensorrt as export_trt
+    from vssflow.runtime import engines
     from vssflow.runtime.contracts import ModelSizes, stage_contracts
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.26"))
-    monkeypatch.setattr(export_trt, "gpu_tag", lambda: "nvidia-h100-80gb-hbm3-sm90")
+    monkeypatch.setattr(engines, "gpu_tag", lambda: "nvidia-h100-80gb-hbm3-sm90")
     onnx = tmp_path / "flow_step.onnx"
     onnx.write_bytes(b"graph")
     contract = stage_contracts(ModelSizes(**ModelFolder.open(tiny_model).manifest["sizes"]))["flow_step"]

@@ -56,3 +56,32 @@ def test_plain_install_has_packages_data_and_scripts(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "70", r.stderr[-2000:]
+
+
+def test_auto_backend_with_tensorrt_but_without_torch_falls_back_to_ort(tiny_model, clip4, tmp_path):
+    """A Jetson's system TensorRT with no PyTorch: `--backend auto` runs on ONNX Runtime and says why."""
+    fake = tmp_path / "fake" / "tensorrt"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "10.3.0"\n')
+    code = BLOCK_TORCH + textwrap.dedent(f"""
+        sys.path.insert(0, {str(tmp_path / "fake")!r})
+        sys.argv = ["vssflow-run", {str(clip4)!r}, "--model", {str(tiny_model)!r}, "-o", "out.wav", "--steps", "1"]
+        from vssflow.runtime import cli
+        cli.main()
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "backend auto: the trt backend is unavailable: TensorRT is installed but PyTorch is not" in r.stderr
+    assert "backend ort" in r.stderr and (tmp_path / "out.wav").is_file()
+
+
+@pytest.mark.parametrize("version,needle", [("8.6.1", "TensorRT 8.6.1 is too old"),
+                                            ("10.3.0", "TensorRT is installed but PyTorch is not")])
+def test_tensorrt_availability_names_what_is_missing(monkeypatch, version, needle):
+    import types
+
+    from vssflow.runtime import engines
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    monkeypatch.setitem(sys.modules, "torch", None)                   # import torch -> ImportError
+    ok, reason = engines.availability()
+    assert not ok and reason.startswith(needle), reason

@@ -1,0 +1,102 @@
+"""TensorRT engines in a model folder: whether they can run here, what they are called, which fit.
+
+Read by the exporter (which builds and names them) and by the trt backend (which picks the ones
+built for this GPU, this TensorRT and this ONNX file). Imports neither TensorRT nor PyTorch until
+a function needs them, so the runtime imports this on any machine.
+
+An engine's file name says what makes it valid:
+`{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from .contracts import StageContract
+from .errors import BackendError
+
+MIN_TENSORRT = 10            # strongly typed networks (DESIGN §7); JetPack 6 ships 10.3
+_NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z0-9-]+)"
+                   r"\.trt(?P<trt>[0-9][0-9A-Za-z.+]*?)\.(?P<precision>fp16|fp32)"
+                   r"\.p(?P<profile>[0-9a-f]{8})\.engine")
+
+
+def availability() -> tuple[bool, str]:
+    """(usable, reason): whether TensorRT engines can be built and run here, and what is missing.
+
+    The trt backend keeps its buffers in PyTorch CUDA tensors, so it needs PyTorch with CUDA
+    too; a machine with TensorRT alone (a Jetson's system TensorRT) is told so and `auto`
+    falls back to ONNX Runtime.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return False, ("TensorRT is not installed: `pip install tensorrt` (x86-64), or on a Jetson use the "
+                       "one JetPack ships; ONNX files were written and run on ONNX Runtime")
+    version = str(getattr(trt, "__version__", "0"))
+    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < MIN_TENSORRT:
+        return False, (f"TensorRT {version} is too old: vssflow builds strongly typed engines, which need "
+                       f"TensorRT {MIN_TENSORRT} or newer")
+    try:
+        import torch
+    except ImportError:
+        return False, ("TensorRT is installed but PyTorch is not: the trt backend keeps its buffers in PyTorch "
+                       "CUDA tensors (pip install 'vssflow[gpu]', or NVIDIA's PyTorch wheel on a Jetson)")
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible; TensorRT engines need one (ONNX files were written)"
+    return True, ""
+
+
+def gpu_tag(device: int = 0) -> str:
+    """`{gpu name}-sm{major}{minor}` of a CUDA device, e.g. `nvidia-h100-80gb-hbm3-sm90`.
+    Call only where `availability()` said yes (it needs PyTorch with CUDA)."""
+    import torch
+    p = torch.cuda.get_device_properties(device)
+    name = "".join(ch if ch.isalnum() else "-" for ch in p.name).strip("-").lower()
+    return f"{name}-sm{p.major}{p.minor}"
+
+
+def profile_key(contract: StageContract) -> str:
+    """Eight hex digits naming the stage's optimization profile (its axes' min/opt/max)."""
+    return hashlib.sha256(repr(sorted(contract.axes.items())).encode()).hexdigest()[:8]
+
+
+def engine_name(stage: str, onnx_sha256: str, gpu: str, trt_version: str, precision: str, profile: str) -> str:
+    """The file name of an engine built from the ONNX file with this sha256 (see the module doc)."""
+    return f"{stage}.{onnx_sha256[:12]}.{gpu}.trt{trt_version}.{precision}.p{profile}.engine"
+
+
+def parse_engine_name(name: str) -> dict[str, str] | None:
+    """`engine_name`'s fields, or None for a name not of that form."""
+    m = _NAME.fullmatch(name)
+    return m.groupdict() if m else None
+
+
+def match_engines(folder, gpu: str, trt_version: str) -> dict[str, str]:
+    """The engine file of every stage of `folder` (a `ModelFolder`) built for this GPU and
+    TensorRT version from the folder's ONNX file.
+
+    Raises BackendError naming what the engines present were built for: an engine from another
+    GPU, TensorRT version or ONNX file is never loaded (TensorRT would refuse it or, worse, run it).
+    """
+    files = folder.manifest["files"]
+    found: dict[str, str] = {}
+    seen: dict[str, set[str]] = {}
+    for f in sorted(files):
+        e = parse_engine_name(f)
+        if e is None:
+            continue
+        onnx = files.get(f"{e['stage']}.onnx", {}).get("sha256", "")
+        seen.setdefault(e["stage"], set()).add(f"{e['gpu']} / TensorRT {e['trt']}"
+                                                + ("" if onnx.startswith(e["onnx"]) else " / another ONNX file"))
+        if e["gpu"] == gpu and e["trt"] == trt_version and onnx.startswith(e["onnx"]):
+            found.setdefault(e["stage"], f)
+    missing = [s for s in folder.contracts if s not in found]
+    if missing:
+        built = sorted(set().union(*seen.values())) if seen else []
+        present = f"its engines are for {'; '.join(built)}" if built else "it has no TensorRT engines"
+        raise BackendError(f"{folder.path}: no TensorRT engine for {', '.join(missing)} built for this machine "
+                           f"({gpu} / TensorRT {trt_version}); {present}: re-run vssflow-export "
+                           "--backend trt on this machine, or use --backend ort")
+    return found
