@@ -7,16 +7,17 @@ from pathlib import Path
 
 import click
 
-from .errors import VssflowError
+from vssflow.runtime import extras
+from vssflow.runtime.errors import VssflowError
 
 DEMO_NOTE = "DEMO MODEL: random weights in the authors' layout; it runs the whole pipeline but makes noise."
 
 
 def export_demo(out: Path, *, replace: bool = False, progress=lambda m: None, backend: str = "onnx",
-                precision: str = "fp32") -> dict:
+                precision: str = "fp32", verify: bool = True) -> dict:
     """Write a `tiny` random-weight checkpoint in the authors' layout and export it to `out`."""
     from .onnx_export import ExportOptions, export_random
-    return export_random(out, "tiny", options=ExportOptions(precision=precision, backend=backend),
+    return export_random(out, "tiny", options=ExportOptions(precision=precision, backend=backend, verify=verify),
                          replace=replace, progress=progress, note=DEMO_NOTE)
 
 
@@ -79,12 +80,16 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
             click.echo(f"[vssflow-export] {msg}", err=True)
 
     try:
+        extras.require("export", "vssflow-export")
+        if not no_verify:
+            extras.require("cpu", "checking each graph with ONNX Runtime (or pass --no-verify)")
         if demo:
             if checkpoint or synchformer:
                 raise click.UsageError("--demo writes its own random checkpoint: leave out --checkpoint/--synchformer")
             from vssflow.runtime.model_folder import demo_model_dir
             out = out or demo_model_dir()
-            manifest = export_demo(out, replace=force, progress=progress, backend=backend, precision=precision)
+            manifest = export_demo(out, replace=force, progress=progress, backend=backend, precision=precision,
+                                   verify=not no_verify)
         else:
             if checkpoint is None or synchformer is None:
                 raise click.UsageError("--checkpoint and --synchformer are required (or --demo)")

@@ -25,7 +25,7 @@ from vssflow.runtime.contracts import ModelSizes, StageContract, stage_contracts
 from vssflow.runtime.model_folder import sha256
 
 from .checkpoint import RAWNET, SYNCHFORMER, AuthorsCheckpoint, build_modules, read_aux, read_checkpoint
-from .errors import VssflowError
+from .errors import ExportError
 from .flow_step import ConditionStage, FlowStep
 
 MANIFEST_VERSION = 1
@@ -34,10 +34,6 @@ STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow
 # Compared by SNR, not max abs error: long convolution stacks (and RawNet3's log filterbank)
 # amplify float rounding differences between ONNX Runtime and PyTorch.
 SNR_STAGES = ("speaker_encoder", "vae_decoder", "vocoder")
-
-
-class ExportError(VssflowError):
-    exit_code = 4
 
 
 @dataclasses.dataclass(frozen=True)

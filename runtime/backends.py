@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import engines
-from .errors import BackendError, ModelFolderError
+from . import engines, extras
+from .errors import BackendError, ModelFolderError, VssflowError
 from .model_folder import ModelFolder
 
 BACKENDS = ("auto", "trt", "ort", "torch")
@@ -163,11 +163,10 @@ class TorchBackend(Backend):
 
     def _all_modules(self):
         if self._modules is None:
-            from vssflow.export.errors import VssflowError
-            from vssflow.export.torch_stages import load_stage_modules
+            stages = extras.load("export.torch_stages", "torch", "the torch backend")
             try:  # weights only: a pickled object is refused, never run (checkpoint.safe_load)
-                self._modules = load_stage_modules(self.folder.file("weights.pt"), self.device)
-            except VssflowError as e:
+                self._modules = stages.load_stage_modules(self.folder.file("weights.pt"), self.device)
+            except VssflowError as e:                      # weights.pt is part of the model folder
                 raise ModelFolderError(str(e)) from None
         return self._modules
 

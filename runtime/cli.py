@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from .errors import OutputError, VssflowInputError
+from . import extras
+from .errors import OutputError, VssflowError, VssflowInputError
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
@@ -37,13 +38,9 @@ def _ensure_demo(model_dir: Path, say) -> None:
     """Export the demo model on first use (needs the export extra: torch, onnx)."""
     if (model_dir / "manifest.json").is_file():
         return
-    try:
-        from vssflow.export.cli import export_demo
-    except ImportError as e:
-        raise VssflowInputError(f"no model at {model_dir}, and the demo model cannot be exported here "
-                                f"({e.name} is missing: pip install 'vssflow[export]'), or pass --model") from None
+    export_cli = extras.load("export.cli", "export", "no --model given, and exporting the demo model")
     say(f"no model given: exporting the demo model (random weights) to {model_dir}")
-    export_demo(model_dir, replace=True, progress=lambda m: say(m))
+    export_cli.export_demo(model_dir, replace=True, progress=lambda m: say(m), verify=not extras.missing("cpu"))
 
 
 def _raise_on_sigterm() -> None:
@@ -105,7 +102,7 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
     try:
         code = _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
                     cfg, seed, noise, backend, device, preprocess, dump_intermediates, as_json, interactive, say)
-    except VssflowInputError as e:
+    except VssflowError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:

@@ -1,10 +1,17 @@
-"""Errors the runtime raises for a user to read: one line, naming the input and the problem.
+"""Errors vssflow raises for a user to read: one line, naming the input and the problem.
 
-The command-line tool prints them without a traceback and exits with `exit_code`.
+One root, `VssflowError`: the command-line tools print any of them without a traceback and exit
+with its `exit_code`. The export's errors (`vssflow.export.errors`) derive from it too.
 """
 
 
-class VssflowInputError(Exception):
+class VssflowError(Exception):
+    """Base of every error meant for a user."""
+
+    exit_code = 1
+
+
+class VssflowInputError(VssflowError):
     """An input (video, transcript, reference voice, option) that cannot be used as given."""
 
     exit_code = 2

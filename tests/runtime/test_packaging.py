@@ -10,14 +10,27 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-BLOCK_TORCH = textwrap.dedent("""
-    import sys
-    class _NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError("torch is blocked in this test")
-    sys.meta_path.insert(0, _NoTorch())
-""")
+def blocking(*modules: str) -> str:
+    """Python code that makes `modules` (and their submodules) fail to import, as if not installed."""
+    return textwrap.dedent(f"""
+        import sys
+        class _Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {modules!r}:
+                    raise ImportError(name + " is blocked in this test")
+        sys.meta_path.insert(0, _Blocked())
+    """)
+
+
+BLOCK_TORCH = blocking("torch")
+
+
+def run_blocked(blocked: tuple[str, ...], tool: str, *args, cwd, env=None) -> subprocess.CompletedProcess:
+    """`tool` (a CLI module) with `blocked` modules missing."""
+    code = blocking(*blocked) + f"sys.argv = [{tool!r}, *{list(map(str, args))!r}]\n" \
+        + f"import runpy; runpy.run_module({tool!r}, run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=cwd,
+                          env={**os.environ, **(env or {})})
 
 
 def test_runtime_generates_without_torch(tiny_model, clip4, tmp_path):
@@ -85,3 +98,27 @@ def test_tensorrt_availability_names_what_is_missing(monkeypatch, version, needl
     monkeypatch.setitem(sys.modules, "torch", None)                   # import torch -> ImportError
     ok, reason = engines.availability()
     assert not ok and reason.startswith(needle), reason
+
+
+@pytest.mark.parametrize("blocked,args,needle", [
+    (("torch",), ["--demo", "--out", "m"], "vssflow-export needs the export extra: pip install 'vssflow[export]' "
+                                           "(missing: torch)"),
+    (("onnx", "onnxscript"), ["--demo", "--out", "m"], "(missing: onnx, onnxscript)"),
+    (("onnxruntime",), ["--demo", "--out", "m"], "checking each graph with ONNX Runtime (or pass --no-verify) "
+                                                 "needs the cpu extra: pip install 'vssflow[cpu]'"),
+], ids=["torch", "onnx", "onnxruntime"])
+def test_export_without_its_packages_says_which_extra(tmp_path, blocked, args, needle):
+    r = run_blocked(blocked, "vssflow.export.cli", *args, cwd=tmp_path)
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"vssflow-export: error: {r.stderr.split('error: ', 1)[1].strip()}"]
+    assert needle in r.stderr and not (tmp_path / "m").exists()
+
+
+def test_run_without_model_or_export_extra_says_which_extra(clip4, tmp_path):
+    """No --model: the demo model would be exported, which needs torch; say so in one line."""
+    r = run_blocked(("torch",), "vssflow.runtime.cli", clip4, "-o", tmp_path / "out.wav", cwd=tmp_path,
+                    env={"VSSFLOW_HOME": str(tmp_path / "home")})
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip() == ("vssflow-run: error: no --model given, and exporting the demo model needs the "
+                                "export extra: pip install 'vssflow[export]' (missing: torch)")
+    assert not (tmp_path / "out.wav").exists()
