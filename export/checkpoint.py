@@ -41,6 +41,7 @@ class Component:
     state_dict_fn: str = "authors_state_dict"
     config_path: str | None = None    # its config.json inside the authors' assets folder
     roots: tuple[str, ...] = ()       # for prefix "": the first key segments it owns
+    keep: str = ""                    # separate files: only keys starting so are read (strictly)
 
     def owns(self, key: str) -> bool:
         if self.prefix:
@@ -69,7 +70,10 @@ COMPONENTS: tuple[Component, ...] = (
     Component("vocoder", "vocoder.", "decoder", "VocoderDims",
               state_dict_fn="vocoder_authors_state_dict", config_path="vocoder/config.json"),
 )
-SYNCHFORMER = Component("synchformer", "", "synchformer", "SynchformerDims")
+# The authors' Synchformer loader keeps `vfeat_extractor.*` (strictly) and drops every other key
+# (`feature/synchformer/synchformer.py::load_state_dict`): the audio branch and sync head of MMAudio's
+# file are never used, so a file without them, or with other ones, is read as they read it.
+SYNCHFORMER = Component("synchformer", "", "synchformer", "SynchformerDims", keep="vfeat_extractor.")
 RAWNET = Component("rawnet", "", "rawnet", "RawNetDims")
 
 
@@ -229,7 +233,8 @@ def read_checkpoint(path: str | os.PathLike, assets: str | os.PathLike | None = 
 
 
 def read_aux(component: Component, path: str | os.PathLike, unwrap: str | None = None):
-    """Load a separate weight file (Synchformer, RawNet3) strictly: returns (dims, state dict)."""
+    """Load a separate weight file (Synchformer, RawNet3) strictly: returns (dims, state dict, ignored),
+    `ignored` the number of tensors outside `component.keep`, left out of the state dict."""
     obj = safe_load(path)
     if unwrap is not None:
         if not isinstance(obj, Mapping) or unwrap not in obj:
@@ -237,9 +242,14 @@ def read_aux(component: Component, path: str | os.PathLike, unwrap: str | None =
         obj = obj[unwrap]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a state dict of {component.name} weights")
-    dims = component.dims_cls.from_state_dict(obj)
-    check_tensors(f"{path} ({component.name})", obj, component.authors_state_dict(dims, device="meta"))
-    return dims, dict(obj)
+    kept = {k: v for k, v in obj.items() if str(k).startswith(component.keep)} if component.keep else dict(obj)
+    if not kept:
+        raise CheckpointError(f"{path}: no {component.keep}* tensors: not a {component.name} weight file")
+    dims = component.dims_cls.from_state_dict(kept)
+    expected = {k: v for k, v in component.authors_state_dict(dims, device="meta").items()
+                if k.startswith(component.keep)}
+    check_tensors(f"{path} ({component.name})", kept, expected)
+    return dims, kept, len(obj) - len(kept)
 
 
 # --- writing ---------------------------------------------------------------------------------

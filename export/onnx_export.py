@@ -169,12 +169,14 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
     progress("reading checkpoint")
     ckpt = read_checkpoint(checkpoint, assets)
     from .synchformer import load_synchformer
-    synch_dims, synch_sd = read_aux(SYNCHFORMER, synchformer)
+    synch_dims, synch_sd, ignored = read_aux(SYNCHFORMER, synchformer)
+    progress(f"Synchformer: {len(synch_sd)} {SYNCHFORMER.keep}* tensors read; {ignored} other "
+             f"tensor{'' if ignored == 1 else 's'} ignored (the authors' loader drops them too)")
     synch = load_synchformer(synch_sd)
     rawnet_module = rawnet_sd = None
     if rawnet is not None:
         from .rawnet import load_rawnet
-        _, rawnet_sd = read_aux(RAWNET, rawnet, unwrap="model")
+        _, rawnet_sd, _ = read_aux(RAWNET, rawnet, unwrap="model")
         rawnet_module = load_rawnet(rawnet_sd)
         if rawnet_module.dims.out != ckpt.dims.conditions.speaker_in:
             raise ExportError(f"{rawnet}: RawNet3 gives {rawnet_module.dims.out}-d embeddings but the "

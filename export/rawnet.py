@@ -302,7 +302,7 @@ def load_rawnet(source: Mapping[str, torch.Tensor] | str | os.PathLike,
     """RawNet3 from its state dict, or from the authors' `model.pt` (`{"model": state dict}`)."""
     if isinstance(source, (str, os.PathLike)):
         from vssflow.export.checkpoint import RAWNET, read_aux
-        _, source = read_aux(RAWNET, source, unwrap="model")
+        _, source, _ = read_aux(RAWNET, source, unwrap="model")
     dims = RawNetDims.from_state_dict(source, config)
     from vssflow.export.checkpoint import check_tensors
     check_tensors("RawNet3 state dict", source, authors_state_dict(dims, device="meta"))

@@ -22,8 +22,9 @@ MotionFormer (`vfeat_extractor`):
 The weight file (`synchformer_state_dict.pth`, MMAudio's release) is the state dict of the whole
 Synchformer sync model (Iashin et al., AudioSet run 24-01-04T16-39-21): `vfeat_extractor.*` (238
 tensors) plus `afeat_extractor.*` (AST audio branch, 212), `vproj.*`, `aproj.*` (2 each) and the
-offset classifier `transformer.*` (59): 513 tensors. MMAudio's `load_state_dict` keeps only
-`vfeat_extractor.*`; `authors_state_dict` still writes all of them.
+offset classifier `transformer.*` (59): 513 tensors. MMAudio's `load_state_dict`, which the
+authors use, keeps only `vfeat_extractor.*` (strictly) and drops the rest, and so does
+`checkpoint.read_aux`; `authors_state_dict` still writes all of them.
 """
 
 from __future__ import annotations

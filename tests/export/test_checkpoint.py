@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import re
 
 import pytest
 import torch
@@ -151,3 +152,47 @@ def test_random_weights_are_seeded():
     a = random_state_dict(ModelDims.preset("tiny"), seed=1)
     b = random_state_dict(ModelDims.preset("tiny"), seed=1)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_synchformer_file_is_read_as_the_authors_read_it(tiny_assets, tmp_path):
+    """Their loader keeps `vfeat_extractor.*`, strictly, and drops every other key: a file with the
+    visual part only, or another audio side, is read; a missing or unexpected visual key is not."""
+    from vssflow.export.checkpoint import SYNCHFORMER, read_aux
+    full = torch.load(tiny_assets["synchformer"], weights_only=True)
+    visual = {k: v for k, v in full.items() if k.startswith("vfeat_extractor.")}
+    dims, sd, ignored = read_aux(SYNCHFORMER, tiny_assets["synchformer"])
+    assert sd.keys() == visual.keys() and ignored == len(full) - len(visual) > 0
+
+    cases = {"visual_only": visual,
+             "other_audio_side": {**visual, "afeat_extractor.other.weight": torch.zeros(3, 5), "aproj.bias": torch.zeros(7)}}
+    for name, tensors in cases.items():
+        path = tmp_path / f"{name}.pth"
+        torch.save(tensors, path)
+        got_dims, got, got_ignored = read_aux(SYNCHFORMER, path)
+        assert got_dims.embed_dim == dims.embed_dim and got.keys() == visual.keys()
+        assert got_ignored == len(tensors) - len(visual)
+
+    key = "vfeat_extractor.blocks.0.norm3.weight"
+    for name, tensors, needle in [
+            ("missing", {k: v for k, v in visual.items() if k != key}, f"missing 1: {key}"),
+            ("unexpected", {**visual, "vfeat_extractor.extra.weight": torch.zeros(2)},
+             "unexpected 1: vfeat_extractor.extra.weight"),
+            ("reshaped", {**visual, key: torch.ones(3)}, f"wrong shape 1: {key} (3,)"),
+            ("no_visual", {k: v for k, v in full.items() if not k.startswith("vfeat_extractor.")},
+             "no vfeat_extractor.* tensors")]:
+        path = tmp_path / f"{name}.pth"
+        torch.save(tensors, path)
+        with pytest.raises(CheckpointError, match=re.escape(needle)):
+            read_aux(SYNCHFORMER, path)
+
+
+def test_export_says_how_many_synchformer_keys_it_ignored(tiny_assets, tmp_path):
+    from vssflow.export.onnx_export import ExportOptions, export_model
+    visual = {k: v for k, v in torch.load(tiny_assets["synchformer"], weights_only=True).items()
+              if k.startswith("vfeat_extractor.")}
+    path = tmp_path / "visual_only.pth"
+    torch.save({**visual, "transformer.off_head.weight": torch.zeros(21, 32)}, path)
+    said = []
+    export_model(tiny_assets["checkpoint"], path, tmp_path / "m", progress=said.append,
+                 options=ExportOptions(verify=False, torch_weights=False))
+    assert f"Synchformer: {len(visual)} vfeat_extractor.* tensors read; 1 other tensor ignored" in " ".join(said)
