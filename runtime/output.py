@@ -90,8 +90,11 @@ def write_video_file(path: Path, video_in, chunks: Iterable[np.ndarray], sample_
                 try:
                     vout = dst.add_stream_from_template(vin)
                     aout = dst.add_stream("aac", rate=sample_rate, layout="mono")
+                    # Every packet with data, those without a dts too: Matroska stores none, and
+                    # FFmpeg leaves it unset on the first frames of a stream with B-frames; the
+                    # muxer derives it from the pts. (demux ends with an empty packet: not one.)
                     for packet in src.demux(vin):
-                        if packet.dts is None:
+                        if not packet.size:
                             continue
                         packet.stream = vout
                         dst.mux(packet)
