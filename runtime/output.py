@@ -90,6 +90,9 @@ def write_video_file(path: Path, video_in, chunks: Iterable[np.ndarray], sample_
                 try:
                     vout = dst.add_stream_from_template(vin)
                     aout = dst.add_stream("aac", rate=sample_rate, layout="mono")
+                    start = 0                                # the sound starts with the first frame
+                    if vin.start_time is not None:
+                        start = round(vin.start_time * vin.time_base * sample_rate)
                     # Every packet with data, those without a dts too: Matroska stores none, and
                     # FFmpeg leaves it unset on the first frames of a stream with B-frames; the
                     # muxer derives it from the pts. (demux ends with an empty packet: not one.)
@@ -98,7 +101,7 @@ def write_video_file(path: Path, video_in, chunks: Iterable[np.ndarray], sample_
                             continue
                         packet.stream = vout
                         dst.mux(packet)
-                    _encode_audio(dst, aout, audio, sample_rate)
+                    _encode_audio(dst, aout, audio, sample_rate, start)
                 finally:
                     dst.close()
             finally:
@@ -110,9 +113,10 @@ def write_video_file(path: Path, video_in, chunks: Iterable[np.ndarray], sample_
     return len(audio)
 
 
-def _encode_audio(container, stream, audio: np.ndarray, sample_rate: int, frame_size: int = 1024) -> None:
+def _encode_audio(container, stream, audio: np.ndarray, sample_rate: int, start: int = 0,
+                  frame_size: int = 1024) -> None:
     import av
-    pts = 0
+    pts = start
     for a in range(0, len(audio), frame_size):
         block = audio[a:a + frame_size]
         frame = av.AudioFrame.from_ndarray(block[None, :], format="flt", layout="mono")
