@@ -4,6 +4,7 @@ packets, audio codec, rate, length and timing), the default output name, and the
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import av
 import numpy as np
@@ -298,3 +299,8 @@ def test_missing_folder_and_the_input_itself_are_refused(inputs, tmp_path):
     with pytest.raises(OutputError, match="is the input video"):
         plan_output(video, video)
 
+
+
+def test_readme_lists_every_format():
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert [ext for ext in FORMATS if f"`{ext}`" not in readme] == []
