@@ -13,6 +13,7 @@ import numpy as np
 
 from . import extras
 from .errors import OutputError, VssflowError, VssflowInputError
+from .output import SOUND_EXTENSIONS, VIDEO_EXTENSIONS, atomic_output, plan_output, write_output
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
@@ -58,8 +59,10 @@ def _raise_on_sigterm() -> None:
               help="Model folder from vssflow-export. Default: the demo model (random weights: noise), "
                    "exported on first use.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output: .wav, .flac, or a video file (.mp4/.mov/.mkv: the input's video stream copied "
-                   "without re-encoding, plus the new audio). Default: VIDEO_with_sound.<ext> beside the input.")
+              help=f"Output: the sound alone ({', '.join(SOUND_EXTENSIONS)}), or a video "
+                   f"({', '.join(VIDEO_EXTENSIONS)}: the input's video stream copied without re-encoding, plus "
+                   "the new sound). Default: VIDEO_with_sound.EXT beside the input, in the input's container "
+                   "when it can hold the video, else .mkv.")
 @click.option("--transcript", default=None, help="Words spoken in the clip (English).")
 @click.option("--speech-start", type=float, default=None, help="Second the speech starts (default 0).")
 @click.option("--speech-end", type=float, default=None, help="Second the speech ends (default: end of clip, at most 10 s).")
@@ -117,15 +120,13 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
 
 def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
          noise, backend, device, preprocess, dump_intermediates, as_json, interactive, say) -> int:
-    from .output import output_kind, write_audio_file, write_video_file
     from .session import Session
 
     if not video.is_file():
         raise VssflowInputError(f"{video}: no such file")
-    output = output or video.with_name(f"{video.stem}_with_sound{video.suffix or '.mp4'}")
-    kind = output_kind(output)
-    if output.exists() and output.resolve() == video.resolve():
-        raise OutputError(f"{output}: is the input video; choose another output name")
+    plan = plan_output(video, output)
+    if plan.note:
+        say(plan.note)
     if dump_intermediates is not None and dump_intermediates.suffix != ".npz":
         raise OutputError(f"{dump_intermediates}: intermediates are written as .npz")
     noise_arr = None
@@ -160,26 +161,22 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         bar = click.progressbar(length=info.n_windows * steps, label="generating", file=sys.stderr)
         bar.__enter__()
     try:
-        if kind == "audio":
-            samples = write_audio_file(output, chunks, info.sample_rate)
-        else:
-            samples = write_video_file(output, video, chunks, info.sample_rate)
+        samples = write_output(plan, chunks, info.sample_rate)
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
     stats = session.last_run()
     if dump_intermediates is not None:
-        from .output import atomic_output
         with atomic_output(dump_intermediates) as tmp, open(tmp, "wb") as f:
             np.savez(f, **stats["intermediates"])
-    summary = {"output": str(output), "seconds": round(samples / info.sample_rate, 3), "sample_rate": info.sample_rate,
-               "windows": info.n_windows, "backend": info.backend, "solver": solver, "steps": steps, "cfg": cfg,
+    summary = {"output": str(plan.path), "seconds": round(samples / info.sample_rate, 3),
+               "sample_rate": info.sample_rate, "windows": info.n_windows, "backend": info.backend, "solver": solver, "steps": steps, "cfg": cfg,
                "seed": seed, "nfe": stats["nfe"], "timings": {k: round(v, 4) for k, v in stats["timings"].items()},
                "demo_model": info.demo_model}
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        say(f"wrote {output} ({summary['seconds']:.2f} s of audio, {stats['nfe']} flow evaluations)")
+        say(f"wrote {plan.path} ({summary['seconds']:.2f} s of audio, {stats['nfe']} flow evaluations)")
     return 0
 
 

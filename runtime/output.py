@@ -1,8 +1,13 @@
-"""Writing results: WAV/FLAC, or the input's video stream copied with the new AAC audio.
+"""Writing results: the sound track alone, or the input's video stream copied with the new sound.
 
-Every writer goes through `atomic_output`: the file is written under a hidden temporary name
-beside the target and renamed into place only when complete; on any error or interrupt the
-temporary file is removed, so a partial output never appears.
+`FORMATS` is the one table of output formats: for each extension, FFmpeg's muxer, the audio
+encoder and its rate, and, for a video container, the video codecs whose packets it can hold
+(the video is copied, never re-encoded). `plan_output` picks the format and the name before any
+model runs, and refuses what cannot be written; `write_output` writes the plan.
+
+Every file is written through `atomic_output`: under a hidden temporary name beside the target,
+renamed into place only when complete; on any error or interrupt the temporary file is removed,
+so a partial output never appears.
 """
 
 from __future__ import annotations
@@ -11,24 +16,151 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import OutputError
 
-AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
-VIDEO_FORMATS = {".mp4": "mp4", ".mov": "mov", ".m4v": "mp4", ".mkv": "matroska"}
+
+@dataclass(frozen=True)
+class Format:
+    """How one output extension is written."""
+
+    muxer: str                                  # FFmpeg's container name (PyAV's `format=`)
+    audio_codec: str                            # FFmpeg's encoder of the sound track
+    sample_rate: int | None = None              # the encoder's rate; None: the model's (16 kHz)
+    video_codecs: frozenset[str] = frozenset()  # codecs it can hold, copied; empty: sound only
+
+    @property
+    def has_video(self) -> bool:
+        return bool(self.video_codecs)
 
 
-def output_kind(path: Path) -> str:
-    ext = path.suffix.lower()
-    if ext in AUDIO_FORMATS:
-        return "audio"
-    if ext in VIDEO_FORMATS:
-        return "video"
-    raise OutputError(f"{path}: unknown output type {ext or '(none)'}: use .wav, .flac, "
-                      f"or a video container ({', '.join(VIDEO_FORMATS)})")
+# Video codecs (FFmpeg's canonical names) each container holds. From FFmpeg's muxers (libavformat
+# movenc.c `codec_mp4_tags` and `mov_init`, which keeps VP9 and AV1 to MP4; matroska.c
+# `ff_mkv_codec_tags`; matroskaenc.c's WebM check; riff.c `ff_codec_bmp_tags`; mpegtsenc.c's PMT
+# stream types), kept to the common ones; tests/runtime/test_output.py muxes each with this FFmpeg.
+MP4_VIDEO = frozenset({"h264", "hevc", "av1", "vp9", "mpeg4", "mpeg2video", "mjpeg"})
+MOV_VIDEO = frozenset({"h264", "hevc", "mpeg4", "mpeg2video", "mjpeg", "prores"})
+MKV_VIDEO = MP4_VIDEO | {"vp8", "prores", "ffv1", "theora"}
+WEBM_VIDEO = frozenset({"vp8", "vp9", "av1"})
+# AVI takes H.264 only as Annex B, and a copy from MP4 or MKV is not: FFmpeg's AVI muxer refuses it.
+AVI_VIDEO = frozenset({"mpeg4", "msmpeg4v2", "msmpeg4v3", "mjpeg", "mpeg2video", "ffv1"})
+# FFmpeg's TS muxer writes any other codec as "private data", which players do not recognise.
+TS_VIDEO = frozenset({"h264", "hevc", "mpeg2video", "mpeg4"})
+
+OPUS_RATE = 48_000   # Opus decoders always give 48 kHz (RFC 7845 §5.1): encode at the rate played
+
+FORMATS: dict[str, Format] = {
+    # the sound alone, for an editor
+    ".wav": Format("wav", "pcm_f32le"),
+    ".flac": Format("flac", "flac"),                   # 16-bit
+    ".ogg": Format("ogg", "libopus", OPUS_RATE),
+    ".opus": Format("opus", "libopus", OPUS_RATE),
+    ".mp3": Format("mp3", "libmp3lame"),               # 16 kHz is MPEG-2 Layer III
+    ".m4a": Format("ipod", "aac"),
+    # the input's video with the sound
+    ".mp4": Format("mp4", "aac", video_codecs=MP4_VIDEO),
+    ".m4v": Format("mp4", "aac", video_codecs=MP4_VIDEO),
+    ".mov": Format("mov", "aac", video_codecs=MOV_VIDEO),
+    ".mkv": Format("matroska", "aac", video_codecs=MKV_VIDEO),
+    ".webm": Format("webm", "libopus", OPUS_RATE, video_codecs=WEBM_VIDEO),
+    ".avi": Format("avi", "pcm_s16le", video_codecs=AVI_VIDEO),   # PCM: exact length, plays everywhere
+    ".ts": Format("mpegts", "aac", video_codecs=TS_VIDEO),
+}
+OUTPUT_FORMATS = tuple(ext[1:] for ext in FORMATS)      # "wav", "flac", ...: a click.Choice's choices
+SOUND_EXTENSIONS = tuple(ext for ext, fmt in FORMATS.items() if not fmt.has_video)
+VIDEO_EXTENSIONS = tuple(ext for ext, fmt in FORMATS.items() if fmt.has_video)
+FALLBACK = ".mkv"                      # the default name's container when the input's cannot hold the video
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where and how a result is written: ``video`` is the input whose video packets are copied
+    (None for a sound-only format); ``note`` says, in one line, why a default name is not the
+    input's container."""
+
+    path: Path
+    format: Format
+    video: Path | None = None
+    note: str | None = None
+
+
+def plan_output(video: str | os.PathLike, output: str | os.PathLike | None = None, *,
+                format: str | None = None, folder: str | os.PathLike | None = None) -> OutputPlan:
+    """The output for ``video``: ``output`` as given (its extension names the format), or else
+    ``VIDEO_with_sound.EXT`` in ``folder`` (default: beside the video). EXT is ``format`` (one of
+    ``OUTPUT_FORMATS``) or, when that is None too, the input's own container if it can hold the
+    video, else ``.mkv`` (and ``note`` says so). Raises ``OutputError`` (exit 5) for a format that
+    cannot be written, a video codec the container cannot hold, a missing folder, or the input
+    itself; a video that cannot be read is left to the decoder to report.
+    """
+    video = Path(video)
+    codec = _video_codec(video)
+    note = None
+    if output is not None:
+        path = Path(output)
+    else:
+        if format is not None:
+            ext = f".{format.lstrip('.').lower()}"
+        else:
+            ext, note = _default_extension(video, codec)
+        path = Path(folder if folder is not None else video.parent) / f"{video.stem}_with_sound{ext}"
+    fmt = _format(path)
+    if fmt.has_video and codec is not None and codec not in fmt.video_codecs:
+        holders = _holders(codec)
+        instead = (f": use {' or '.join(holders[:2])}" if holders else
+                   ", nor can any other video output here: write the sound alone (.wav, .flac, ...)")
+        raise OutputError(f"{path}: {path.suffix.lower()} cannot hold the input's {codec} video "
+                          f"(it is copied, not re-encoded){instead}")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: the folder {path.parent} does not exist")
+    if path.exists() and video.exists() and path.resolve() == video.resolve():
+        raise OutputError(f"{path}: is the input video; choose another output name")
+    return OutputPlan(path, fmt, video if fmt.has_video else None, note)
+
+
+def _default_extension(video: Path, codec: str | None) -> tuple[str, str | None]:
+    """The input's extension when its row holds the video, else .mkv (or, for a codec Matroska
+    cannot hold, the first container that can), with the line that says why."""
+    fmt = FORMATS.get(video.suffix.lower())
+    if fmt is not None and fmt.has_video and (codec is None or codec in fmt.video_codecs):
+        return video.suffix, None
+    ext = next(iter(_holders(codec)), FALLBACK) if codec else FALLBACK
+    if fmt is not None and fmt.has_video:
+        why = f"{video.name} holds {codec} video, which a {video.suffix.lower()} file cannot"
+    elif video.suffix:
+        why = f"{video.name}: {video.suffix.lower()} is not a video output format here"
+    else:
+        why = f"{video.name} has no extension"
+    return ext, f"{why}: writing {video.stem}_with_sound{ext}"
+
+
+def _holders(codec: str) -> list[str]:
+    """Video extensions whose container holds ``codec``, Matroska's first."""
+    exts = [ext for ext, fmt in FORMATS.items() if codec in fmt.video_codecs]
+    return sorted(exts, key=lambda ext: ext != FALLBACK)
+
+
+def _format(path: Path) -> Format:
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise OutputError(f"{path}: unknown output type {path.suffix or '(none)'}: use "
+                          f"{', '.join(SOUND_EXTENSIONS)}, or a video container ({', '.join(VIDEO_EXTENSIONS)})")
+    return fmt
+
+
+def _video_codec(video: Path) -> str | None:
+    """FFmpeg's canonical name of the first video stream's codec; None when it cannot be read."""
+    import av
+    try:
+        with av.open(os.fspath(video)) as container:
+            stream = container.streams.video[0]
+            return stream.codec_context.codec.canonical_name if stream.codec_context else None
+    except (av.FFmpegError, OSError, IndexError, ValueError):
+        return None
 
 
 @contextlib.contextmanager
@@ -48,74 +180,67 @@ def atomic_output(path: Path) -> Iterator[Path]:
         raise
 
 
-def write_audio_file(path: Path, chunks: Iterable[np.ndarray], sample_rate: int) -> int:
-    """Stream float32 chunks into a WAV (float) or FLAC (16-bit) file; returns samples written."""
-    import soundfile as sf
-    fmt = AUDIO_FORMATS[path.suffix.lower()]
-    subtype = "FLOAT" if fmt == "WAV" else "PCM_16"
-    n = 0
-    try:
-        with atomic_output(path) as tmp, sf.SoundFile(tmp, "w", sample_rate, 1, subtype, format=fmt) as f:
-            for chunk in chunks:
-                f.write(np.clip(chunk, -1.0, 1.0) if subtype == "PCM_16" else chunk)
-                n += len(chunk)
-    except OSError as e:
-        raise OutputError(f"{path}: could not write ({e.strerror or e})") from None
-    except sf.LibsndfileError as e:  # libsndfile reports a failed write (a full disk) only as "System error."
-        raise OutputError(f"{path}: could not write ({_write_failure(path, e)})") from None
-    return n
-
-
-def _write_failure(path: Path, error: Exception) -> str:
-    """What libsndfile leaves unsaid: whether the disk is full."""
-    import shutil
-    try:
-        if shutil.disk_usage(path.parent).free < (1 << 20):
-            return "No space left on device"
-    except OSError:
-        pass
-    return str(error).strip() or type(error).__name__
-
-
-def write_video_file(path: Path, video_in, chunks: Iterable[np.ndarray], sample_rate: int) -> int:
-    """Copy `video_in`'s video stream packet for packet (no re-encoding) and add the audio as AAC."""
+def write_output(plan: OutputPlan, chunks: Iterable[np.ndarray], sample_rate: int) -> int:
+    """Encode float32 mono chunks into ``plan.path`` as they come, then copy ``plan.video``'s video
+    packets in (no re-encoding); returns the samples written (at ``sample_rate``)."""
     import av
-    audio = np.concatenate(list(chunks)).astype(np.float32) if chunks is not None else np.zeros(0, np.float32)
+    fmt, path = plan.format, plan.path
+    n = start = 0
     try:
-        with atomic_output(path) as tmp:
-            src = av.open(str(video_in) if isinstance(video_in, (str, os.PathLike)) else video_in)
-            try:
-                vin = src.streams.video[0]
-                dst = av.open(str(tmp), "w", format=VIDEO_FORMATS[path.suffix.lower()])
-                try:
-                    vout = dst.add_stream_from_template(vin)
-                    aout = dst.add_stream("aac", rate=sample_rate, layout="mono")
-                    for packet in src.demux(vin):
-                        if packet.dts is None:
-                            continue
-                        packet.stream = vout
+        with atomic_output(path) as tmp, _open_video(plan.video) as source, _muxer(tmp, fmt.muxer) as dst:
+            audio = dst.add_stream(fmt.audio_codec, rate=fmt.sample_rate or sample_rate, layout="mono")
+            if source is not None:
+                video_in = source.streams.video[0]
+                # opaque: take the decoder's codec as it is (PyAV otherwise looks for an encoder of
+                # the decoder's name, and there is none called libdav1d, AV1's decoder)
+                video_out = dst.add_stream_from_template(video_in, opaque=True)
+                if video_in.start_time is not None:      # the sound starts with the first frame
+                    start = round(video_in.start_time * video_in.time_base * sample_rate)
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, np.float32)
+                if len(chunk):
+                    frame = av.AudioFrame.from_ndarray(chunk[None, :], format="flt", layout="mono")
+                    frame.sample_rate, frame.pts = sample_rate, start + n   # the encoder resamples if it must
+                    dst.mux(audio.encode(frame))
+                    n += len(chunk)
+            dst.mux(audio.encode(None))
+            if source is not None:
+                # Every packet with data, those without a dts too: Matroska stores none, and
+                # FFmpeg leaves it unset on the first frames of a stream with B-frames; the
+                # muxer derives it from the pts. (demux ends with an empty packet: not one.)
+                for packet in source.demux(video_in):
+                    if packet.size:
+                        packet.stream = video_out
                         dst.mux(packet)
-                    _encode_audio(dst, aout, audio, sample_rate)
-                finally:
-                    dst.close()
-            finally:
-                src.close()
     except OSError as e:
         raise OutputError(f"{path}: could not write ({e.strerror or e})") from None
     except av.FFmpegError as e:
-        raise OutputError(f"{path}: could not write the video ({e})") from None
-    return len(audio)
+        raise OutputError(f"{path}: could not write the {'video' if plan.video else 'sound'} ({e})") from None
+    return n
 
 
-def _encode_audio(container, stream, audio: np.ndarray, sample_rate: int, frame_size: int = 1024) -> None:
+@contextlib.contextmanager
+def _open_video(video: Path | None):
     import av
-    pts = 0
-    for a in range(0, len(audio), frame_size):
-        block = audio[a:a + frame_size]
-        frame = av.AudioFrame.from_ndarray(block[None, :], format="flt", layout="mono")
-        frame.sample_rate, frame.pts = sample_rate, pts
-        pts += len(block)
-        for packet in stream.encode(frame):
-            container.mux(packet)
-    for packet in stream.encode(None):
-        container.mux(packet)
+    if video is None:
+        yield None
+        return
+    with av.open(os.fspath(video)) as container:
+        yield container
+
+
+@contextlib.contextmanager
+def _muxer(path: Path, muxer: str):
+    """An output container, closed either way; closing after an error reports that error, not
+    any failure to write the trailer of a file that is about to be deleted."""
+    import av
+    # max_interleave_delta 0: the sound is muxed first and held until the video catches up, so
+    # the file is interleaved by time however long (FFmpeg's default gives up after 10 s)
+    container = av.open(os.fspath(path), "w", format=muxer, options={"max_interleave_delta": "0"})
+    try:
+        yield container
+    except BaseException:
+        with contextlib.suppress(Exception):     # the error that brought us here is the one to report
+            container.close()
+        raise
+    container.close()

@@ -96,6 +96,7 @@ def make_video(
     pix_fmt: str | None = None,
     start: float = 0.0,
     quality: str = "high",
+    bframes: int = 0,
 ) -> list[Fraction]:
     """Write a test video and return the presentation time (seconds) of each frame written.
 
@@ -104,6 +105,8 @@ def make_video(
     same average rate); ``timestamps`` gives the frame times explicitly instead. ``rotate`` sets
     the display matrix (degrees counter-clockwise, as ``av.VideoFrame.rotation`` reads it back).
     ``start`` offsets every timestamp. ``seconds = 0`` writes a video stream with no frames.
+    ``bframes`` (libx264) allows that many B-frames, so frames are stored out of order as most
+    H.264 files have them.
     """
     rate = _as_rate(fps)
     width, height = size
@@ -126,7 +129,7 @@ def make_video(
         stream.time_base = time_base
         stream.codec_context.time_base = time_base
         if codec == "libx264":
-            stream.options = {"preset": "ultrafast", "crf": "12" if quality == "high" else "28"}
+            stream.options = {"preset": "ultrafast", "crf": "12" if quality == "high" else "28", "bf": str(bframes)}
         elif codec == "mpeg4":
             stream.options = {"qscale": "2" if quality == "high" else "8"}
         if rotate:

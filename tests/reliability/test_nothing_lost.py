@@ -20,7 +20,7 @@ import soundfile as sf
 from tests.media import make_video
 from tests.reliability import hostile
 from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, listing, run_cli
-from vssflow.runtime.output import write_audio_file, write_video_file
+from vssflow.runtime.output import plan_output, write_output
 
 SR = 16000
 OLD = b"an earlier result, which a failed run must leave as it was"
@@ -45,29 +45,19 @@ def clip12(media):
 # --- the writers, in-process -------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["out.wav", "out.flac", "out.mp4"])
-def test_output_appears_only_when_complete(name, tmp_path, accepted_videos, monkeypatch):
+def test_output_appears_only_when_complete(name, tmp_path, accepted_videos):
     """While the result is written, the old file is intact and one hidden partial file exists."""
-    from vssflow.runtime import output
     out = tmp_path / name
     out.write_bytes(OLD)
     seen = []
 
-    def look():
-        seen.append((out.read_bytes() == OLD, len(_partials(tmp_path))))
-
     def chunks():
         for i in range(4):
-            look()
+            seen.append((out.read_bytes() == OLD, len(_partials(tmp_path))))
             yield np.full(4000, 0.1 * (i + 1), np.float32)
 
-    if name.endswith(".mp4"):            # the audio is gathered first, then muxed: look while muxing
-        encode = output._encode_audio
-        monkeypatch.setattr(output, "_encode_audio", lambda *a, **k: (look(), encode(*a, **k)))
-        n = write_video_file(out, accepted_videos["rotated"], chunks(), SR)
-        assert seen[-1] == (True, 1)
-    else:
-        n = write_audio_file(out, chunks(), SR)
-        assert seen == [(True, 1)] * 4
+    n = write_output(plan_output(accepted_videos["rotated"], out), chunks(), SR)
+    assert seen == [(True, 1)] * 4
     assert n == 16000 and listing(tmp_path) == [name]
     if name.endswith(".mp4"):
         with av.open(str(out)) as c:
@@ -86,10 +76,7 @@ def test_error_mid_stream_keeps_the_old_output(name, tmp_path, accepted_videos):
         raise RuntimeError("the model failed half-way")
 
     with pytest.raises(RuntimeError, match="half-way"):
-        if name.endswith(".mp4"):
-            write_video_file(out, accepted_videos["rotated"], chunks(), SR)
-        else:
-            write_audio_file(out, chunks(), SR)
+        write_output(plan_output(accepted_videos["rotated"], out), chunks(), SR)
     assert out.read_bytes() == OLD and listing(tmp_path) == [name]
 
 
@@ -97,17 +84,14 @@ _FULL_DISK_WRITER = textwrap.dedent("""
     import resource, signal, sys
     import numpy as np
     from vssflow.runtime.errors import OutputError
-    from vssflow.runtime.output import write_audio_file, write_video_file
+    from vssflow.runtime.output import plan_output, write_output
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)         # a failing write returns EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     out, video = sys.argv[1], sys.argv[2]
     rng = np.random.default_rng(0)                        # noise: FLAC cannot shrink it below the limit
     chunks = (rng.uniform(-0.5, 0.5, 16000).astype(np.float32) for _ in range(10))
     try:
-        if out.endswith(".mp4"):
-            write_video_file(__import__("pathlib").Path(out), video, chunks, 16000)
-        else:
-            write_audio_file(__import__("pathlib").Path(out), chunks, 16000)
+        write_output(plan_output(video, out), chunks, 16000)
     except OutputError as e:
         print("OutputError", e)
 """)
@@ -159,7 +143,7 @@ def test_error_after_the_first_window_leaves_the_old_output(media, tiny_model, t
 # of the machine: no timing, no race with the run finishing first.
 _PAUSING_CLI = textwrap.dedent("""
     import inspect, os, signal, sys
-    from vssflow.runtime import cli, output
+    from vssflow.runtime import output
 
     def paused(chunks):
         for i, chunk in enumerate(chunks):
@@ -174,8 +158,8 @@ _PAUSING_CLI = textwrap.dedent("""
             return write(*call.args, **call.kwargs)
         return wrapped
 
-    output.write_audio_file = pausing(output.write_audio_file)
-    output.write_video_file = pausing(output.write_video_file)
+    output.write_output = pausing(output.write_output)            # before the CLI imports it
+    from vssflow.runtime import cli
     sys.argv[0] = "vssflow-run"
     cli.main()
 """)
@@ -184,8 +168,8 @@ _PAUSING_CLI = textwrap.dedent("""
 @pytest.mark.parametrize("sig,name", [(signal.SIGINT, "out.wav"), (signal.SIGTERM, "out.mp4")],
                          ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_leaves_nothing(sig, name, clip12, tiny_model, tmp_path):
-    """SIGINT (Ctrl-C) or SIGTERM (kill, a container stopping) mid-run: exit 130, one line,
-    the folder as it was (for .wav the signal comes while the temporary file is open)."""
+    """SIGINT (Ctrl-C) or SIGTERM (kill, a container stopping) mid-run, while the temporary file
+    is open: exit 130, one line, the folder as it was."""
     video = tmp_path / "clip.mp4"
     shutil.copy(clip12, video)
     out = tmp_path / name
@@ -196,8 +180,7 @@ def test_interrupted_run_leaves_nothing(sig, name, clip12, tiny_model, tmp_path)
     try:
         _, status = os.waitpid(proc.pid, os.WUNTRACED)             # returns once it has stopped itself
         assert os.WIFSTOPPED(status), f"the run ended before its first chunk: {proc.stderr.read()}"
-        if name.endswith(".wav"):                                  # the first chunk is in the partial file
-            assert len(_partials(tmp_path)) == 1, listing(tmp_path)
+        assert len(_partials(tmp_path)) == 1, listing(tmp_path)    # the first chunk is in the partial file
         proc.send_signal(sig)                                      # pending until it runs again
         os.kill(proc.pid, signal.SIGCONT)
         rest = proc.stderr.read()

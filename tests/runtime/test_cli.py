@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -9,6 +10,8 @@ import av
 import numpy as np
 import pytest
 import soundfile as sf
+
+from tests.media import make_video
 
 
 def run(*args, timeout=600, **kw):
@@ -36,6 +39,36 @@ def test_mp4_output_copies_the_video_stream_and_adds_12s_of_audio(tiny_model, cl
     assert abs(samples - 12 * 16000) <= 2048                         # AAC frames of 1024 samples
     assert hashlib.sha256(clip12.read_bytes()).hexdigest() == before  # input untouched
     assert [p.name for p in tmp_path.iterdir()] == ["with_sound.mp4"]  # no temporary left
+
+
+def test_webm_without_output_name_writes_webm_with_opus(tiny_model, tmp_path):
+    """`vssflow-run clip.webm`: clip_with_sound.webm beside it, the VP9 packets copied, Opus
+    audio of the clip's length (exactly: WebM marks Opus's pre-skip and end padding)."""
+    video = tmp_path / "clip.webm"
+    make_video(video, 2, 25, (64, 48), "libvpx-vp9")
+    r = run("vssflow.runtime.cli", str(video), "--model", str(tiny_model), "--steps", "1", "--json", "-q")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    out = tmp_path / "clip_with_sound.webm"
+    assert json.loads(r.stdout)["output"] == str(out) and json.loads(r.stdout)["seconds"] == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.webm", "clip_with_sound.webm"]
+    assert _video_packets(out) == _video_packets(video)
+    with av.open(str(out)) as c:
+        a = c.streams.audio[0]
+        assert c.streams.video[0].codec_context.codec.canonical_name == "vp9"
+        assert a.codec_context.codec.canonical_name == "opus" and a.sample_rate == 48000
+        assert sum(f.samples for f in c.decode(a)) == 2 * 48000
+
+
+def test_default_output_falls_back_to_mkv_and_says_so(tiny_model, clip4, tmp_path):
+    """H.264 in a file named .webm (WebM cannot hold it): clip_with_sound.mkv, said in one line."""
+    video = tmp_path / "clip.webm"
+    shutil.copy(clip4, video)
+    r = run("vssflow.runtime.cli", str(video), "--model", str(tiny_model), "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert "[vssflow-run] clip.webm holds h264 video, which a .webm file cannot: writing clip_with_sound.mkv" \
+        in r.stderr.splitlines()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.webm", "clip_with_sound.mkv"]
+    assert _video_packets(tmp_path / "clip_with_sound.mkv") == _video_packets(video)
 
 
 @pytest.mark.parametrize("ext", [".wav", ".flac"])
@@ -70,6 +103,9 @@ def test_noise_file_and_intermediates_reproduce_a_run(tiny_model, clip4, tmp_pat
 @pytest.mark.parametrize("args,code,message", [
     (["missing.mp4"], 2, "no such file"),
     (["{clip}", "-o", "{tmp}/out.xyz"], 5, "unknown output type"),
+    # refused before the model loads (that would fail with 3)
+    (["{clip}", "-o", "{tmp}/out.webm", "--model", "{tmp}/nomodel"], 5,
+     "out.webm: .webm cannot hold the input's h264 video (it is copied, not re-encoded): use .mkv or .mp4"),
     (["{clip}", "--model", "{tmp}/nomodel"], 3, "no such model folder"),
     (["{clip}", "--transcript", "hi", "--speech-start", "3", "--speech-end", "2"], 11, "speech"),
     (["{clip}", "--cfg", "nan"], 2, "cfg"),
@@ -84,7 +120,7 @@ def test_bad_input_gives_one_line_and_exit_code(tiny_model, clip4, tmp_path, arg
     r = run("vssflow.runtime.cli", *args)
     assert r.returncode == code, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr and message in r.stderr.lower()
-    assert not (tmp_path / "out.wav").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_refuses_to_overwrite_the_input(tiny_model, clip4, tmp_path):
