@@ -35,7 +35,7 @@ def _summary(manifest: dict, out: Path) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     trt = manifest["report"].get("tensorrt")
     if trt is not None:
-        lines.append("TensorRT: " + (trt["skipped"] if "skipped" in trt else
+        lines.append("TensorRT: " + (f"skipped: {trt['skipped']}" if "skipped" in trt else
                                      ", ".join(f"{k} {v['seconds']} s" for k, v in trt.items())))
     lines.append(f"model folder: {out}")
     if manifest.get("demo"):

@@ -1,6 +1,7 @@
 """`vssflow-run` and `vssflow-export` as a user runs them."""
 
 import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -140,7 +141,7 @@ def test_export_demo_is_complete_and_atomic(tmp_path):
     assert manifest["demo"] is True
     assert set(manifest["files"]) >= {f"{s}.onnx" for s in ("clip_encoder", "synch_encoder", "speaker_encoder",
                                                              "condition", "flow_step", "vae_decoder", "vocoder")}
-    assert "TensorRT" not in r.stdout or "skipped" in r.stdout.lower() or "tensorrt" in r.stdout.lower()
+    assert "TensorRT" not in r.stdout                         # --backend onnx: no engines, no TensorRT line
     again = run("vssflow.export.cli", "--demo", "--out", str(out), "--backend", "onnx", "-q")
     assert again.returncode != 0 and "already exists" in again.stderr
     assert json.loads((out / "manifest.json").read_text()) == manifest
@@ -196,3 +197,12 @@ def test_export_unexpected_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
     assert r.exit_code == cli.EXIT_INTERNAL, r.output
     assert "internal error: runtimeerror: boom" in r.output.lower() and "nothing was written" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "m").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_export_without_tensorrt_says_it_skipped_the_engines(tmp_path):
+    r = run("vssflow.export.cli", "--demo", "--out", str(tmp_path / "demo"), "--backend", "all", "--no-verify", "-q")
+    assert r.returncode == 0, r.stderr
+    trt = [line for line in r.stdout.splitlines() if line.startswith("TensorRT")]
+    assert trt == ["TensorRT: skipped: TensorRT is not installed: `pip install tensorrt` (x86-64), or on a Jetson "
+                   "use the one JetPack ships; ONNX files were written and run on ONNX Runtime"], r.stdout
