@@ -114,31 +114,42 @@ HOP_SAMPLES = int(WINDOW_HOP * C.SAMPLE_RATE)                  # 144 000
 FADE_SAMPLES = int((C.WINDOW_SECONDS - WINDOW_HOP) * C.SAMPLE_RATE)   # 16 000
 
 
-def crossfade_windows(windows: Iterator[Iterator[np.ndarray]], n_windows: int) -> Iterator[np.ndarray]:
+def crossfade_windows(windows: Iterator[Iterator[np.ndarray]]) -> Iterator[np.ndarray]:
     """Join windows that start every `HOP_SAMPLES`: each window's audio (pieces in order) is
-    emitted as it comes, except that its first `FADE_SAMPLES` are mixed with the previous
-    window's held-back tail by an equal-power crossfade. The last window is emitted whole."""
+    emitted as it comes, except its tail past `HOP_SAMPLES`, held back until the next window
+    comes: then its first `FADE_SAMPLES` are mixed with that tail by an equal-power crossfade.
+    When no window follows, the held tail is emitted as it is: the last window ends whole.
+    How many windows there are is what `windows` yields, not a count decided beforehand."""
     theta = 0.5 * np.pi * (np.arange(FADE_SAMPLES) + 0.5) / FADE_SAMPLES
     fade_in, fade_out = np.sin(theta).astype(np.float32), np.cos(theta).astype(np.float32)
-    tail = None
-    for k, pieces in enumerate(windows):
-        last = k == n_windows - 1
+    tail = None                     # the previous window's audio past its hop, not yet emitted
+    for pieces in windows:
         pos, held = 0, []
+        if tail is not None:
+            tail = np.pad(tail[:FADE_SAMPLES], (0, max(0, FADE_SAMPLES - len(tail))))
         for piece in pieces:
             start, pos = pos, pos + len(piece)
             if tail is not None and start < FADE_SAMPLES:            # crossfade the head
                 n = min(FADE_SAMPLES, pos) - start
                 mixed = piece[:n] * fade_in[start:start + n] + tail[start:start + n] * fade_out[start:start + n]
                 piece = np.concatenate([mixed.astype(np.float32), piece[n:]])
-            if not last:                                             # hold back this window's tail
-                keep = max(0, min(pos, HOP_SAMPLES) - start)
-                held.append(piece[keep:])
-                piece = piece[:keep]
+            keep = max(0, min(pos, HOP_SAMPLES) - start)             # hold back this window's tail
+            held.append(piece[keep:])
+            piece = piece[:keep]
             if len(piece):
                 yield piece
-        tail = np.concatenate(held)[:FADE_SAMPLES] if held else None
-        if tail is not None and len(tail) < FADE_SAMPLES:
-            tail = np.pad(tail, (0, FADE_SAMPLES - len(tail)))
+        tail = np.concatenate(held) if held else None
+    if tail is not None and len(tail):
+        yield tail
+
+
+def output_samples(meta: video.VideoInfo, decoded_end: float) -> int:
+    """Samples of audio for the video: its container's duration, unless the decoded frames end
+    elsewhere by more than a nearly complete file may (`video.missing_frames_accepted`): a
+    header can be wrong, the frames are what is shown."""
+    slack = video.missing_frames_accepted(meta.n_frames) / meta.fps
+    duration = meta.duration if abs(decoded_end - meta.duration) <= slack + 1e-6 else decoded_end
+    return int(round(duration * C.SAMPLE_RATE))
 
 
 def nearest_indices(in_len: int, out_len: int, exact: bool = False) -> np.ndarray:
@@ -211,7 +222,7 @@ class Session:
             raise VssflowInputError(f"{self.folder.path}: this model folder has no speaker stage; "
                                     "re-export with --rawnet to use a reference voice")
         speaker_crops = None if ref_audio is None else audio.speaker_crops(audio.load_reference(ref_audio))
-        n_windows = video.count_windows(meta.duration, WINDOW_HOP)
+        n_windows = video.count_windows(meta.duration, WINDOW_HOP)    # as the container says; decoding decides
         ids = self._phoneme_track(options, meta.duration, n_windows)
         noise = self._noise(noise, seed, n_windows)
         info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.describe(), options, meta,
@@ -244,10 +255,19 @@ class Session:
         return text.phoneme_ids(o.transcript, o.speech_start, o.speech_end,
                                 window_seconds=total / C.LATENT_RATE, clip_seconds=duration)
 
-    def _noise(self, noise: np.ndarray | None, seed: int, n_windows: int) -> np.ndarray:
+    def _noise(self, noise: np.ndarray | None, seed: int, n_windows: int) -> Callable[[int], np.ndarray]:
+        """The initial latent of window k, `[128, T]`: the seed's draws in window order (so a
+        video that decodes to more windows than its container said just draws more), or the
+        `noise` given, `[128, T]` or `[windows, 128, T]`."""
         shape = (n_windows, self.sizes.audio_channels, C.WINDOW_LATENTS)
         if noise is None:
-            return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+            rng, drawn = np.random.default_rng(seed), []
+
+            def seeded(k: int) -> np.ndarray:
+                while len(drawn) <= k:
+                    drawn.append(rng.standard_normal(shape[1:], dtype=np.float32))
+                return drawn[k]
+            return seeded
         noise = np.asarray(noise, dtype=np.float32)
         if noise.shape == shape[1:]:
             noise = noise[None]
@@ -255,7 +275,13 @@ class Session:
             noise = noise[:, 0]
         if noise.shape != shape:
             raise VssflowInputError(f"noise must have shape {shape[1:]} or {shape} for this video, got {noise.shape}")
-        return noise
+
+        def given(k: int) -> np.ndarray:
+            if k >= len(noise):
+                raise VssflowInputError(f"noise holds {len(noise)} windows, but the video decodes to more than its "
+                                        "container said; give one per window or a seed")
+            return noise[k]
+        return given
 
     def _chunks(self, source, meta, options, ids, noise, crops, run: _Run, progress) -> Iterator[np.ndarray]:
         speaker = np.zeros((1, self.sizes.speaker_dim), np.float32)
@@ -266,22 +292,25 @@ class Session:
         if self.frames_device is not None:
             from vssflow.kernels.frames import uploader
             upload = uploader(self.frames_device)
+        length: list[int] = []          # samples to write, known once the last window is decoded
 
         def window_audio():
             for window in video.windows(source, hop=WINDOW_HOP, upload=upload):
-                if window.index >= len(noise):
-                    break
-                z = self._window_latent(run, window, options, ids, noise[window.index], speaker, progress)
+                if window.last:
+                    length.append(output_samples(meta, window.end))
+                z = self._window_latent(run, window, options, ids, noise(window.index), speaker, progress)
                 yield self._decode(run, z)
 
-        remaining = int(round(meta.duration * C.SAMPLE_RATE))
-        for chunk in crossfade_windows(window_audio(), len(noise)):
-            chunk = chunk[:remaining]
-            remaining -= len(chunk)
+        written = 0
+        for chunk in crossfade_windows(window_audio()):
+            # The cut falls in the last window's audio, which comes only once that window is known.
+            if length:
+                chunk = chunk[:max(0, length[0] - written)]
+            written += len(chunk)
             if len(chunk):
                 run.keep("audio", chunk)
                 yield chunk
-            if remaining <= 0:
+            if length and written >= length[0]:
                 break
         self._last = run
 
@@ -317,7 +346,8 @@ class Session:
         synch = synch.reshape(-1, synch.shape[-1])                                   # [240, Ds]
         clip_t = clip[nearest_indices(len(clip), T)][None]                           # [1, T, Dc]
         synch_t = synch[nearest_indices(len(synch), T, exact=True)][None]            # [1, T, Ds]
-        window_ids = ids[window.index * HOP_LATENTS:window.index * HOP_LATENTS + T][None]
+        window_ids = ids[window.index * HOP_LATENTS:window.index * HOP_LATENTS + T]
+        window_ids = np.pad(window_ids, (0, T - len(window_ids)))[None]     # past the track: no speech
         cond = self._timed(run, "condition", "condition", {"clip": clip_t, "synch": synch_t,
                                                       "phone_ids": window_ids, "speaker": speaker})
         for name, value in (("clip_features", clip), ("synch_features", synch), ("phone_ids", window_ids[0]),

@@ -107,10 +107,15 @@ class VideoWindow:
     clip_count: int
     synch_count: int
     hop: float = WINDOW_SECONDS
+    end: float | None = None      # the last window only: seconds from the first frame to the video's end
 
     @property
     def start(self) -> float:
         return float(self.index * self.hop)
+
+    @property
+    def last(self) -> bool:
+        return self.end is not None
 
     @property
     def clip_frames(self) -> np.ndarray:
@@ -142,10 +147,15 @@ class FrameWindow:
     clip: tuple
     synch: tuple
     hop: float = WINDOW_SECONDS
+    end: float | None = None      # as VideoWindow.end
 
     @property
     def start(self) -> float:
         return float(self.index * self.hop)
+
+    @property
+    def last(self) -> bool:
+        return self.end is not None
 
     @property
     def clip_count(self) -> int:
@@ -311,6 +321,10 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
     (``rgb`` upright, contiguous ``[H, W, 3]`` uint8, one call per decoded frame picked)
     instead of resized ``VideoWindow``s.
 
+    The last window (``window.last``) carries ``end``: the decoded video's length in seconds,
+    from the first frame's timestamp to the end of the last frame. It is the one the decoding
+    found, whatever the container's header says.
+
     Raises ``VideoError`` for a file without a decodable video stream, a corrupt one, or one
     that stops well short of the frame count its container declares.
     """
@@ -354,6 +368,8 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
         for n, frame in enumerate(_decode(container, stream, video)):
             current = _Frame(frame, n, last)
             decoded, last = n + 1, current
+            if n == 0:
+                first_pts = current.pts
             while clip_frame_index(clip_next, fps) <= n:
                 for k, i in holders(clip_next, clip_step, CLIP_FRAMES):
                     buffer(pending, k).clip[i] = clip_of(current)
@@ -369,12 +385,15 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
         if last is None:
             raise VideoError(f"{_name(video)}: the video stream has no frames")
         _check_complete(stream, decoded, video)
-        eof = last.pts + (_duration(last, fps, stream.time_base) if synch_eof == "end" else 0)
+        last_duration = _duration(last, fps, stream.time_base)
+        eof = last.pts + (last_duration if synch_eof == "end" else 0)
         for picked in synch.close(eof):
             put_synch(pending, synch_done, picked)
             synch_done += 1
-        for k in range(min(pending, default=0), max(pending, default=-1) + 1):
-            yield buffer(pending, k).finish(k)
+        end = float((last.pts + last_duration - first_pts) * stream.time_base)
+        final = max(pending, default=-1)
+        for k in range(min(pending, default=0), final + 1):
+            yield buffer(pending, k).finish(k, end if k == final else None)
 
 
 class _WindowBuffer:
@@ -386,9 +405,9 @@ class _WindowBuffer:
         self.synch = np.zeros((SYNCH_FRAMES, 3, FRAME_SIZE, FRAME_SIZE), np.uint8)
         self.clip_count = self.synch_count = 0
 
-    def finish(self, index: int) -> VideoWindow:
+    def finish(self, index: int, end: float | None = None) -> VideoWindow:
         """Black CLIP padding and zero Synchformer padding are the zeros never overwritten."""
-        return VideoWindow(index, self.clip, self.synch, self.clip_count, self.synch_count, self.hop)
+        return VideoWindow(index, self.clip, self.synch, self.clip_count, self.synch_count, self.hop, end)
 
 
 class _FrameBuffer:
@@ -400,9 +419,10 @@ class _FrameBuffer:
         self.synch: list = [None] * SYNCH_FRAMES
         self.clip_count = self.synch_count = 0
 
-    def finish(self, index: int) -> FrameWindow:
+    def finish(self, index: int, end: float | None = None) -> FrameWindow:
         # Positions fill in order from 0, so the first `count` are all set.
-        return FrameWindow(index, tuple(self.clip[:self.clip_count]), tuple(self.synch[:self.synch_count]), self.hop)
+        return FrameWindow(index, tuple(self.clip[:self.clip_count]), tuple(self.synch[:self.synch_count]), self.hop,
+                           end)
 
 
 def _normalise(frames: np.ndarray, mean, std, *, divide: bool) -> np.ndarray:
@@ -538,11 +558,17 @@ def _average_rate(stream, video: VideoSource) -> float:
     raise VideoError(f"{_name(video)}: the video stream has no frame rate")
 
 
+def missing_frames_accepted(declared: int) -> int:
+    """Frames a file may lack against its container's count and still be decoded as nearly
+    complete (its audio keeps the container's duration); one lacking more is truncated."""
+    return max(2, declared // 100)
+
+
 def _check_complete(stream, decoded: int, video: VideoSource) -> None:
     """A file cut short still opens when its index comes first; it then decodes far fewer
     frames than the index lists."""
     declared = stream.frames
-    if declared > 0 and decoded < declared - max(2, declared // 100):
+    if declared > 0 and decoded < declared - missing_frames_accepted(declared):
         raise VideoError(f"{_name(video)}: truncated: {decoded} of {declared} frames decode")
 
 

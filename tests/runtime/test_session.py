@@ -127,7 +127,7 @@ def test_crossfade_windows_joins_overlaps():
 
     def pieces(w, size=7001):          # chunk boundaries that do not line up with the fade
         return (w[i:i + size] for i in range(0, len(w), size))
-    out = np.concatenate(list(crossfade_windows((pieces(w) for w in windows), n_win)))
+    out = np.concatenate(list(crossfade_windows(pieces(w) for w in windows)))
     assert len(out) == (n_win - 1) * HOP_SAMPLES + length
     assert np.all(out[:HOP_SAMPLES] == 1) and np.all(out[HOP_SAMPLES + FADE_SAMPLES:2 * HOP_SAMPLES] == 2)
     fade = out[HOP_SAMPLES:HOP_SAMPLES + FADE_SAMPLES]          # 1 -> 2, equal power
@@ -135,6 +135,36 @@ def test_crossfade_windows_joins_overlaps():
     theta = 0.5 * np.pi * (np.arange(FADE_SAMPLES) + 0.5) / FADE_SAMPLES    # equal power: sin^2 + cos^2 = 1
     assert np.allclose(fade, 2 * np.sin(theta) + 1 * np.cos(theta), atol=1e-5)
     assert np.all(out[-(length - FADE_SAMPLES):] == 3)           # the last window whole
+
+
+def _with_header_duration(src, dst, scale: float):
+    """A copy of an MP4 whose media header (mdhd) claims `scale` times the duration its frames have."""
+    import struct
+    data = bytearray(src.read_bytes())
+    at = data.find(b"mdhd") + 20                      # version 0: flags, created, modified, timescale, duration
+    data[at:at + 4] = struct.pack(">I", int(struct.unpack(">I", data[at:at + 4])[0] * scale))
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_a_wrong_container_duration_follows_the_frames(clip12, ort_session, tmp_path):
+    """The header says 8.4 s, the frames run 12 s: the windows come from decoding, so the audio
+    is the 12 s the frames show, equal to the honest file's (the second window used to be lost)."""
+    lying = _with_header_duration(clip12, tmp_path / "lying.mp4", 0.7)
+    assert video.probe(lying).duration == pytest.approx(8.4)
+    honest = ort_session.generate(clip12, steps=1, seed=3).audio
+    got = ort_session.generate(lying, steps=1, seed=3)
+    assert got.info.n_windows == 1                          # what the container said, before decoding
+    assert got.audio.shape == honest.shape == (12 * 16000,) and np.array_equal(got.audio, honest)
+
+
+def test_crossfade_emits_every_window_it_is_given():
+    """No count decided in advance: the last window given is emitted whole, however many there are."""
+    from vssflow.runtime.session import HOP_SAMPLES, crossfade_windows
+    for n_win in (1, 2, 4):
+        windows = [np.full(160032, float(k + 1), np.float32) for k in range(n_win)]
+        out = np.concatenate(list(crossfade_windows(iter([w]) for w in windows)))
+        assert len(out) == (n_win - 1) * HOP_SAMPLES + 160032 and np.all(out[-(160032 - 16000):] == n_win)
 
 
 def test_long_video_windows_overlap(clip12, ort_session):
