@@ -1,8 +1,9 @@
 """Our runtime, one stage at a time through its backend, plus the solver sweep and FP16.
 
-The stages run through `Session.backend.run(stage, feed)` with the feeds the session builds;
-the ODE loops are the runtime's solvers driving the `flow_step` stage (both CFG passes in one
-call, condition folded, cross-attention K/V cached). The condition stage gets the same encoder
+The stages run through `Session.backend.run(stage, feed)` with the feeds the runtime's
+per-window functions build (`vssflow.runtime.window`); the ODE loops are the runtime's solvers
+driving the backend's flow velocity (both CFG passes in one call, condition folded,
+cross-attention K/V cached, the state in the backend's own arrays). The condition stage gets the same encoder
 features the baseline computed, so both flows start from identical conditions and noise.
 """
 
@@ -12,20 +13,14 @@ import time
 
 import numpy as np
 
-from vssflow.runtime import contracts as C
-from vssflow.runtime import solvers
+from vssflow.runtime import solvers, window
+from vssflow.runtime.contracts import LATENT_RATE
 from vssflow.runtime import video as V
-from vssflow.runtime.session import Session, nearest_indices
+from vssflow.runtime.session import Session
 
 from . import timing
 from .models import Inputs, first_window
 from .settings import BenchSettings
-
-
-def vocoder_spans(mel_frames: int) -> list[tuple[int, int]]:
-    """`[a0, b0)` mel frames fed for each streamed chunk (its 128 frames plus overlap), as the Session."""
-    step, ov = C.VOCODER_CHUNK, C.VOCODER_OVERLAP
-    return [(max(0, a - ov), min(mel_frames, a + step + ov)) for a in range(0, mel_frames, step)]
 
 
 class Ours:
@@ -41,11 +36,12 @@ class Ours:
         t0 = time.perf_counter()
         self.session = Session(folder, backend=settings.backend, device=settings.device, verify_hashes=False)
         self.load_s = time.perf_counter() - t0
-        self.call = self.session.backend.run
-        window = first_window(self.inputs.video)
-        self.frames = np.ascontiguousarray(window.clip_frames[:settings.clip_frames])
-        self.segments = np.ascontiguousarray(window.synch_segments()[:settings.synch_segments])
-        self.z0 = self.inputs.noise[None]                                              # [1, Ca, T]
+        self.backend = self.session.backend
+        self.call = self.backend.run
+        first = first_window(self.inputs.video)
+        self.frames = np.ascontiguousarray(first.clip_frames[:settings.clip_frames])
+        self.segments = np.ascontiguousarray(first.synch_segments()[:settings.synch_segments])
+        self.z0 = self.backend.arrays.upload(self.inputs.noise[None])                   # [1, Ca, T]
         self.timer = timing.CallTimer(self._velocity, timing.cuda_sync)
         self.sampling_calls: list[float] = []
         self.extra: dict = {}
@@ -62,13 +58,9 @@ class Ours:
 
     def set_features(self, features: dict) -> None:
         """The baseline's encoder outputs (`clip [100, Dc]`, `synch [240, Ds]`) for the condition stage."""
-        T = C.WINDOW_LATENTS
-        clip, synch = features["clip"], features["synch"]
-        self.condition_feed = {
-            "clip": np.ascontiguousarray(clip[nearest_indices(len(clip), T)][None]),
-            "synch": np.ascontiguousarray(synch[nearest_indices(len(synch), T, exact=True)][None]),
-            "phone_ids": self.inputs.phone_ids[None].astype(np.int64),
-            "speaker": np.zeros((1, self.session.sizes.speaker_dim), np.float32)}
+        clip_t, synch_t = window.to_latent_rate(features["clip"], features["synch"])
+        self.condition_feed = {"clip": clip_t, "synch": synch_t, "phone_ids": self.inputs.phone_ids[None].astype(np.int64),
+                               "speaker": np.zeros((1, self.session.sizes.speaker_dim), np.float32)}
 
     # --- stages -----------------------------------------------------------------------------
     def _decode(self, light: bool) -> float:
@@ -85,20 +77,20 @@ class Ours:
     def _condition(self, light: bool) -> float:
         seconds = self._timed(lambda: self.call("condition", self.condition_feed))
         self.cond = self.last
-        self.step_feed = {"cond_bias": self.cond["cond_bias"], "keys": self.cond["keys"],
-                          "values": self.cond["values"], "cfg": np.array([self.settings.cfg], np.float32)}
+        self.velocity = self.backend.velocity(self.cond, self.settings.cfg)          # constants uploaded once
         return seconds
 
-    def _velocity(self, t: float, z: np.ndarray) -> np.ndarray:
-        return self.call("flow_step", {"z": z, "t": np.array([t], np.float32), **self.step_feed})["velocity"]
+    def _velocity(self, t: float, z):
+        return self.velocity(t, z)
 
     def _flow_step(self, light: bool) -> float:
         return self._timed(lambda: self._velocity(0.5, self.z0))
 
     def _loop(self, solver: str, steps: int | None) -> tuple[float, int, np.ndarray]:
         before = len(self.timer.samples)
-        seconds = self._timed(lambda: solvers.solve(solver, self.timer, self.z0, steps, frozen=self.cond["channels"]))
-        return seconds, len(self.timer.samples) - before, self.last
+        frozen = self.backend.arrays.upload(self.cond["channels"])
+        seconds = self._timed(lambda: solvers.solve(solver, self.timer, self.z0, steps, frozen=frozen))
+        return seconds, len(self.timer.samples) - before, self.backend.arrays.numpy(self.last)
 
     def _sampling(self, light: bool) -> float:
         seconds, self.nfe, self.latent = self._loop(self.settings.solver, self.settings.steps)
@@ -113,7 +105,7 @@ class Ours:
         return seconds
 
     def _vae_decoder(self, light: bool) -> float:
-        z = self.latent[..., :C.LATENT_RATE] if light else self.latent
+        z = self.latent[..., :LATENT_RATE] if light else self.latent
         seconds = self._timed(lambda: self.call("vae_decoder", {"z": z}))
         if not light:
             self.mel = self.last["mel"]                                                 # [1, 4T, 64]
@@ -121,11 +113,11 @@ class Ours:
 
     def _vocoder(self, light: bool) -> float:
         """The whole window in overlapping chunks, as the Session streams it; chunk times kept."""
-        spans = vocoder_spans(self.mel.shape[1])[:1 if light else None]
+        spans = window.vocoder_chunks(self.mel.shape[1])[:1 if light else None]
         times = []
 
         def chunks():
-            for a0, b0 in spans:
+            for a0, b0, _, _ in spans:
                 t0 = time.perf_counter()
                 self.call("vocoder", {"mel": np.ascontiguousarray(self.mel[:, a0:b0])})
                 timing.cuda_sync()

@@ -118,29 +118,6 @@ def frame_breakdown(path: Path) -> dict:
             **t, "total_s": sum(t.values())}
 
 
-@contextlib.contextmanager
-def _timed_windows(total: list):
-    """Time spent inside ``video.windows`` (decode + resize + normalise), summed into total[0]."""
-    original = video.windows
-
-    def timed(*args, **kw):
-        it = original(*args, **kw)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                item = next(it)
-            except StopIteration:
-                total[0] += time.perf_counter() - t0
-                return
-            total[0] += time.perf_counter() - t0
-            yield item
-    video.windows = timed
-    try:
-        yield
-    finally:
-        video.windows = original
-
-
 def session_profile(model: Path, backend: str, clip: Path, steps: int, solver: str, repeat: int = 1,
                     preprocess: str = "auto") -> dict:
     """The fastest of ``repeat`` runs (a shared machine's noise only ever adds time).
@@ -153,15 +130,14 @@ def session_profile(model: Path, backend: str, clip: Path, steps: int, solver: s
     session.generate(clip, steps=1, solver="euler")                     # loads every stage
     best: dict | None = None
     for _ in range(repeat):
-        frames = [0.0]
-        with _timed_windows(frames):
-            t0 = time.perf_counter()
-            result = session.generate(clip, steps=steps, solver=solver)
-            total = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = session.generate(clip, steps=steps, solver=solver)
+        total = time.perf_counter() - t0
         if best is None or total < best["total_s"]:
+            stages = {k: v for k, v in result.timings.items() if k != "frames"}
             best = {"backend": session.describe(), "solver": solver, "steps": steps, "nfe": result.nfe,
-                    "total_s": total, "timings_s": result.timings, "frames_s": frames[0],
-                    "other_s": total - sum(result.timings.values()) - frames[0],
+                    "total_s": total, "timings_s": stages, "frames_s": result.timings["frames"],
+                    "other_s": total - sum(result.timings.values()),
                     "flow_step_per_nfe_s": result.timings.get("flow_step", 0.0) / max(result.nfe, 1)}
     return {**best, "runs": repeat}
 

@@ -1,9 +1,15 @@
 """Backends that run the exported stages: ONNX Runtime, TensorRT, or the PyTorch modules.
 
-Each is a small runner: `run(stage, feed) -> {output name: array}`, stages loaded lazily on
-first use. Feeds and results are numpy arrays at the boundary; `flow_loop` keeps the ODE state
-on the device for GPU backends. Nothing here imports torch, onnxruntime or tensorrt until that
-backend is chosen.
+Polygraphy's shape: a backend loads each stage lazily (`_load`) and runs it on arrays of its own
+kind (`_infer`); a small `Arrays` adapter moves arrays between numpy and that kind. The base class
+does the rest once for all of them: it checks feeds against the stage contracts, converts at the
+boundary (`run`: numpy in, numpy out), and builds the flow velocity of the ODE loop (`velocity`),
+whose constant inputs are uploaded once per window and whose state stays in the backend's own
+arrays (device tensors on a GPU) from the first step to the last.
+
+A backend holds one set of buffers, so its calls take turns (`lock`). It is a context manager:
+`close()` frees its ONNX Runtime sessions, TensorRT engines, modules and device memory.
+Nothing here imports torch, onnxruntime or tensorrt until that backend is chosen.
 """
 
 from __future__ import annotations
@@ -18,6 +24,40 @@ from .errors import BackendError, ModelFolderError, VssflowError
 from .model_folder import ModelFolder
 
 BACKENDS = ("auto", "trt", "ort", "torch")
+# The inputs of `flow_step` that stay the same through one window's ODE loop.
+FLOW_CONSTANTS = ("cond_bias", "keys", "values")
+
+
+class Arrays:
+    """numpy arrays on the host: what every backend takes at its boundary."""
+
+    def upload(self, a) -> object:
+        return np.ascontiguousarray(a)
+
+    def numpy(self, a) -> np.ndarray:
+        return np.asarray(a)
+
+    def scalar(self, value: float) -> object:
+        """`[1]` float32, as `flow_step` takes `t` and `cfg`."""
+        return np.array([value], np.float32)
+
+
+class TorchArrays(Arrays):
+    """PyTorch tensors on one device (the GPU backends' buffers, the torch backend's inputs)."""
+
+    def __init__(self, device):
+        import torch
+        self.torch, self.device = torch, torch.device(device)
+
+    def upload(self, a):
+        t = a if self.torch.is_tensor(a) else self.torch.from_numpy(np.ascontiguousarray(a))
+        return t.to(self.device).contiguous()
+
+    def numpy(self, a) -> np.ndarray:
+        return a.detach().cpu().numpy()
+
+    def scalar(self, value: float):
+        return self.torch.full((1,), value, dtype=self.torch.float32, device=self.device)
 
 
 class Backend:
@@ -30,51 +70,82 @@ class Backend:
 
     def __init__(self, folder: ModelFolder, device: str | None = None):
         self.folder, self.device = folder, device
+        self.arrays: Arrays = Arrays()
+        self.lock = threading.RLock()          # held by every call (and by a stage's first load)
         self._stages: dict[str, object] = {}
-        self._lock = threading.Lock()
 
+    # --- what a backend implements -------------------------------------------------------------
+    def _load(self, stage: str):
+        """The runner of `stage` (a session, an engine and its context, a module)."""
+        raise NotImplementedError
+
+    def _infer(self, stage: str, runner, feed: dict) -> list:
+        """Run `stage` on `feed` (its inputs in contract order, in this backend's arrays);
+        its outputs in contract order, in this backend's arrays."""
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what the runners left behind (device memory caches)."""
+
+    # --- the rest, once ------------------------------------------------------------------------
     def _stage(self, name: str):
-        with self._lock:
+        with self.lock:
             if name not in self._stages:
                 self._stages[name] = self._load(name)
             return self._stages[name]
 
-    def _load(self, name: str):
-        raise NotImplementedError
-
-    def run(self, stage: str, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run_native(self, stage: str, feed: Mapping[str, object]) -> dict[str, object]:
+        """`stage` on a feed of numpy arrays or this backend's own; outputs in its own arrays."""
         contract = self.folder.contracts[stage]
         contract.check_feed(feed)
-        out = self._run(stage, self._stage(stage), {s.name: feed[s.name] for s in contract.inputs})
+        with self.lock:
+            out = self._infer(stage, self._stage(stage), {s.name: self.arrays.upload(feed[s.name])
+                                                          for s in contract.inputs})
         return dict(zip((s.name for s in contract.outputs), out))
 
-    def _run(self, stage: str, runner, feed: dict) -> list[np.ndarray]:
-        raise NotImplementedError
+    def run(self, stage: str, feed: Mapping[str, object]) -> dict[str, np.ndarray]:
+        """`stage` on a feed (numpy arrays, or this backend's own); numpy outputs by name."""
+        return {k: self.arrays.numpy(v) for k, v in self.run_native(stage, feed).items()}
+
+    def velocity(self, cond: Mapping[str, np.ndarray], cfg: float) -> Callable[[float, object], object]:
+        """`velocity(t, z)`: the guided velocity `flow_step` gives for one window's conditions.
+
+        `cond` is the condition stage's output; its constant parts and `cfg` are uploaded once
+        here. `z` and the result are this backend's arrays (`self.arrays.upload(noise)`), so a
+        GPU backend keeps the state and every constant on the device through the loop."""
+        const = {k: self.arrays.upload(cond[k]) for k in FLOW_CONSTANTS}
+        const["cfg"] = self.arrays.scalar(cfg)
+
+        def velocity(t: float, z):
+            return self.run_native("flow_step", {"z": z, "t": self.arrays.scalar(t), **const})["velocity"]
+        return velocity
 
     def describe(self) -> str:
         return self.name
 
-    def flow_loop(self, cond: Mapping[str, np.ndarray], cfg: float):
-        """(velocity(t, z), to_native, to_numpy) for the ODE loop of one window.
+    def close(self) -> None:
+        """Drop every loaded stage and free its memory; a later call loads the stage again."""
+        with self.lock:
+            self._stages.clear()
+            self._release()
 
-        The constant inputs of `flow_step` (cond_bias, keys, values, cfg) are prepared once;
-        `velocity` takes and returns the backend's own array type, so a GPU backend keeps the
-        state and every constant on the device through the loop. Here: numpy arrays.
-        """
-        const = {"cond_bias": cond["cond_bias"], "keys": cond["keys"], "values": cond["values"],
-                 "cfg": np.array([cfg], np.float32)}
+    def __enter__(self):
+        return self
 
-        def velocity(t: float, z: np.ndarray) -> np.ndarray:
-            return self.run("flow_step", {"z": z, "t": np.array([t], np.float32), **const})["velocity"]
-        return velocity, (lambda a: a), (lambda a: a)
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime with the best provider present: CUDA, then CPU."""
+    """ONNX Runtime with the best provider present: CUDA, then CPU.
+
+    On the CUDA provider with PyTorch present, arrays are CUDA tensors bound in place
+    (IOBinding): the ODE state never leaves the GPU. Elsewhere, numpy arrays.
+    """
 
     name = "ort"
 
-    def __init__(self, folder: ModelFolder, device: str | None = None, threads: int | None = None):
+    def __init__(self, folder: ModelFolder, device: str | None = None):
         super().__init__(folder, device)
         try:
             import onnxruntime as ort
@@ -89,12 +160,11 @@ class OrtBackend(Backend):
         if device and device.startswith("cuda") and "CUDAExecutionProvider" not in available:
             raise BackendError("device cuda asked for, but onnxruntime has no CUDA provider "
                                "(install onnxruntime-gpu)")
-        self.threads = threads
+        if self.providers[0] == "CUDAExecutionProvider" and not extras.missing("torch"):
+            self.arrays = TorchArrays("cuda")
 
     def _load(self, name: str):
         opts = self._ort.SessionOptions()
-        if self.threads:
-            opts.intra_op_num_threads = self.threads
         opts.log_severity_level = 3
         path = self.folder.file(f"{name}.onnx")
         try:
@@ -103,38 +173,34 @@ class OrtBackend(Backend):
             reason = " ".join(str(e).split())[:300]
             raise ModelFolderError(f"{path}: ONNX Runtime cannot load it ({reason}); re-export the model") from None
 
-    def _run(self, stage, session, feed):
-        return session.run(None, feed)
+    def _infer(self, stage, session, feed):
+        if not isinstance(self.arrays, TorchArrays):
+            return session.run(None, feed)
+        return self._bound(stage, session, feed)
 
-    def flow_loop(self, cond: Mapping[str, np.ndarray], cfg: float):
-        """On the CUDA provider (with torch present to hold device buffers), IOBinding keeps the
-        state, the constants and the output on the GPU through the loop; elsewhere, numpy."""
-        if self.providers[0] != "CUDAExecutionProvider":
-            return super().flow_loop(cond, cfg)
-        try:
-            import torch
-        except ImportError:
-            return super().flow_loop(cond, cfg)
-        session = self._stage("flow_step")
-        dev = {k: torch.from_numpy(np.ascontiguousarray(cond[k])).cuda() for k in ("cond_bias", "keys", "values")}
-        dev["cfg"] = torch.tensor([cfg], dtype=torch.float32, device="cuda")
+    def _bound(self, stage, session, feed) -> list:
+        """IOBinding on CUDA tensors: inputs read in place; an output whose shape the inputs
+        fix (the flow velocity) is written in place, any other is allocated by ONNX Runtime."""
+        torch = self.arrays.torch
+        contract = self.folder.contracts[stage]
         device_id = torch.cuda.current_device()
-
-        def bind(binding, name, tensor):
-            binding.bind_input(name, "cuda", device_id, np.float32, tuple(tensor.shape), tensor.data_ptr())
-
-        def velocity(t: float, z):
-            z = z.contiguous()
-            tt = torch.full((1,), t, dtype=torch.float32, device="cuda")
-            out = torch.empty_like(z)
-            binding = session.io_binding()
-            for name, tensor in {"z": z, "t": tt, **dev}.items():
-                bind(binding, name, tensor)
-            binding.bind_output("velocity", "cuda", device_id, np.float32, tuple(out.shape), out.data_ptr())
-            session.run_with_iobinding(binding)
-            return out
-        return (velocity, lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda(),
-                lambda a: a.float().cpu().numpy())
+        binding = session.io_binding()
+        sizes: dict[str, int] = {}
+        for spec in contract.inputs:
+            t = feed[spec.name]
+            sizes.update((a, d) for a, d in zip(spec.shape, t.shape) if isinstance(a, str))
+            binding.bind_input(spec.name, "cuda", device_id, np.dtype(spec.dtype), tuple(t.shape), t.data_ptr())
+        outs: list = []
+        for spec in contract.outputs:
+            if all(isinstance(a, int) or a in sizes for a in spec.shape):
+                o = torch.empty(contract.shape(spec, **sizes), dtype=getattr(torch, spec.dtype), device="cuda")
+                binding.bind_output(spec.name, "cuda", device_id, np.dtype(spec.dtype), tuple(o.shape), o.data_ptr())
+                outs.append(o)
+            else:
+                binding.bind_output(spec.name, "cuda")
+                outs.append(None)
+        session.run_with_iobinding(binding)
+        return [self.arrays.upload(v.numpy()) if o is None else o for o, v in zip(outs, binding.get_outputs())]
 
     def describe(self) -> str:
         return f"ort ({self.providers[0]})"
@@ -147,14 +213,14 @@ class TorchBackend(Backend):
 
     def __init__(self, folder: ModelFolder, device: str | None = None):
         super().__init__(folder, device)
-        try:
-            import torch
-        except ImportError:
-            raise BackendError("the torch backend needs PyTorch: pip install 'vssflow[torch]'") from None
+        extras.require("torch", "the torch backend")
+        import torch
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if "weights.pt" not in folder.manifest["files"]:
-            raise BackendError(f"{folder.path}: no weights.pt (export without --no-torch-weights for the torch backend)")
+            raise BackendError(f"{folder.path}: no weights.pt: the torch backend runs the PyTorch weights; "
+                               "re-export with vssflow-export --torch-weights")
+        self.arrays = TorchArrays(self.device)
         self._modules = None
 
     @property
@@ -173,34 +239,24 @@ class TorchBackend(Backend):
     def _load(self, name: str):
         return self._all_modules()[name]
 
-    def _run(self, stage, module, feed):
-        torch = self._torch
-        with torch.inference_mode():
-            out = module(*(a.to(self.device) if torch.is_tensor(a) else torch.from_numpy(np.ascontiguousarray(a))
-                           .to(self.device) for a in feed.values()))
-        out = out if isinstance(out, tuple) else (out,)
-        return [o.float().cpu().numpy() for o in out]
+    def _infer(self, stage, module, feed):
+        with self._torch.inference_mode():
+            out = module(*feed.values())
+        return list(out) if isinstance(out, tuple) else [out]
+
+    def _release(self) -> None:
+        self._modules = None
+        if self._torch.device(self.device).type == "cuda":
+            self._torch.cuda.empty_cache()
 
     def describe(self) -> str:
         return f"torch ({self.device})"
 
-    def flow_loop(self, cond: Mapping[str, np.ndarray], cfg: float):
-        """Device tensors through the whole loop: constants uploaded once, no host copy per step."""
-        torch, step = self._torch, self._stage("flow_step")
-        dev = {k: torch.from_numpy(np.ascontiguousarray(cond[k])).to(self.device)
-               for k in ("cond_bias", "keys", "values")}
-        w = torch.tensor([cfg], dtype=torch.float32, device=self.device)
-
-        def velocity(t: float, z):
-            with torch.inference_mode():
-                tt = torch.full((1,), t, dtype=torch.float32, device=self.device)
-                return step(z, tt, dev["cond_bias"], dev["keys"], dev["values"], w)
-        return (velocity, lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device),
-                lambda a: a.float().cpu().numpy())
-
 
 class TrtBackend(Backend):
-    """TensorRT engines built by `vssflow-export --backend trt` for this GPU and TensorRT version."""
+    """TensorRT engines built by `vssflow-export --backend trt` for this GPU and TensorRT version.
+
+    Buffers are PyTorch CUDA tensors; engines read and write them in place (tensor addresses)."""
 
     name = "trt"
     frames_device = "cuda"
@@ -210,11 +266,9 @@ class TrtBackend(Backend):
         ok, reason = engines.availability()
         if not ok:
             raise BackendError(f"the trt backend is unavailable: {reason}")
-        self.engines = self._matching_engines()
-
-    def _matching_engines(self) -> dict[str, str]:
         import tensorrt as trt
-        return engines.match_engines(self.folder, engines.gpu_tag(), trt.__version__)
+        self.engines = engines.match_engines(self.folder, engines.gpu_tag(), trt.__version__)
+        self.arrays = TorchArrays("cuda")
 
     def _load(self, name: str):
         import tensorrt as trt
@@ -226,22 +280,15 @@ class TrtBackend(Backend):
                                "--backend trt, or use --backend ort")
         return engine, engine.create_execution_context()
 
-    def _run(self, stage, runner, feed):
-        import torch
-        tensors = {k: (v if torch.is_tensor(v) else torch.from_numpy(np.ascontiguousarray(v))).cuda().contiguous()
-                   for k, v in feed.items()}
-        return [o.cpu().numpy() for o in self._execute(stage, runner, tensors)]
-
-    def _execute(self, stage, runner, tensors: dict) -> list:
-        """Run an engine on CUDA tensors (tensor addresses, no copies); outputs as CUDA tensors."""
-        import torch
+    def _infer(self, stage, runner, feed):
+        torch = self.arrays.torch
         engine, ctx = runner
-        for k, v in tensors.items():
+        for k, v in feed.items():
             ctx.set_input_shape(k, tuple(v.shape))
             ctx.set_tensor_address(k, v.data_ptr())
         outs = []
         for s in self.folder.contracts[stage].outputs:
-            o = torch.empty(tuple(ctx.get_tensor_shape(s.name)), dtype=torch.float32, device="cuda")
+            o = torch.empty(tuple(ctx.get_tensor_shape(s.name)), dtype=getattr(torch, s.dtype), device="cuda")
             ctx.set_tensor_address(s.name, o.data_ptr())
             outs.append(o)
         stream = torch.cuda.current_stream()
@@ -250,18 +297,8 @@ class TrtBackend(Backend):
         stream.synchronize()
         return outs
 
-    def flow_loop(self, cond: Mapping[str, np.ndarray], cfg: float):
-        """State and constants stay CUDA tensors through the loop; the engine reads them in place."""
-        import torch
-        runner = self._stage("flow_step")
-        const = {k: torch.from_numpy(np.ascontiguousarray(cond[k])).cuda() for k in ("cond_bias", "keys", "values")}
-        const["cfg"] = torch.tensor([cfg], dtype=torch.float32, device="cuda")
-
-        def velocity(t: float, z):
-            tt = torch.full((1,), t, dtype=torch.float32, device="cuda")
-            return self._execute("flow_step", runner, {"z": z.contiguous(), "t": tt, **const})[0]
-        return (velocity, lambda a: torch.from_numpy(np.ascontiguousarray(a)).cuda(),
-                lambda a: a.float().cpu().numpy())
+    def _release(self) -> None:
+        self.arrays.torch.cuda.empty_cache()
 
 
 def create_backend(folder: ModelFolder, backend: str = "auto", device: str | None = None) -> Backend:

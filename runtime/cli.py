@@ -145,13 +145,14 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         say(f"backend auto: {reason}")
     bar = None
 
-    def progress(p: dict) -> None:
-        if bar is not None:
-            bar.label = f"window {p['window'] + 1}/{info.n_windows}"
+    def progress(event: dict) -> None:
+        if bar is not None and event["kind"] == "step":
+            bar.label = f"window {event['window'] + 1}/{info.n_windows}"
             bar.update(1)
 
-    chunks, info = session.stream(video, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg,
-                                  seed, noise_arr, keep_intermediates=dump_intermediates is not None,
+    chunks, info = session.stream(video, transcript=transcript, speech_start=speech_start, speech_end=speech_end,
+                                  solver=solver, steps=steps, cfg=cfg, seed=seed, ref_audio=ref_audio,
+                                  noise=noise_arr, keep_intermediates=dump_intermediates is not None,
                                   progress=progress)
     if info.demo_model:
         say("DEMO MODEL: random weights; the sound it makes is noise")
@@ -165,20 +166,21 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    stats = session.last_run()
+    for note in chunks.notes:
+        say(note)
     if dump_intermediates is not None:
         with atomic_output(dump_intermediates) as tmp, open(tmp, "wb") as f:
-            np.savez(f, **stats["intermediates"])
+            np.savez(f, **chunks.intermediates)
     summary = {"output": str(plan.path), "seconds": round(samples / info.sample_rate, 3),
-               "sample_rate": info.sample_rate, "windows": info.n_windows, "backend": info.backend, "solver": solver, "steps": steps, "cfg": cfg,
-               "seed": seed, "nfe": stats["nfe"], "timings": {k: round(v, 4) for k, v in stats["timings"].items()},
-               "demo_model": info.demo_model}
+               "sample_rate": info.sample_rate, "windows": info.n_windows, "backend": info.backend,
+               "solver": solver, "steps": steps, "cfg": cfg, "seed": seed, "nfe": chunks.nfe,
+               "timings": {k: round(v, 4) for k, v in chunks.timings.items()}, "demo_model": info.demo_model,
+               "notes": list(chunks.notes)}
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        say(f"wrote {plan.path} ({summary['seconds']:.2f} s of audio, {stats['nfe']} flow evaluations)")
+        say(f"wrote {plan.path} ({summary['seconds']:.2f} s of audio, {chunks.nfe} flow evaluations)")
     return 0
-
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,14 @@
 """`Session`: a model folder, a backend, and the pipeline from video to sound track.
 
-    session = Session("models/vssflow")
-    result = session.generate("clip.mp4", transcript="hello there", speech_start=1.0, speech_end=3.0)
-    chunks, info = session.stream("clip.mp4")       # info at once, chunks as they are ready
+    with Session("models/vssflow") as session:
+        result = session.generate("clip.mp4", transcript="hello there", speech_start=1.0, speech_end=3.0)
+        chunks, info = session.stream("clip.mp4")     # info at once, chunks as they are ready
+        for chunk in chunks: ...
+        chunks.nfe, chunks.timings                     # the run's own record, once it is done
 
-Per 10-second window: the encoders and the condition stage run once; the ODE loop calls only
-`flow_step` (both CFG passes batched); the VAE decodes the window's latent once and the
-vocoder streams it out in chunks. Longer videos take 10-second windows every 9 seconds, each
+Per 10-second window (`window.py`): the encoders and the condition stage run once; the ODE loop
+calls only `flow_step` (both CFG passes batched); the VAE decodes the window's latent once and
+the vocoder streams it out in chunks. Longer videos take 10-second windows every 9 seconds, each
 streamed as soon as it is done, the 1-second overlaps joined by an equal-power crossfade.
 `video` may be a path, a binary file object, or `VideoFrames(frames, fps)` already decoded.
 
@@ -18,7 +20,6 @@ once per window and come out bit for bit the same; see `PREPROCESS`.
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,10 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from . import contracts as C
-from . import audio, solvers, text, video
+from . import audio, extras, solvers, text, video, window
 from .backends import create_backend
 from .errors import BackendError, VssflowInputError
 from .model_folder import ModelFolder
+from .window import Run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,8 @@ class GenerateOptions:
     cfg: float = 3.0
     seed: int = 0
 
-    def check(self, duration: float) -> None:
+    def check(self) -> None:
+        """Raise VssflowInputError for an option no run can use."""
         if self.solver not in solvers.SOLVERS:
             raise VssflowInputError(f"unknown solver {self.solver!r}: choose one of {', '.join(solvers.SOLVERS)}")
         if self.solver != "dopri5" and not 1 <= self.steps <= 1000:
@@ -54,10 +57,20 @@ class GenerateOptions:
         if self.transcript is None and (self.speech_start is not None or self.speech_end is not None):
             raise VssflowInputError("speech start/end given without a transcript")
 
+    def for_clip(self, duration: float) -> GenerateOptions:
+        """The speech interval's defaults filled in: from 0 to the end of the clip (at most 10 s)."""
+        if self.transcript is None:
+            return self
+        return dataclasses.replace(
+            self, speech_start=0.0 if self.speech_start is None else self.speech_start,
+            speech_end=min(duration, C.WINDOW_SECONDS) if self.speech_end is None else self.speech_end)
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(frozen=True)
 class StreamInfo:
-    """Known before the first chunk: what will come out and how it is made."""
+    """Known before the first chunk: what will come out and how it is made. `duration` and
+    `n_windows` are what the container says; the decoded frames decide (a wrong header is noted
+    in the run's `notes`)."""
 
     duration: float
     sample_rate: int
@@ -76,29 +89,49 @@ class Result:
     timings: dict[str, float]         # seconds per stage, summed over windows
     nfe: int                          # flow_step calls (each runs both CFG passes)
     intermediates: dict[str, np.ndarray] | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def options(self) -> GenerateOptions:
         return self.info.options
 
 
-class _Run:
-    """One generation's own record (threads sharing a Session each have theirs)."""
+class AudioStream(Iterator[np.ndarray]):
+    """The chunks of one generation, float32 at 16 kHz, each as soon as it is ready, with the
+    run's own record (`nfe`, `timings`, `intermediates`, `notes`), complete once iterated."""
 
-    def __init__(self, keep: bool):
-        self.timings: dict[str, float] = {}
-        self.nfe = 0
-        self.intermediates: dict[str, list[np.ndarray]] | None = {} if keep else None
+    def __init__(self, chunks: Iterator[np.ndarray], info: StreamInfo, run: Run):
+        self._chunks, self.info, self.run = chunks, info, run
 
-    def keep(self, name: str, value: np.ndarray) -> None:
-        if self.intermediates is not None:
-            self.intermediates.setdefault(name, []).append(value)
+    def __next__(self) -> np.ndarray:
+        return next(self._chunks)
 
-    def stats(self) -> dict:
-        kept = None
-        if self.intermediates is not None:
-            kept = {k: np.concatenate(v) if k == "audio" else np.stack(v) for k, v in self.intermediates.items()}
-        return {"nfe": self.nfe, "timings": dict(self.timings), "intermediates": kept}
+    def close(self) -> None:
+        """Stop early: the generation ends and holds nothing."""
+        self._chunks.close()
+
+    @property
+    def nfe(self) -> int:
+        return self.run.nfe
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self.run.timings)
+
+    @property
+    def intermediates(self) -> dict[str, np.ndarray] | None:
+        return self.run.kept()
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return tuple(self.run.notes)
+
+    def result(self) -> Result:
+        """Every (remaining) chunk, joined, with the record."""
+        pieces = list(self)
+        audio_ = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+        return Result(audio_, self.info.sample_rate, self.info, self.timings, self.nfe, self.intermediates,
+                      self.notes)
 
 
 # Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
@@ -152,24 +185,21 @@ def output_samples(meta: video.VideoInfo, decoded_end: float) -> int:
     return int(round(duration * C.SAMPLE_RATE))
 
 
-def nearest_indices(in_len: int, out_len: int, exact: bool = False) -> np.ndarray:
-    """Source indices of PyTorch's `nearest` / `nearest-exact` 1-d interpolation (float32 scale)."""
-    if in_len == out_len:
-        return np.arange(out_len)
-    scale = np.float32(in_len) / np.float32(out_len)
-    pos = np.arange(out_len, dtype=np.float32)
-    src = np.floor((pos + np.float32(0.5)) * scale if exact else pos * scale).astype(np.int64)
-    return np.minimum(src, in_len - 1)
+def window_phone_ids(track: np.ndarray, index: int) -> np.ndarray:
+    """Window `index`'s `[T]` slice of the phoneme track (zeros past its end: no speech)."""
+    ids = track[index * HOP_LATENTS:index * HOP_LATENTS + C.WINDOW_LATENTS]
+    return np.pad(ids, (0, C.WINDOW_LATENTS - len(ids)))
 
 
 class Session:
     """A loaded model: `generate()` for a whole result, `stream()` for chunks as they are ready.
 
-    Thread safety: a Session may be shared by threads. Every backend call is serialized by a
-    lock (backends hold one set of buffers), so concurrent generations take turns stage by stage
-    rather than run in parallel; each keeps its own state, so results equal sequential calls.
+    Thread safety: a Session may be shared by threads. Every backend call holds the backend's
+    lock (it has one set of buffers), so concurrent generations take turns stage by stage
+    rather than run in parallel; each keeps its own record, so results equal sequential calls.
     The lock is never held while a chunk is out with the caller: a stream abandoned half-way
-    blocks nobody.
+    blocks nobody. `close()` (or `with Session(...)`) frees the backend's sessions, engines and
+    device memory.
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
@@ -178,63 +208,61 @@ class Session:
         self.backend = create_backend(self.folder, backend, device)
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
-        self._lock = threading.Lock()
-        self._last = _Run(keep=False)
 
     # --- public ---------------------------------------------------------------------------
-    def generate(self, video_source, transcript: str | None = None, speech_start: float | None = None,
-                 speech_end: float | None = None, ref_audio=None, solver: str = "euler", steps: int = 25,
-                 cfg: float = 3.0, seed: int = 0, noise: np.ndarray | None = None,
-                 keep_intermediates: bool = False, progress: Callable[[dict], None] | None = None) -> Result:
-        chunks, info, run = self._start(video_source, transcript, speech_start, speech_end, ref_audio, solver,
-                                        steps, cfg, seed, noise, keep_intermediates, progress)
-        pieces = list(chunks)
-        audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-        stats = run.stats()
-        return Result(audio, C.SAMPLE_RATE, info, stats["timings"], stats["nfe"], stats["intermediates"])
+    def generate(self, video_source, options: GenerateOptions | None = None, *, ref_audio=None,
+                 noise: np.ndarray | None = None, keep_intermediates: bool = False,
+                 progress: Callable[[dict], None] | None = None, **fields) -> Result:
+        """The whole sound track. `options`, or its fields as keywords (`transcript=`, `steps=`, ...)."""
+        chunks, _ = self.stream(video_source, options, ref_audio=ref_audio, noise=noise,
+                                keep_intermediates=keep_intermediates, progress=progress, **fields)
+        return chunks.result()
 
-    def last_run(self) -> dict:
-        """NFE, per-stage seconds and (if kept) intermediates of the last finished generation."""
-        return self._last.stats()
+    def stream(self, video_source, options: GenerateOptions | None = None, *, ref_audio=None,
+               noise: np.ndarray | None = None, keep_intermediates: bool = False,
+               progress: Callable[[dict], None] | None = None, **fields) -> tuple[AudioStream, StreamInfo]:
+        """(chunks, info): `info` at once; `chunks` yields float32 audio as each piece is ready.
 
-    def stream(self, video_source, transcript: str | None = None, speech_start: float | None = None,
-               speech_end: float | None = None, ref_audio=None, solver: str = "euler", steps: int = 25,
-               cfg: float = 3.0, seed: int = 0, noise: np.ndarray | None = None,
-               keep_intermediates: bool = False,
-               progress: Callable[[dict], None] | None = None) -> tuple[Iterator[np.ndarray], StreamInfo]:
-        """(chunks, info): `info` at once; `chunks` yields float32 audio as each piece is ready."""
-        chunks, info, _ = self._start(video_source, transcript, speech_start, speech_end, ref_audio, solver, steps,
-                                      cfg, seed, noise, keep_intermediates, progress)
-        return chunks, info
-
-    def _start(self, video_source, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-               noise, keep_intermediates, progress) -> tuple[Iterator[np.ndarray], StreamInfo, _Run]:
-        """Check every input (raising before any model runs); the chunks fill their own `_Run`."""
+        Every input is checked here, before any model runs. `progress(event)` hears of each
+        stage call and solver step (see `window.Run`)."""
+        if options is not None and not isinstance(options, GenerateOptions):
+            raise TypeError(f"options must be GenerateOptions, got {type(options).__name__}; "
+                            "pass transcript=, steps=, ... as keywords")
+        options = dataclasses.replace(options or GenerateOptions(), **fields)
+        options.check()
         if isinstance(video_source, video.VideoFrames):
             video_source = video_source.as_file()
         meta = video.probe(video_source)
-        if transcript is not None:          # defaults: from 0 to the end of the clip (at most 10 s)
-            speech_start = 0.0 if speech_start is None else speech_start
-            speech_end = min(meta.duration, C.WINDOW_SECONDS) if speech_end is None else speech_end
-        options = GenerateOptions(transcript, speech_start, speech_end, solver, steps, cfg, seed)
-        options.check(meta.duration)
+        options = options.for_clip(meta.duration)
         if ref_audio is not None and "speaker_encoder" not in self.folder.contracts:
             raise VssflowInputError(f"{self.folder.path}: this model folder has no speaker stage; "
                                     "re-export with --rawnet to use a reference voice")
         speaker_crops = None if ref_audio is None else audio.speaker_crops(audio.load_reference(ref_audio))
         n_windows = video.count_windows(meta.duration, WINDOW_HOP)    # as the container says; decoding decides
-        ids = self._phoneme_track(options, meta.duration, n_windows)
-        noise = self._noise(noise, seed, n_windows)
+        track = self._phoneme_track(options, meta.duration, n_windows)
+        noise_of = self._noise(noise, options.seed, n_windows)
         info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.describe(), options, meta,
                           self.folder.is_demo)
-        run = _Run(keep_intermediates)
-        return self._chunks(video_source, meta, options, ids, noise, speaker_crops, run, progress), info, run
+        run = Run.new(keep_intermediates, progress)
+        chunks = self._chunks(video_source, meta, options, track, noise_of, speaker_crops, run)
+        return AudioStream(chunks, info, run), info
 
     def describe(self) -> str:
         """The backend, and where frames are prepared when not on the host."""
         where = "" if self.frames_device is None else f", frames on {self.frames_device}"
         return self.backend.describe() + where
 
+    def close(self) -> None:
+        """Free the backend's sessions, engines and device memory (a later call loads them again)."""
+        self.backend.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- steps ----------------------------------------------------------------------------
     def _frames_device(self, preprocess: str) -> str | None:
         if preprocess not in PREPROCESS:
             raise VssflowInputError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
@@ -246,7 +274,6 @@ class Session:
                                "device needs the torch or trt backend")
         return device
 
-    # --- steps ----------------------------------------------------------------------------
     def _phoneme_track(self, o: GenerateOptions, duration: float, n_windows: int) -> np.ndarray:
         """Phoneme ids over the windows' whole timeline, stretched over the speech interval."""
         total = (n_windows - 1) * HOP_LATENTS + C.WINDOW_LATENTS
@@ -283,23 +310,40 @@ class Session:
             return noise[k]
         return given
 
-    def _chunks(self, source, meta, options, ids, noise, crops, run: _Run, progress) -> Iterator[np.ndarray]:
-        speaker = np.zeros((1, self.sizes.speaker_dim), np.float32)
-        if crops is not None:
-            speaker = self._timed(run, "speaker_encoder", "speaker_encoder", {"crops": crops})["embedding"]
-            run.keep("speaker", speaker[0])
+    def _windows(self, source, run: Run) -> Iterator[video.VideoWindow | video.FrameWindow]:
+        """`video.windows`, the time spent in it (decoding, and on the host resizing) timed as `frames`."""
         upload = None
         if self.frames_device is not None:
-            from vssflow.kernels.frames import uploader
-            upload = uploader(self.frames_device)
+            upload = extras.load("kernels.frames", "torch", "preparing frames on the device").uploader(
+                self.frames_device)
+        windows = video.windows(source, hop=WINDOW_HOP, upload=upload)
+        while True:
+            t0 = time.perf_counter()
+            w = next(windows, None)
+            run.timed("frames", time.perf_counter() - t0)
+            if w is None:
+                return
+            yield w
+
+    def _chunks(self, source, meta, options: GenerateOptions, track, noise_of, crops, run: Run) -> Iterator[np.ndarray]:
+        speaker = np.zeros((1, self.sizes.speaker_dim), np.float32)
+        if crops is not None:
+            speaker = run.call(self.backend, "speaker_encoder", {"crops": crops})["embedding"]
+            run.keep("speaker", speaker[0])
         length: list[int] = []          # samples to write, known once the last window is decoded
 
         def window_audio():
-            for window in video.windows(source, hop=WINDOW_HOP, upload=upload):
-                if window.last:
-                    length.append(output_samples(meta, window.end))
-                z = self._window_latent(run, window, options, ids, noise(window.index), speaker, progress)
-                yield self._decode(run, z)
+            for w in self._windows(source, run):
+                run.window = w.index
+                if w.last:
+                    length.append(output_samples(meta, w.end))
+                    if length[0] != int(round(meta.duration * C.SAMPLE_RATE)):
+                        run.notes.append(f"the container says {meta.duration:.2f} s but the frames run "
+                                         f"{w.end:.2f} s: the sound follows the frames")
+                cond = window.conditions(self.backend, run, w, window_phone_ids(track, w.index), speaker)
+                z = window.sample(self.backend, run, cond, noise_of(w.index), solver=options.solver,
+                                  steps=options.steps, cfg=options.cfg)
+                yield window.decode(self.backend, run, z)
 
         written = 0
         for chunk in crossfade_windows(window_audio()):
@@ -312,76 +356,3 @@ class Session:
                 yield chunk
             if length and written >= length[0]:
                 break
-        self._last = run
-
-    def _timed(self, run: _Run, name: str, stage: str, feed: dict) -> dict:
-        with self._lock:
-            t0 = time.perf_counter()
-            out = self.backend.run(stage, feed)
-            run.timings[name] = run.timings.get(name, 0.0) + time.perf_counter() - t0
-        return out
-
-    def _encoder_inputs(self, run: _Run, window: video.VideoWindow | video.FrameWindow):
-        """(clip frames, Synchformer segments): numpy from the host, or tensors made on the device."""
-        if isinstance(window, video.VideoWindow):
-            return window.clip_frames, np.ascontiguousarray(window.synch_segments())
-        import torch
-
-        from vssflow.kernels.frames import window_inputs
-        t0 = time.perf_counter()
-        dtype = getattr(torch, self.folder.contracts["clip_encoder"].inputs[0].dtype)    # the engines' own
-        frames, segments = window_inputs(window, dtype=dtype)
-        if frames.is_cuda:
-            torch.cuda.synchronize(frames.device)      # time the kernels, not their launch
-        run.timings["preprocess"] = run.timings.get("preprocess", 0.0) + time.perf_counter() - t0
-        return frames, segments
-
-    def _window_latent(self, run: _Run, window: video.VideoWindow | video.FrameWindow, o: GenerateOptions,
-                       ids: np.ndarray, noise: np.ndarray, speaker: np.ndarray, progress) -> np.ndarray:
-        T = C.WINDOW_LATENTS
-        frames, segments = self._encoder_inputs(run, window)
-        clip = self._timed(run, "clip_encoder", "clip_encoder", {"frames": frames})["features"]
-        synch = self._timed(run, "synch_encoder", "synch_encoder", {"segments": segments})["features"]
-        del frames, segments                           # device memory back before the ODE loop
-        synch = synch.reshape(-1, synch.shape[-1])                                   # [240, Ds]
-        clip_t = clip[nearest_indices(len(clip), T)][None]                           # [1, T, Dc]
-        synch_t = synch[nearest_indices(len(synch), T, exact=True)][None]            # [1, T, Ds]
-        window_ids = ids[window.index * HOP_LATENTS:window.index * HOP_LATENTS + T]
-        window_ids = np.pad(window_ids, (0, T - len(window_ids)))[None]     # past the track: no speech
-        cond = self._timed(run, "condition", "condition", {"clip": clip_t, "synch": synch_t,
-                                                      "phone_ids": window_ids, "speaker": speaker})
-        for name, value in (("clip_features", clip), ("synch_features", synch), ("phone_ids", window_ids[0]),
-                            ("initial_latent", noise)):
-            run.keep(name, value)
-        flow_velocity, to_native, to_numpy = self.backend.flow_loop(cond, o.cfg)
-
-        def velocity(t: float, z):
-            run.nfe += 1
-            with self._lock:
-                t0 = time.perf_counter()
-                v = flow_velocity(t, z)
-                run.timings["flow_step"] = run.timings.get("flow_step", 0.0) + time.perf_counter() - t0
-            return v
-
-        def report(step: dict) -> None:
-            if progress is not None:
-                progress({"window": window.index, "step": step["step"], "t": step["t"], "nfe": step["nfe"]})
-
-        z0 = to_native(noise[None])                                                  # [1, 128, T]
-        z1 = to_numpy(solvers.solve(o.solver, velocity, z0, o.steps, callback=report,
-                                    frozen=to_native(cond["channels"])))
-        run.keep("final_latent", z1[0])
-        return z1
-
-    def _decode(self, run: _Run, z: np.ndarray) -> Iterator[np.ndarray]:
-        """Latent `[1, 128, T]` -> audio chunks: the VAE once, the vocoder in overlapping chunks."""
-        mel = self._timed(run, "vae_decoder", "vae_decoder", {"z": z})["mel"]        # [1, 4T, 64]
-        run.keep("mel", mel[0])
-        m = mel.shape[1]
-        step, ov = C.VOCODER_CHUNK, C.VOCODER_OVERLAP
-        for a in range(0, m, step):
-            b = min(m, a + step)
-            a0, b0 = max(0, a - ov), min(m, b + ov)
-            audio = self._timed(run, "vocoder", "vocoder", {"mel": np.ascontiguousarray(mel[:, a0:b0])})["audio"][0]
-            end = (b - a0) * C.SAMPLES_PER_MEL + (C.VOCODER_EXTRA if b == m else 0)
-            yield audio[(a - a0) * C.SAMPLES_PER_MEL:end]

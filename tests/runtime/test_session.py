@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vssflow.runtime import video
-from vssflow.runtime.session import Session, nearest_indices
+from vssflow.runtime.session import Session
+from vssflow.runtime.window import nearest_indices
 
 
 @pytest.fixture(scope="module")
@@ -104,16 +105,16 @@ def test_torch_backend_keeps_the_ode_state_in_torch(tiny_model, clip4, ort_sessi
     """The loop hands the torch backend its own tensors (device-resident on CUDA), never numpy."""
     session = Session(tiny_model, backend="torch")
     seen = []
-    make = session.backend.flow_loop
+    make = session.backend.velocity
 
     def spy(cond, cfg):
-        velocity, to_native, to_numpy = make(cond, cfg)
+        velocity = make(cond, cfg)
 
         def watched(t, z):
             seen.append(type(z))
             return velocity(t, z)
-        return watched, to_native, to_numpy
-    session.backend.flow_loop = spy
+        return watched
+    session.backend.velocity = spy
     noise = _noise(1)
     a = session.generate(clip4, steps=3, noise=noise).audio
     assert seen and all(t is torch.Tensor for t in seen)

@@ -1,0 +1,190 @@
+"""One 10-second window, stage by stage: conditions, sampling, decoding to audio chunks.
+
+The Session strings these together for each window of a video; benchmarks and batch runs call
+them one by one. Each takes the backend that runs the stages and the `Run` that records what a
+generation did (seconds per stage, flow evaluations, intermediates, progress), so a result
+carries its own record:
+
+    run = Run()
+    cond = conditions(backend, run, window, phone_ids, speaker)     # once per window
+    z = sample(backend, run, cond, noise, solver="euler", steps=25, cfg=3.0)
+    for chunk in decode(backend, run, z): ...                       # the VAE once, the vocoder in chunks
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from . import contracts as C
+from . import extras, solvers, video
+
+Progress = Callable[[dict], None]
+
+
+@dataclasses.dataclass
+class Run:
+    """What one generation did, kept apart from any other's (threads may share a Session).
+
+    `timings`: seconds per stage, summed over windows (`frames`: decoding and preparing the
+    video frames on the host; `preprocess`: preparing them on the device). `nfe`: flow_step
+    calls, each running both CFG passes. `intermediates`: features, ids, latents, mel and audio,
+    when asked for. `notes`: what a user should know about the result, one line each.
+    `progress(event)` hears of every stage call (`{"kind": "stage", "window", "stage",
+    "seconds"}`) and solver step (`{"kind": "step", "window", "step", "t", "nfe"}`).
+    """
+
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    nfe: int = 0
+    intermediates: dict[str, list[np.ndarray]] | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+    progress: Progress | None = None
+    window: int = 0                          # the window being generated
+
+    @classmethod
+    def new(cls, keep_intermediates: bool = False, progress: Progress | None = None) -> Run:
+        return cls(intermediates={} if keep_intermediates else None, progress=progress)
+
+    def keep(self, name: str, value) -> None:
+        if self.intermediates is not None:
+            self.intermediates.setdefault(name, []).append(value)
+
+    def kept(self) -> dict[str, np.ndarray] | None:
+        """The intermediates, one array each: audio joined, the rest stacked by window."""
+        if self.intermediates is None:
+            return None
+        return {k: np.concatenate(v) if k == "audio" else np.stack(v) for k, v in self.intermediates.items()}
+
+    def timed(self, name: str, seconds: float) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        self.report({"kind": "stage", "stage": name, "seconds": seconds})
+
+    def report(self, event: dict) -> None:
+        if self.progress is not None:
+            self.progress({"window": self.window, **event})
+
+    def call(self, backend, stage: str, feed: dict) -> dict[str, np.ndarray]:
+        """`backend.run(stage, feed)`, timed without the wait for another thread's call."""
+        with backend.lock:
+            t0 = time.perf_counter()
+            out = backend.run(stage, feed)
+            self.timed(stage, time.perf_counter() - t0)
+        return out
+
+
+# --- conditions ------------------------------------------------------------------------------
+
+def nearest_indices(in_len: int, out_len: int, exact: bool = False) -> np.ndarray:
+    """Source indices of PyTorch's `nearest` / `nearest-exact` 1-d interpolation (float32 scale)."""
+    if in_len == out_len:
+        return np.arange(out_len)
+    scale = np.float32(in_len) / np.float32(out_len)
+    pos = np.arange(out_len, dtype=np.float32)
+    src = np.floor((pos + np.float32(0.5)) * scale if exact else pos * scale).astype(np.int64)
+    return np.minimum(src, in_len - 1)
+
+
+def to_latent_rate(clip: np.ndarray, synch: np.ndarray, length: int = C.WINDOW_LATENTS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder features at the latent rate, as the condition stage takes them (DESIGN §1.1):
+    CLIP `[100, Dc]` by `nearest`, Synchformer `[240, Ds]` by `nearest-exact` -> `[1, T, D]` each."""
+    return (np.ascontiguousarray(clip[nearest_indices(len(clip), length)][None]),
+            np.ascontiguousarray(synch[nearest_indices(len(synch), length, exact=True)][None]))
+
+
+def encoder_inputs(backend, run: Run, window: video.VideoWindow | video.FrameWindow):
+    """(clip frames `[100, 3, 224, 224]`, Synchformer segments `[30, 16, 3, 224, 224]`): numpy from
+    the host for a `VideoWindow`, tensors made on the device for a `FrameWindow`."""
+    if isinstance(window, video.VideoWindow):
+        return window.clip_frames, np.ascontiguousarray(window.synch_segments())
+    frames_module = extras.load("kernels.frames", "torch", "preparing frames on the device")
+    import torch
+    t0 = time.perf_counter()
+    dtype = getattr(torch, backend.folder.contracts["clip_encoder"].inputs[0].dtype)    # the engines' own
+    frames, segments = frames_module.window_inputs(window, dtype=dtype)
+    if frames.is_cuda:
+        torch.cuda.synchronize(frames.device)      # time the kernels, not their launch
+    run.timed("preprocess", time.perf_counter() - t0)
+    return frames, segments
+
+
+def encode(backend, run: Run, window: video.VideoWindow | video.FrameWindow) -> tuple[np.ndarray, np.ndarray]:
+    """The window's encoder features: CLIP `[100, Dc]`, Synchformer `[240, Ds]`."""
+    frames, segments = encoder_inputs(backend, run, window)
+    clip = run.call(backend, "clip_encoder", {"frames": frames})["features"]
+    synch = run.call(backend, "synch_encoder", {"segments": segments})["features"]
+    return clip, synch.reshape(-1, synch.shape[-1])
+
+
+def condition(backend, run: Run, clip: np.ndarray, synch: np.ndarray, phone_ids: np.ndarray,
+              speaker: np.ndarray) -> dict[str, np.ndarray]:
+    """The condition stage on encoder features (resampled here to the latent rate), the window's
+    phoneme ids `[T]` and the speaker embedding `[1, Dspk]`: folded condition and K/V cache."""
+    clip_t, synch_t = to_latent_rate(clip, synch, len(phone_ids))
+    return run.call(backend, "condition", {"clip": clip_t, "synch": synch_t, "phone_ids": phone_ids[None],
+                                           "speaker": speaker})
+
+
+def conditions(backend, run: Run, window, phone_ids: np.ndarray, speaker: np.ndarray) -> dict[str, np.ndarray]:
+    """Everything once per window: both encoders, then the condition stage."""
+    clip, synch = encode(backend, run, window)
+    run.keep("clip_features", clip)
+    run.keep("synch_features", synch)
+    run.keep("phone_ids", phone_ids)
+    return condition(backend, run, clip, synch, phone_ids, speaker)
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+def sample(backend, run: Run, cond: dict[str, np.ndarray], noise: np.ndarray, *, solver: str = "euler",
+           steps: int = 25, cfg: float = 3.0) -> np.ndarray:
+    """The ODE from `noise` `[128, T]` (t = 0) to the window's latent `[1, 128, T]` (t = 1),
+    `flow_step` as the velocity, the state in the backend's own arrays throughout."""
+    arrays = backend.arrays
+    flow_velocity = backend.velocity(cond, cfg)
+
+    def velocity(t: float, z):
+        run.nfe += 1
+        with backend.lock:
+            t0 = time.perf_counter()
+            v = flow_velocity(t, z)
+            run.timings["flow_step"] = run.timings.get("flow_step", 0.0) + time.perf_counter() - t0
+        return v
+
+    def step(info: dict) -> None:
+        run.report({"kind": "step", "step": info["step"], "t": info["t"], "nfe": info["nfe"]})
+
+    run.keep("initial_latent", noise)
+    z1 = solvers.solve(solver, velocity, arrays.upload(noise[None]), steps, callback=step,
+                       frozen=arrays.upload(cond["channels"]))
+    z1 = arrays.numpy(z1)
+    run.keep("final_latent", z1[0])
+    return z1
+
+
+# --- decoding --------------------------------------------------------------------------------
+
+def vocoder_chunks(mel_frames: int) -> list[tuple[int, int, int, int]]:
+    """How the vocoder streams `mel_frames`: for each chunk of `VOCODER_CHUNK` frames, the mel
+    span fed `[a0, b0)` (the chunk plus overlap) and the samples of its output kept `[s0, s1)`.
+    With `VOCODER_OVERLAP` past the vocoder's receptive field, the chunks equal a one-shot decode."""
+    step, ov, per = C.VOCODER_CHUNK, C.VOCODER_OVERLAP, C.SAMPLES_PER_MEL
+    out = []
+    for a in range(0, mel_frames, step):
+        b = min(mel_frames, a + step)
+        a0, b0 = max(0, a - ov), min(mel_frames, b + ov)
+        out.append((a0, b0, (a - a0) * per, (b - a0) * per + (C.VOCODER_EXTRA if b == mel_frames else 0)))
+    return out
+
+
+def decode(backend, run: Run, z: np.ndarray) -> Iterator[np.ndarray]:
+    """Latent `[1, 128, T]` -> audio chunks: the VAE once (its GroupNorm and attention see the
+    whole window), the vocoder in overlapping chunks (convolutions only: exact)."""
+    mel = run.call(backend, "vae_decoder", {"z": z})["mel"]                          # [1, 4T, 64]
+    run.keep("mel", mel[0])
+    for a0, b0, s0, s1 in vocoder_chunks(mel.shape[1]):
+        audio = run.call(backend, "vocoder", {"mel": np.ascontiguousarray(mel[:, a0:b0])})["audio"][0]
+        yield audio[s0:s1]
