@@ -9,12 +9,13 @@ import click
 
 from vssflow.runtime import extras
 from vssflow.runtime.errors import VssflowError
+from vssflow.runtime.precision import EXPORT_PRECISIONS
 
 DEMO_NOTE = "DEMO MODEL: random weights in the authors' layout; it runs the whole pipeline but makes noise."
 
 
 def export_demo(out: Path, *, replace: bool = False, progress=lambda m: None, backend: str = "onnx",
-                precision: str = "fp32", verify: bool = True) -> dict:
+                precision: str = "fp16", verify: bool = True) -> dict:
     """Write a `tiny` random-weight checkpoint in the authors' layout and export it to `out`."""
     from .onnx_export import ExportOptions, export_random
     return export_random(out, "tiny", options=ExportOptions(precision=precision, backend=backend, verify=verify),
@@ -22,21 +23,29 @@ def export_demo(out: Path, *, replace: bool = False, progress=lambda m: None, ba
 
 
 def _summary(manifest: dict, out: Path) -> str:
-    rows = [("stage", "file", "MB", "export s", "ORT vs torch")]
+    rows = [("stage", "file", "MB", "export s", "ORT vs torch", "FP16 MB", "FP16 s", "FP16 vs FP32")]
     for name, entry in manifest["report"].items():
         if name == "tensorrt":
             continue
         f = f"{name}.onnx"
         parity = entry.get("parity", {})
         worst = max((v["max_abs_err"] for v in parity.values()), default=None)
+        half = entry.get("fp16")
+        half_file = manifest["files"].get(f"{name}.fp16.onnx")
+        agreement = (half or {}).get("agreement")
         rows.append((name, f, f"{manifest['files'][f]['bytes'] / 1e6:.1f}", f"{entry['seconds']:.1f}",
-                     "-" if worst is None else f"max err {worst:.1e}"))
+                     "-" if worst is None else f"max err {worst:.1e}",
+                     "-" if half_file is None else f"{half_file['bytes'] / 1e6:.1f}",
+                     "-" if half is None else f"{half['seconds']:.1f}",
+                     "-" if half is None else "not checked" if agreement is None else
+                     "SNR " + " / ".join(f"{a['snr_db']:.1f}" for a in agreement.values()) + " dB"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     trt = manifest["report"].get("tensorrt")
     if trt is not None:
         lines.append("TensorRT: " + (f"skipped: {trt['skipped']}" if "skipped" in trt else
-                                     ", ".join(f"{k} {v['seconds']} s" for k, v in trt.items())))
+                                     ", ".join(f"{k} {v['precision']} {v['seconds']} s" for k, v in trt.items())))
+    lines.append(f"precisions: {', '.join(manifest.get('precisions', ['fp32']))}")
     lines.append(f"model folder: {out}")
     if manifest.get("demo"):
         lines.append(DEMO_NOTE)
@@ -53,8 +62,13 @@ def _summary(manifest: dict, out: Path) -> str:
 @click.option("--assets", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The authors' assets folder; its vae/, vocoder/ and transformer config.json override "
                    "what tensor shapes cannot tell (vocoder upsample rates, head size).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True,
-              help="Precision of the TensorRT engines; ONNX files are always fp32.")
+@click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp16", show_default=True,
+              help="fp16: the FP32 graphs and, beside them, mixed-precision FP16 graphs (<stage>.fp16.onnx: "
+                   "weights and matrix products in FP16, norms, softmax, sin/cos, the guidance mix and reductions "
+                   "in FP32; inputs and outputs FP32), each checked against its FP32 graph, and FP16 TensorRT "
+                   "engines built from them; what `vssflow-run --precision fp16` needs. fp32: FP32 graphs and "
+                   "engines only. FP16 graphs are traced on CUDA when there is one; on a CPU tracing runs "
+                   "torch's FP16 kernels, slow: about 18 minutes more at full size on 2 cores.")
 @click.option("--backend", type=click.Choice(["onnx", "trt", "all"]), default="all", show_default=True,
               help="onnx: ONNX files only; trt/all: also TensorRT engines where TensorRT and a GPU exist.")
 @click.option("--max-seconds", type=float, default=10.0, show_default=True,
@@ -72,7 +86,7 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
     \b
     Example:
       vssflow-export --checkpoint model.ckpt --synchformer synchformer_state_dict.pth \\
-                     --precision fp16 --out models/vssflow
+                     --out models/vssflow
       vssflow-export --demo --out models/demo
     """
     def progress(msg: str) -> None:

@@ -96,6 +96,8 @@ class FlowStep(nn.Module):
             h = h + torch.cat([cross, torch.zeros_like(cross)], dim=0)                 # uncond: exactly 0
             h = h + blk.ff(blk.norm3(h))
         v_all = (h[:, 1:] @ self.p_out.T).transpose(1, 2)                              # [2B, 128, T]
+        if v_all.dtype != torch.float32:     # half graphs: the guidance mix in FP32 (export/precision.py);
+            v_all = v_all.float()            # tested at trace time, so the FP32 graph gets no extra node
         v_cond, v_uncond = v_all[:b], v_all[b:]
         return v_uncond + cfg * (v_cond - v_uncond)
 

@@ -1,8 +1,13 @@
 """Trace each stage to ONNX, check it against PyTorch, and write the model folder.
 
+At `--precision fp16` each stage of `FP16_STAGES` also gets `<stage>.fp16.onnx`, the same stage
+under the half-precision policy (`export/precision.py`), compared with its FP32 graph on the
+contract's sample inputs: the SNR goes into the report, and a half graph that gives a
+non-finite value stops the export, naming the stage.
+
 The folder is built under a temporary name beside `out` and renamed into place at the end, so
 it is either complete or untouched. `manifest.json` records the model dimensions, the stage
-contracts, every file with its sha256, and the versions used.
+contracts, the graph precisions, every file with its sha256, and the versions used.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 
 from vssflow.runtime.contracts import ModelSizes, StageContract, stage_contracts
 from vssflow.runtime.model_folder import sha256
+from vssflow.runtime.precision import EXPORT_PRECISIONS, FP16_STAGES, graph_name
 
 from .checkpoint import RAWNET, SYNCHFORMER, AuthorsCheckpoint, build_modules, read_aux, read_checkpoint
 from .errors import ExportError
@@ -34,15 +40,20 @@ STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow
 # Compared by SNR, not max abs error: long convolution stacks (and RawNet3's log filterbank)
 # amplify float rounding differences between ONNX Runtime and PyTorch.
 SNR_STAGES = ("speaker_encoder", "vae_decoder", "vocoder")
+# The export check's sizes: other shapes than the trace's, small enough for any CPU.
+CHECK_SIZES = {"N": 3, "S": 2, "B": 1, "T": 40, "T1": 41, "M": 80}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportOptions:
-    precision: str = "fp32"          # fp32 | fp16 (TensorRT engines; the ONNX files stay fp32)
+    # fp16: the FP32 graphs and, beside them, the FP16 graphs (`<stage>.fp16.onnx`), and FP16
+    # TensorRT engines built from those; fp32: FP32 graphs (and FP32 engines) only.
+    precision: str = "fp16"
     backend: str = "onnx"            # onnx | trt | all
     max_seconds: float = 10.0
-    verify: bool = True
+    verify: bool = True              # ORT vs torch per stage, and each FP16 graph vs its FP32 graph
     torch_weights: bool = True       # weights.pt for the torch backend
+    graphs: bool = True              # False: weights.pt and the manifest only (the torch backend alone)
 
 
 def model_sizes(ckpt: AuthorsCheckpoint, synch_dims) -> ModelSizes:
@@ -88,11 +99,12 @@ class LatentToMel(torch.nn.Module):
         return self.decoder.latent_to_mel(z)
 
 
-def export_onnx(module: torch.nn.Module, contract: StageContract, path: Path) -> None:
+def export_onnx(module: torch.nn.Module, contract: StageContract, path: Path, device: str = "cpu") -> None:
+    """Trace `module` (on `device`) into `path`; the graph is checked by onnx's checker."""
     # A small but non-trivial trace shape: the graph is shape-generic along the dynamic axes.
     feed = contract.sample("min", **{a: max(lo, min(hi, 2 if a in ("N", "S", "B") else 30 if a != "T1" else 31))
                                      for a, (lo, _, hi) in contract.axes.items()})
-    args = tuple(torch.from_numpy(feed[s.name]) for s in contract.inputs)
+    args = tuple(torch.from_numpy(feed[s.name]).to(device) for s in contract.inputs)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, args, str(path), input_names=[s.name for s in contract.inputs],
@@ -100,6 +112,35 @@ def export_onnx(module: torch.nn.Module, contract: StageContract, path: Path) ->
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
     import onnx
     onnx.checker.check_model(str(path), full_check=True)
+
+
+def half_trace_device() -> str:
+    """Where the FP16 graphs are traced: tracing runs the half module once, and torch's FP16
+    kernels on a CPU without AVX512-FP16 are 40-250x slower than FP32 (minutes per stage at full
+    size), so on CUDA when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def export_half(module: torch.nn.Module, contract: StageContract, path: Path, device: str = "cpu") -> None:
+    """`<stage>.fp16.onnx`: the stage under the half-precision policy, traced on `device`."""
+    from .precision import half_stage
+    half = half_stage(module).to(device)
+    try:
+        export_onnx(half, contract, path, device)
+    finally:
+        del half
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def check_half(contract: StageContract, fp32_path: Path, fp16_path: Path) -> dict:
+    """The FP16 graph against the FP32 graph (ONNX Runtime, CPU) on the contract's sample inputs:
+    output -> {snr_db, max_abs_err, finite}. Raises ExportError naming the stage if a value is
+    not finite."""
+    from .precision import check_fp16, compare_graphs
+    report = compare_graphs(fp32_path, fp16_path, contract, sizes=CHECK_SIZES)
+    check_fp16(contract.name, report)
+    return {k: a.to_json() for k, a in report.items()}
 
 
 def verify_onnx(module: torch.nn.Module, contract: StageContract, path: Path, sizes: dict) -> dict:
@@ -164,6 +205,8 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
     out = Path(out)
     if out.exists() and not replace:
         raise ExportError(f"{out}: already exists; pass --force to replace it")
+    if options.precision not in EXPORT_PRECISIONS:
+        raise ExportError(f"unknown export precision {options.precision!r}: expected {' or '.join(EXPORT_PRECISIONS)}")
     if not 1 <= options.max_seconds <= 10:
         raise ExportError(f"--max-seconds must be between 1 and 10 (one window), got {options.max_seconds}")
     progress("reading checkpoint")
@@ -191,23 +234,33 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is ordinary data
     try:
         files, report = {}, {}
-        for name in (s for s in STAGES if s in modules):
+        half_device = half_trace_device()
+        for name in (s for s in STAGES if s in modules and options.graphs):
             t0 = time.perf_counter()
             progress(f"{name}: tracing to ONNX")
-            path = tmp / f"{name}.onnx"
+            path = tmp / graph_name(name)
             export_onnx(modules[name], contracts[name], path)
             entry = {"seconds": round(time.perf_counter() - t0, 2)}
             if options.verify:
                 progress(f"{name}: checking ONNX Runtime against PyTorch")
-                small = {"N": 3, "S": 2, "B": 1, "T": 40, "T1": 41, "M": 80}
-                entry["parity"] = verify_onnx(modules[name], contracts[name], path, small)
+                entry["parity"] = verify_onnx(modules[name], contracts[name], path, CHECK_SIZES)
+            if options.precision == "fp16" and name in FP16_STAGES:
+                t0 = time.perf_counter()
+                progress(f"{name}: tracing the FP16 graph on {half_device}"
+                         + (" (torch's FP16 CPU kernels: minutes at full size)" if half_device == "cpu" else ""))
+                half_path = tmp / graph_name(name, "fp16")
+                export_half(modules[name], contracts[name], half_path, half_device)
+                entry["fp16"] = {"seconds": round(time.perf_counter() - t0, 2)}
+                if options.verify:
+                    progress(f"{name}: checking the FP16 graph against the FP32 graph")
+                    entry["fp16"]["agreement"] = check_half(contracts[name], path, half_path)
             report[name] = entry
         if options.torch_weights:
             from .torch_stages import save_weights
             progress("weights.pt: the PyTorch weights for the torch backend")
             save_weights(ckpt, synch_sd, tmp / "weights.pt", rawnet_sd)
-        if options.backend in ("trt", "all"):
-            from .tensorrt import build_engines
+        if options.backend in ("trt", "all") and options.graphs:
+            from .trt_build import build_engines
             report["tensorrt"] = build_engines(tmp, contracts, options.precision, progress)
         for p in sorted(tmp.iterdir()):
             if p.is_file():
@@ -219,6 +272,8 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
             "sizes": dataclasses.asdict(sizes),
             "contracts": {k: c.to_json() for k, c in contracts.items()},
             "options": dataclasses.asdict(options),
+            # the graph precisions written (runtime.precision.folder_precisions reads this)
+            "precisions": [] if not options.graphs else ["fp32", "fp16"] if options.precision == "fp16" else ["fp32"],
             "files": files,
             "versions": _versions(),
             "report": report,

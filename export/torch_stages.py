@@ -38,5 +38,11 @@ def read_weights(path: Path) -> tuple[AuthorsCheckpoint, torch.nn.Module, torch.
     return ckpt, synch, rawnet
 
 
-def load_stage_modules(path: Path, device: str = "cpu") -> dict[str, torch.nn.Module]:
-    return {name: m.to(device).eval() for name, m in stage_modules(*read_weights(path)).items()}
+def load_stage_modules(path: Path, device: str = "cpu", precision: str = "fp32") -> dict[str, torch.nn.Module]:
+    """Every stage's module on `device`; at fp16/bf16 the stages of `FP16_STAGES` run under the
+    half-precision policy (`export/precision.py`), the others (the speaker encoder) in FP32."""
+    from vssflow.runtime.precision import FP16_STAGES
+
+    from .precision import half_stage
+    modules = {name: m.to(device).eval() for name, m in stage_modules(*read_weights(path)).items()}
+    return {name: half_stage(m, precision, copy_=False) if name in FP16_STAGES else m for name, m in modules.items()}

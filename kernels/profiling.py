@@ -58,7 +58,7 @@ NO_KERNEL_OPS = {"aten::view", "aten::reshape", "aten::_reshape_alias", "aten::t
 def make_model(size: str, out: Path) -> None:
     """A random-weight model folder of ``size`` (``tiny``, ``small``, ``full``), ONNX + weights.pt."""
     from vssflow.export.onnx_export import ExportOptions, export_random
-    export_random(out, size, options=ExportOptions(backend="onnx"), progress=lambda m: print(m, flush=True))
+    export_random(out, size, options=ExportOptions(precision="fp32", backend="onnx"), progress=lambda m: print(m, flush=True))
 
 
 def synthetic_video(path: Path, seconds: float = 10.0, fps: int = 25, size=(1280, 720)) -> Path:

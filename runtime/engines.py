@@ -5,7 +5,9 @@ built for this GPU, this TensorRT and this ONNX file). Imports neither TensorRT 
 a function needs them, so the runtime imports this on any machine.
 
 An engine's file name says what makes it valid:
-`{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`.
+`{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`, the hash
+being that of the graph it was built from: `<stage>.fp16.onnx` for an FP16 engine, `<stage>.onnx`
+for an FP32 one (engines are strongly typed: their precision is their graph's, DESIGN.md §7).
 """
 
 from __future__ import annotations
@@ -15,11 +17,31 @@ import re
 
 from .contracts import StageContract
 from .errors import BackendError
+from .precision import graph_name, stage_precision
 
 MIN_TENSORRT = 10            # strongly typed networks (DESIGN §7); JetPack 6 ships 10.3
 _NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z0-9-]+)"
                    r"\.trt(?P<trt>[0-9][0-9A-Za-z.+]*?)\.(?P<precision>fp16|fp32)"
                    r"\.p(?P<profile>[0-9a-f]{8})\.engine")
+
+
+def tensorrt_problem() -> str | None:
+    """Why the TensorRT here cannot build or run vssflow's engines (one line), or None.
+
+    Strongly typed networks: TensorRT 10.x has them behind `NetworkDefinitionCreationFlag.STRONGLY_TYPED`,
+    11.x always (it keeps the flag and ignores it); older versions, or a build without the flag, not."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return ("TensorRT is not installed: `pip install tensorrt` (x86-64), or on a Jetson use the "
+                "one JetPack ships; ONNX files were written and run on ONNX Runtime")
+    version = str(getattr(trt, "__version__", "0"))
+    major = version.split(".")[0]
+    flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    if not major.isdigit() or int(major) < MIN_TENSORRT or not hasattr(flags, "STRONGLY_TYPED"):
+        return (f"TensorRT {version} cannot build strongly typed networks, which vssflow's engines are "
+                f"(TensorRT {MIN_TENSORRT}.0 or newer; JetPack 6 ships 10.3)")
+    return None
 
 
 def availability() -> tuple[bool, str]:
@@ -29,15 +51,9 @@ def availability() -> tuple[bool, str]:
     too; a machine with TensorRT alone (a Jetson's system TensorRT) is told so and `auto`
     falls back to ONNX Runtime.
     """
-    try:
-        import tensorrt as trt
-    except ImportError:
-        return False, ("TensorRT is not installed: `pip install tensorrt` (x86-64), or on a Jetson use the "
-                       "one JetPack ships; ONNX files were written and run on ONNX Runtime")
-    version = str(getattr(trt, "__version__", "0"))
-    if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < MIN_TENSORRT:
-        return False, (f"TensorRT {version} is too old: vssflow builds strongly typed engines, which need "
-                       f"TensorRT {MIN_TENSORRT} or newer")
+    problem = tensorrt_problem()
+    if problem is not None:
+        return False, problem
     try:
         import torch
     except ImportError:
@@ -73,12 +89,14 @@ def parse_engine_name(name: str) -> dict[str, str] | None:
     return m.groupdict() if m else None
 
 
-def match_engines(folder, gpu: str, trt_version: str) -> dict[str, str]:
-    """The engine file of every stage of `folder` (a `ModelFolder`) built for this GPU and
-    TensorRT version from the folder's ONNX file.
+def match_engines(folder, gpu: str, trt_version: str, precision: str = "fp32") -> dict[str, str]:
+    """The engine file of every stage of `folder` (a `ModelFolder`) built at `precision` for this
+    GPU and TensorRT version from the folder's graph of that precision (`<stage>.fp16.onnx` for
+    fp16; a stage without a half graph, the speaker encoder, has an FP32 engine there too).
 
     Raises BackendError naming what the engines present were built for: an engine from another
-    GPU, TensorRT version or ONNX file is never loaded (TensorRT would refuse it or, worse, run it).
+    GPU, TensorRT version, precision or ONNX file is never loaded (TensorRT would refuse it or,
+    worse, run it).
     """
     files = folder.manifest["files"]
     found: dict[str, str] = {}
@@ -87,16 +105,17 @@ def match_engines(folder, gpu: str, trt_version: str) -> dict[str, str]:
         e = parse_engine_name(f)
         if e is None:
             continue
-        onnx = files.get(f"{e['stage']}.onnx", {}).get("sha256", "")
-        seen.setdefault(e["stage"], set()).add(f"{e['gpu']} / TensorRT {e['trt']}"
-                                                + ("" if onnx.startswith(e["onnx"]) else " / another ONNX file"))
-        if e["gpu"] == gpu and e["trt"] == trt_version and onnx.startswith(e["onnx"]):
+        graph = files.get(graph_name(e["stage"], e["precision"]), {}).get("sha256", "")
+        seen.setdefault(e["stage"], set()).add(f"{e['gpu']} / TensorRT {e['trt']} / {e['precision']}"
+                                                + ("" if graph.startswith(e["onnx"]) else " / another ONNX file"))
+        want = stage_precision(folder.manifest, e["stage"], precision)
+        if e["gpu"] == gpu and e["trt"] == trt_version and e["precision"] == want and graph.startswith(e["onnx"]):
             found.setdefault(e["stage"], f)
     missing = [s for s in folder.contracts if s not in found]
     if missing:
         built = sorted(set().union(*seen.values())) if seen else []
         present = f"its engines are for {'; '.join(built)}" if built else "it has no TensorRT engines"
-        raise BackendError(f"{folder.path}: no TensorRT engine for {', '.join(missing)} built for this machine "
-                           f"({gpu} / TensorRT {trt_version}); {present}: re-run vssflow-export "
-                           "--backend trt on this machine, or use --backend ort")
+        raise BackendError(f"{folder.path}: no {precision} TensorRT engine for {', '.join(missing)} built for this "
+                           f"machine ({gpu} / TensorRT {trt_version}); {present}: re-run vssflow-export "
+                           f"--backend trt --precision {precision} on this machine, or use --backend ort")
     return found

@@ -191,16 +191,35 @@ def _engine(stage, gpu="nvidia-h100-sm90", trt="10.3.0", onnx=ONNX_SHA[:12], pre
     return f"{stage}.{onnx}.{gpu}.trt{trt}.{precision}.p0123abcd.engine"
 
 
-def _fake_folder(engines, stages=("flow_step", "vocoder")):
-    files = {f"{s}.onnx": {"sha256": ONNX_SHA, "bytes": 1} for s in stages}
+FP32_SHA = "cd" * 32
+
+
+def _fake_folder(engines, stages=("flow_step", "vocoder"), half=("flow_step", "vocoder")):
+    """Graphs of `stages` (FP16 ones of `half` too) and `engines`, as a manifest lists them."""
+    files = {f"{s}.onnx": {"sha256": FP32_SHA, "bytes": 1} for s in stages}
+    files.update({f"{s}.fp16.onnx": {"sha256": ONNX_SHA, "bytes": 1} for s in half})
     files.update({e: {"sha256": "0" * 64, "bytes": 1} for e in engines})
     return types.SimpleNamespace(path="models/m", manifest={"files": files}, contracts={s: None for s in stages})
 
 
 def test_engines_for_this_machine_are_chosen():
     folder = _fake_folder([_engine("flow_step"), _engine("vocoder"), _engine("vocoder", gpu="nvidia-a100-sm80")])
-    assert match_engines(folder, "nvidia-h100-sm90", "10.3.0") == {
+    assert match_engines(folder, "nvidia-h100-sm90", "10.3.0", "fp16") == {
         "flow_step": _engine("flow_step"), "vocoder": _engine("vocoder")}
+
+
+def test_engines_hash_the_graph_of_their_precision():
+    """An FP16 engine names the hash of `<stage>.fp16.onnx`, an FP32 one that of `<stage>.onnx`; a
+    stage without a half graph (the speaker encoder) runs its FP32 engine in an FP16 backend."""
+    fp32 = [_engine(s, onnx=FP32_SHA[:12], precision="fp32") for s in ("flow_step", "speaker_encoder")]
+    fp16 = [_engine("flow_step")]
+    folder = _fake_folder(fp32 + fp16, stages=("flow_step", "speaker_encoder"), half=("flow_step",))
+    assert match_engines(folder, "nvidia-h100-sm90", "10.3.0", "fp16") == {
+        "flow_step": fp16[0], "speaker_encoder": fp32[1]}
+    assert match_engines(folder, "nvidia-h100-sm90", "10.3.0", "fp32") == dict(zip(("flow_step", "speaker_encoder"), fp32))
+    wrong = _fake_folder([_engine("flow_step", onnx=FP32_SHA[:12])], stages=("flow_step",))   # fp16 named for the fp32 graph
+    with pytest.raises(BackendError, match="another ONNX file"):
+        match_engines(wrong, "nvidia-h100-sm90", "10.3.0", "fp16")
 
 
 BOTH = ("flow_step", "vocoder")
@@ -209,20 +228,22 @@ BOTH = ("flow_step", "vocoder")
 @pytest.mark.parametrize("engines,needle", [
     ([_engine(s, gpu="nvidia-a100-sm80") for s in BOTH], "its engines are for nvidia-a100-sm80 / TensorRT 10.3.0"),
     ([_engine(s, trt="10.0.1") for s in BOTH], "its engines are for nvidia-h100-sm90 / TensorRT 10.0.1"),
-    ([_engine(s, trt="10.3") for s in BOTH], "TensorRT 10.3:"),                # no prefix match
+    ([_engine(s, trt="10.3") for s in BOTH], "TensorRT 10.3 / fp16:"),        # no prefix match
     ([_engine(s, onnx="0" * 12) for s in BOTH], "another ONNX file"),          # a stale engine
-    ([_engine("flow_step")], "no TensorRT engine for vocoder built for this machine"),
+    ([_engine("flow_step")], "no fp16 TensorRT engine for vocoder built for this machine"),
+    ([_engine(s, precision="fp32") for s in BOTH], "its engines are for nvidia-h100-sm90 / TensorRT 10.3.0 / fp32"),
     ([], "it has no TensorRT engines"),
 ])
 def test_engines_for_another_machine_are_refused_with_the_reason(engines, needle):
-    with pytest.raises(BackendError, match="no TensorRT engine for") as err:
-        match_engines(_fake_folder(engines), "nvidia-h100-sm90", "10.3.0")
+    with pytest.raises(BackendError, match="no fp16 TensorRT engine for") as err:
+        match_engines(_fake_folder(engines), "nvidia-h100-sm90", "10.3.0", "fp16")
     assert needle in str(err.value) and "(nvidia-h100-sm90 / TensorRT 10.3.0)" in str(err.value)
+    assert "--precision fp16" in str(err.value)
 
 
 def test_engine_names_written_by_the_exporter_parse(tmp_path, monkeypatch, tiny_model):
-    """export/tensorrt.engine_name and runtime/engines.parse_engine_name must agree on the format."""
-    from vssflow.export import tensorrt as export_trt
+    """export/trt_build.engine_name and runtime/engines.parse_engine_name must agree on the format."""
+    from vssflow.export import trt_build as export_trt
     from vssflow.runtime import engines
     from vssflow.runtime.contracts import ModelSizes, stage_contracts
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.26"))

@@ -75,7 +75,8 @@ def test_auto_backend_with_tensorrt_but_without_torch_falls_back_to_ort(tiny_mod
     """A Jetson's system TensorRT with no PyTorch: `--backend auto` runs on ONNX Runtime and says why."""
     fake = tmp_path / "fake" / "tensorrt"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text('__version__ = "10.3.0"\n')
+    (fake / "__init__.py").write_text('__version__ = "10.3.0"\n'
+                                      'class NetworkDefinitionCreationFlag:\n    STRONGLY_TYPED = 1\n')
     code = BLOCK_TORCH + textwrap.dedent(f"""
         sys.path.insert(0, {str(tmp_path / "fake")!r})
         sys.argv = ["vssflow-run", {str(clip4)!r}, "--model", {str(tiny_model)!r}, "-o", "out.wav", "--steps", "1"]
@@ -88,13 +89,15 @@ def test_auto_backend_with_tensorrt_but_without_torch_falls_back_to_ort(tiny_mod
     assert "backend ort" in r.stderr and (tmp_path / "out.wav").is_file()
 
 
-@pytest.mark.parametrize("version,needle", [("8.6.1", "TensorRT 8.6.1 is too old"),
+@pytest.mark.parametrize("version,needle", [("8.6.1", "TensorRT 8.6.1 cannot build strongly typed networks"),
                                             ("10.3.0", "TensorRT is installed but PyTorch is not")])
 def test_tensorrt_availability_names_what_is_missing(monkeypatch, version, needle):
     import types
 
     from vssflow.runtime import engines
-    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    flags = types.SimpleNamespace(STRONGLY_TYPED=1)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version,
+                                                                       NetworkDefinitionCreationFlag=flags))
     monkeypatch.setitem(sys.modules, "torch", None)                   # import torch -> ImportError
     ok, reason = engines.availability()
     assert not ok and reason.startswith(needle), reason

@@ -1,0 +1,127 @@
+"""TensorRT engines through Polygraphy, strongly typed (DESIGN.md §7). TensorRT and Polygraphy
+are optional and imported only when an engine is built.
+
+The precision of an engine is the precision of its graph: an FP16 engine is built from
+`<stage>.fp16.onnx` (export/precision.py), an FP32 one from `<stage>.onnx`, both as strongly
+typed networks. No weak-typing switch is used (`BuilderFlag.FP16/BF16/INT8`,
+`OBEY/PREFER_PRECISION_CONSTRAINTS`, per-layer precision or output types): TensorRT 11 has none of
+them, and TensorRT 10.x (JetPack 6: 10.3) builds strongly typed networks behind
+`NetworkDefinitionCreationFlag.STRONGLY_TYPED`, which TensorRT 11 keeps and ignores (always on).
+
+Polygraphy calls used, checked against its source:
+* `network_from_onnx_path(path, strongly_typed=True)`: since 0.49.0; 0.49.9 and later no longer
+  set `EXPLICIT_BATCH` on TensorRT >= 10 (that flag is gone in 11), hence `MIN_POLYGRAPHY`.
+* `CreateConfig(profiles=[Profile], load_timing_cache=path)`: a missing cache file is a warning,
+  not an error. It clears TF32 by default, so FP32 engines are true FP32 (the reference).
+* `engine_bytes_from_network(network, config, save_timing_cache=path)`: the serialized engine
+  (no deserialization, so no GPU runtime is created for it); the timing cache is merged with the
+  one on disk under a lock file `<cache>.lock`.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from vssflow.runtime import engines
+from vssflow.runtime.contracts import StageContract
+from vssflow.runtime.model_folder import sha256
+from vssflow.runtime.precision import graph_name, stage_precision
+
+MIN_POLYGRAPHY = (0, 49, 9)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+def support() -> tuple[bool, str]:
+    """(usable, one line saying why not): what the runtime needs to run engines (TensorRT >= 10 with
+    strongly typed networks, PyTorch with a CUDA GPU: `runtime.engines.availability`), and Polygraphy."""
+    ok, reason = engines.availability()
+    if not ok:
+        return False, reason
+    import tensorrt as trt
+    try:
+        import polygraphy
+    except ImportError:
+        return False, "Polygraphy is not installed: `pip install polygraphy`; the ONNX graphs were written"
+    if _version(polygraphy.__version__) < MIN_POLYGRAPHY:
+        return False, (f"Polygraphy {polygraphy.__version__} is too old for TensorRT {trt.__version__} "
+                       f"({'.'.join(map(str, MIN_POLYGRAPHY))} or later needed): `pip install -U polygraphy`")
+    return True, ""
+
+
+def engine_name(stage: str, onnx_path: Path, precision: str, contract: StageContract) -> str:
+    """The name the runtime looks for (`runtime.engines`): this GPU, this TensorRT, this graph."""
+    import tensorrt as trt
+    return engines.engine_name(stage, sha256(onnx_path), engines.gpu_tag(), trt.__version__, precision,
+                               engines.profile_key(contract))
+
+
+def profile_shapes(contract: StageContract) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """Input name -> (min, opt, max) shape: the stage contract's profile, as TensorRT takes it."""
+    return {s.name: tuple(contract.shape(s, which) for which in ("min", "opt", "max")) for s in contract.inputs}
+
+
+def engine_bytes(onnx_path: Path, contract: StageContract, timing_cache: Path | None = None) -> bytes:
+    """Build a strongly typed engine from `onnx_path` with the contract's optimization profile.
+
+    `timing_cache`: read if present, and written back (merged) after the build.
+    Raises RuntimeError naming the stage if TensorRT cannot parse or build it.
+    """
+    from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    profile = Profile()
+    for name, (lo, opt, hi) in profile_shapes(contract).items():
+        profile.add(name, min=lo, opt=opt, max=hi)
+    cache = None if timing_cache is None else str(timing_cache)    # Polygraphy appends ".lock" to a str
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):
+            network = network_from_onnx_path(str(onnx_path), strongly_typed=True)
+            config = CreateConfig(profiles=[profile],
+                                  load_timing_cache=cache if timing_cache and timing_cache.exists() else None)
+            return engine_bytes_from_network(network, config=config, save_timing_cache=cache)
+    except PolygraphyException as e:
+        raise RuntimeError(f"{contract.name}: TensorRT could not build an engine from {Path(onnx_path).name}: "
+                           f"{' '.join(str(e).split())[:300]}") from None
+
+
+def write_engine(onnx_path: Path, contract: StageContract, path: Path, timing_cache: Path | None = None) -> Path:
+    """`engine_bytes` written to `path` atomically (a temporary name, then a rename)."""
+    from vssflow.runtime.output import atomic_output
+    data = engine_bytes(onnx_path, contract, timing_cache)
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(memoryview(data))
+    return path
+
+
+def build_engines(folder: Path, contracts: Mapping[str, StageContract], precision: str,
+                  progress: Callable[[str], None] = lambda m: None) -> dict:
+    """One engine per stage, from the stage's graph at `precision` in `folder` (a stage without a
+    half graph, the speaker encoder, gets an FP32 engine from its FP32 graph), named as the runtime
+    matches them. Returns the report for the manifest; `{"skipped": reason}` where TensorRT cannot
+    build here."""
+    ok, reason = support()
+    if not ok:
+        progress(f"TensorRT: skipped: {reason}")
+        return {"skipped": reason}
+    cache = folder / "timing.cache"
+    files = {p.name: {} for p in folder.iterdir()}
+    report = {}
+    for name, contract in contracts.items():
+        built = stage_precision({"files": files}, name, precision)
+        onnx_path = folder / graph_name(name, built)
+        if not onnx_path.exists():
+            continue
+        progress(f"{name}: building a strongly typed {built} TensorRT engine from {onnx_path.name}")
+        t0 = time.perf_counter()
+        path = write_engine(onnx_path, contract, folder / engine_name(name, onnx_path, built, contract), cache)
+        report[name] = {"engine": path.name, "onnx": onnx_path.name, "precision": built,
+                        "seconds": round(time.perf_counter() - t0, 1)}
+    Path(str(cache) + ".lock").unlink(missing_ok=True)   # Polygraphy's lock file; this folder is ours alone
+    return report

@@ -1,0 +1,108 @@
+"""The FP16 policy (export/precision.py): graphs, the torch half mode, and the overflow check."""
+
+import numpy as np
+import pytest
+import torch
+
+from vssflow.export import onnx_export as E
+from vssflow.export import precision as P
+from vssflow.export.checkpoint import SYNCHFORMER, atomic_torch_save, read_aux, read_checkpoint, safe_load
+from vssflow.export.synchformer import load_synchformer
+from vssflow.runtime.contracts import stage_contracts
+
+SIZES = {"N": 3, "S": 2, "B": 1, "T": 40, "T1": 41, "M": 80}   # the export check's
+# A feed-forward weight of block 0 scaled by this makes the SwiGLU product of a tiny model peak
+# near 1.1e6 (17x FP16's 65504) while FP32 stays finite through the whole pipeline (lab: the peak
+# grows as 12.4 * scale**2; at 100 it is only 2x over).
+OVERFLOW_KEY, OVERFLOW_SCALE = "vaflow.transformer_blocks.0.ff.net.0.proj.weight", 300.0
+
+
+def _stages(checkpoint, synchformer):
+    ckpt = read_checkpoint(checkpoint)
+    dims, sd, _ = read_aux(SYNCHFORMER, synchformer)
+    return E.stage_modules(ckpt, load_synchformer(sd)), stage_contracts(E.model_sizes(ckpt, dims))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_assets):
+    return _stages(tiny_assets["checkpoint"], tiny_assets["synchformer"])
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny, tmp_path_factory):
+    """fp32 and fp16 graphs of every FP16 stage of the tiny model."""
+    modules, contracts = tiny
+    folder = tmp_path_factory.mktemp("fp16")
+    for name in P.FP16_STAGES:
+        E.export_onnx(modules[name], contracts[name], folder / P.graph_name(name))
+        E.export_onnx(P.half_stage(modules[name]), contracts[name], folder / P.graph_name(name, "fp16"))
+    return folder
+
+
+@pytest.mark.parametrize("stage", P.FP16_STAGES)
+def test_fp16_graph_follows_the_policy_and_matches_fp32(stage, tiny, graphs):
+    import onnx
+    contract = tiny[1][stage]
+    p32, p16 = graphs / P.graph_name(stage), graphs / P.graph_name(stage, "fp16")
+    assert P.policy_violations(p16) == []
+    m32, m16 = onnx.load(str(p32), load_external_data=False), onnx.load(str(p16), load_external_data=False)
+    io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in list(m.graph.input) + list(m.graph.output)]  # noqa: E731
+    assert io(m16) == io(m32)                                  # the contract is the same at both precisions
+    assert p16.stat().st_size < 0.65 * p32.stat().st_size
+    report = P.compare_graphs(p32, p16, contract, sizes=SIZES)
+    assert set(report) == {s.name for s in contract.outputs}
+    for name, a in report.items():
+        assert a.finite and a.snr_db > 40, f"{stage}.{name}: {a}"
+    P.check_fp16(stage, report)                                # no error
+
+
+def test_flow_step_keeps_its_fp32_islands(graphs):
+    ops = P.op_precisions(graphs / P.graph_name("flow_step", "fp16"))
+    assert set(ops["MatMul"]) == {"float16"}
+    for op in ("LayerNormalization", "Softmax", "Sin", "Cos", "Sub"):   # Sub: the guidance mix
+        assert set(ops[op]) == {"float32"}, (op, ops[op])
+
+
+@pytest.mark.parametrize("precision,min_snr", [("fp16", 50), ("bf16", 30)])
+def test_torch_half_mode(tiny, precision, min_snr):
+    modules, contracts = tiny
+    step, c = modules["flow_step"], contracts["flow_step"]
+    feed = [torch.from_numpy(x) for x in c.sample("opt", seed=1, **SIZES).values()]
+    half = P.half_stage(step, precision)
+    with torch.inference_mode():
+        ref, got = step(*feed), half(*feed)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert P.agreement(ref.numpy(), got.numpy()).snr_db > min_snr
+    assert all(p.dtype == torch.float32 for p in step.parameters())   # the FP32 module is untouched
+    dtypes = {n: p.dtype for n, p in half.named_parameters()}
+    assert dtypes["module.flow.time_proj.weight"] == torch.float32
+    assert dtypes["module.flow.transformer_blocks.0.norm1.weight"] == torch.float32
+    assert dtypes["module.flow.transformer_blocks.0.ff.net.0.proj.weight"] == P.HALF_DTYPES[precision]
+
+
+def test_overflowing_checkpoint_is_caught(tiny_assets, tmp_path):
+    """The authors' layout with one feed-forward weight scaled up: FP32 finite, FP16 not."""
+    sd = dict(safe_load(tiny_assets["checkpoint"])["state_dict"])
+    sd[OVERFLOW_KEY] = sd[OVERFLOW_KEY] * OVERFLOW_SCALE
+    atomic_torch_save({"state_dict": sd}, tmp_path / "scaled.ckpt")
+    modules, contracts = _stages(tmp_path / "scaled.ckpt", tiny_assets["synchformer"])
+    c = contracts["flow_step"]
+    E.export_onnx(modules["flow_step"], c, tmp_path / "flow_step.onnx")
+    E.export_onnx(P.half_stage(modules["flow_step"]), c, tmp_path / "flow_step.fp16.onnx")
+    feed = c.sample("opt", seed=1, **SIZES)
+    with torch.inference_mode():
+        ref = modules["flow_step"](*(torch.from_numpy(x) for x in feed.values()))
+    assert torch.isfinite(ref).all() and ref.abs().max() > 65504     # FP32: large but finite
+    report = P.compare_graphs(tmp_path / "flow_step.onnx", tmp_path / "flow_step.fp16.onnx", c, feed=feed)
+    assert not report["velocity"].finite
+    with pytest.raises(E.ExportError, match=r"^flow_step: the FP16 graph gives non-finite values in velocity.*"
+                                            r"not written; export with --precision fp32$"):
+        P.check_fp16("flow_step", report)
+
+
+def test_agreement():
+    ref = np.ones(100, np.float32)
+    assert P.agreement(ref, ref).snr_db == float("inf")
+    a = P.agreement(ref, ref + 0.01)
+    assert a.finite and a.snr_db == pytest.approx(40.0) and a.max_abs_err == pytest.approx(0.01)
+    assert not P.agreement(ref, np.full(100, np.inf, np.float32)).finite
