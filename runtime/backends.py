@@ -7,6 +7,12 @@ boundary (`run`: numpy in, numpy out), and builds the flow velocity of the ODE l
 whose constant inputs are uploaded once per window and whose state stays in the backend's own
 arrays (device tensors on a GPU) from the first step to the last.
 
+A backend runs at one precision (`runtime/precision.py`): fp32, or fp16 where it runs the
+FP16 graphs (ort), the engines built from them (trt) or the torch modules under the same policy
+(torch, which also has bf16). By default fp16 where it runs on a GPU and the folder has what
+that needs, fp32 on a CPU. `fp32()` is the same kind of backend at FP32, built on first use:
+what a window whose FP16 values are not finite is generated again with (`window.py`).
+
 A backend holds one set of buffers, so its calls take turns (`lock`). It is a context manager:
 `close()` frees its ONNX Runtime sessions, TensorRT engines, modules and device memory.
 Nothing here imports torch, onnxruntime or tensorrt until that backend is chosen.
@@ -22,6 +28,7 @@ import numpy as np
 from . import engines, extras
 from .errors import BackendError, ModelFolderError, VssflowError
 from .model_folder import ModelFolder
+from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, require_graphs, stage_precision
 
 BACKENDS = ("auto", "trt", "ort", "torch")
 # The inputs of `flow_step` that stay the same through one window's ODE loop.
@@ -67,12 +74,53 @@ class Backend:
     frames_device: str | None = None
     # Set by `create_backend("auto")`: why each backend tried before this one could not run.
     passed_over: tuple[str, ...] = ()
+    # The precisions this kind of backend runs, and why not the others.
+    precisions: tuple[str, ...] = ("fp32", "fp16")
+    precision_note = "bf16 is the torch backend's (FP16 and FP32 graphs only)"
 
     def __init__(self, folder: ModelFolder, device: str | None = None):
         self.folder, self.device = folder, device
         self.arrays: Arrays = Arrays()
         self.lock = threading.RLock()          # held by every call (and by a stage's first load)
         self._stages: dict[str, object] = {}
+        self.precision = "fp32"
+        self._fp32: Backend | None = None
+
+    def _set_precision(self, precision: str | None, on_gpu: bool) -> None:
+        """`precision`, or by default fp16 on a GPU where the folder has FP16 graphs, else fp32.
+        Raises BackendError (exit 4) for a precision this backend cannot run, ModelFolderError
+        (exit 3) for one the folder was exported without."""
+        if precision is None:
+            precision = "fp16" if on_gpu and "fp16" in self._folder_precisions() else "fp32"
+        if precision not in PRECISIONS:
+            raise BackendError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        if precision not in self.precisions:
+            raise BackendError(f"the {self.name} backend cannot run {precision}: {self.precision_note}")
+        self._require(precision)
+        self.precision = precision
+
+    def _folder_precisions(self) -> tuple[str, ...]:
+        return folder_precisions(self.folder.manifest)
+
+    def _require(self, precision: str) -> None:
+        require_graphs(self.folder, precision)
+
+    def stage_precision(self, stage: str) -> str:
+        """What `stage` runs at: the backend's precision, or fp32 where the folder has no half graph."""
+        return stage_precision(self.folder.manifest, stage, self.precision)
+
+    def fp32(self) -> Backend:
+        """This backend at FP32 (itself when it is): built on first use, sharing this one's lock."""
+        if self.precision == "fp32":
+            return self
+        with self.lock:
+            if self._fp32 is None:
+                self._fp32 = self._make_fp32()
+                self._fp32.lock = self.lock
+            return self._fp32
+
+    def _make_fp32(self) -> Backend:
+        return type(self)(self.folder, self.device, "fp32")
 
     # --- what a backend implements -------------------------------------------------------------
     def _load(self, stage: str):
@@ -121,11 +169,15 @@ class Backend:
         return velocity
 
     def describe(self) -> str:
-        return self.name
+        return f"{self.name} ({self.precision})"
 
     def close(self) -> None:
-        """Drop every loaded stage and free its memory; a later call loads the stage again."""
+        """Drop every loaded stage (and the FP32 twin) and free their memory; a later call loads
+        the stage again."""
         with self.lock:
+            if self._fp32 is not None:
+                self._fp32.close()
+                self._fp32 = None
             self._stages.clear()
             self._release()
 
@@ -145,7 +197,7 @@ class OrtBackend(Backend):
 
     name = "ort"
 
-    def __init__(self, folder: ModelFolder, device: str | None = None):
+    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)
         try:
             import onnxruntime as ort
@@ -162,11 +214,14 @@ class OrtBackend(Backend):
                                "(install onnxruntime-gpu)")
         if self.providers[0] == "CUDAExecutionProvider" and not extras.missing("torch"):
             self.arrays = TorchArrays("cuda")
+        # On the CPU provider an FP16 graph runs through casts (FP32 arithmetic between
+        # FP16-rounded tensors): slow, but how FP16's accuracy is checked without a GPU.
+        self._set_precision(precision, self.providers[0] == "CUDAExecutionProvider")
 
     def _load(self, name: str):
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
-        path = self.folder.file(f"{name}.onnx")
+        path = self.folder.file(graph_name(name, self.stage_precision(name)))
         try:
             return self._ort.InferenceSession(str(path), opts, providers=self.providers)
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
@@ -203,15 +258,17 @@ class OrtBackend(Backend):
         return [self.arrays.upload(v.numpy()) if o is None else o for o, v in zip(outs, binding.get_outputs())]
 
     def describe(self) -> str:
-        return f"ort ({self.providers[0]})"
+        return f"ort ({self.providers[0]}, {self.precision})"
 
 
 class TorchBackend(Backend):
     """The export-side PyTorch modules on CPU or CUDA: the reference, and the GPU path without TensorRT."""
 
     name = "torch"
+    # The policy of `export/precision.py` on the modules themselves: no graphs needed.
+    precisions = PRECISIONS
 
-    def __init__(self, folder: ModelFolder, device: str | None = None):
+    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)
         extras.require("torch", "the torch backend")
         import torch
@@ -222,6 +279,16 @@ class TorchBackend(Backend):
                                "re-export with vssflow-export --torch-weights")
         self.arrays = TorchArrays(self.device)
         self._modules = None
+        self._set_precision(precision, torch.device(self.device).type == "cuda")
+
+    def _folder_precisions(self) -> tuple[str, ...]:
+        return PRECISIONS
+
+    def _require(self, precision: str) -> None:
+        pass
+
+    def stage_precision(self, stage: str) -> str:
+        return self.precision if stage in FP16_STAGES else "fp32"
 
     @property
     def frames_device(self) -> str:
@@ -231,7 +298,8 @@ class TorchBackend(Backend):
         if self._modules is None:
             stages = extras.load("export.torch_stages", "torch", "the torch backend")
             try:  # weights only: a pickled object is refused, never run (checkpoint.safe_load)
-                self._modules = stages.load_stage_modules(self.folder.file("weights.pt"), self.device)
+                self._modules = stages.load_stage_modules(self.folder.file("weights.pt"), self.device,
+                                                          self.precision)
             except VssflowError as e:                      # weights.pt is part of the model folder
                 raise ModelFolderError(str(e)) from None
         return self._modules
@@ -250,7 +318,7 @@ class TorchBackend(Backend):
             self._torch.cuda.empty_cache()
 
     def describe(self) -> str:
-        return f"torch ({self.device})"
+        return f"torch ({self.device}, {self.precision})"
 
 
 class TrtBackend(Backend):
@@ -261,14 +329,29 @@ class TrtBackend(Backend):
     name = "trt"
     frames_device = "cuda"
 
-    def __init__(self, folder: ModelFolder, device: str | None = None):
+    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)
         ok, reason = engines.availability()
         if not ok:
             raise BackendError(f"the trt backend is unavailable: {reason}")
         import tensorrt as trt
-        self.engines = engines.match_engines(self.folder, engines.gpu_tag(), trt.__version__)
+        gpu = engines.gpu_tag()
+        if precision is None:           # FP16 engines where the export built them, else FP32 ones
+            try:
+                engines.match_engines(self.folder, gpu, trt.__version__, "fp16")
+                precision = "fp16"
+            except BackendError:
+                precision = "fp32"
+        self._set_precision(precision, True)
+        self.engines = engines.match_engines(self.folder, gpu, trt.__version__, self.precision)
         self.arrays = TorchArrays("cuda")
+
+    def _make_fp32(self) -> Backend:
+        """FP32 engines where the export built them, else the FP32 graphs on ONNX Runtime."""
+        try:
+            return TrtBackend(self.folder, self.device, "fp32")
+        except BackendError:
+            return OrtBackend(self.folder, "cuda" if _ort_has_cuda() else None, "fp32")
 
     def _load(self, name: str):
         import tensorrt as trt
@@ -300,12 +383,25 @@ class TrtBackend(Backend):
     def _release(self) -> None:
         self.arrays.torch.cuda.empty_cache()
 
+    def describe(self) -> str:
+        return f"trt ({self.precision})"
 
-def create_backend(folder: ModelFolder, backend: str = "auto", device: str | None = None) -> Backend:
-    """`auto`: TensorRT if its engines fit this GPU, else ONNX Runtime, else torch."""
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def create_backend(folder: ModelFolder, backend: str = "auto", device: str | None = None,
+                   precision: str | None = None) -> Backend:
+    """`auto`: TensorRT if its engines fit this GPU, else ONNX Runtime, else torch.
+    `precision`: fp32, fp16 or bf16 (torch); None: each backend's default (fp16 on a GPU)."""
     makers: dict[str, Callable[[], Backend]] = {
-        "trt": lambda: TrtBackend(folder, device), "ort": lambda: OrtBackend(folder, device),
-        "torch": lambda: TorchBackend(folder, device)}
+        "trt": lambda: TrtBackend(folder, device, precision), "ort": lambda: OrtBackend(folder, device, precision),
+        "torch": lambda: TorchBackend(folder, device, precision)}
     if backend != "auto":
         if backend not in makers:
             raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")

@@ -14,6 +14,7 @@ import numpy as np
 from . import extras
 from .errors import OutputError, VssflowError, VssflowInputError
 from .output import SOUND_EXTENSIONS, VIDEO_EXTENSIONS, atomic_output, plan_output, write_output
+from .precision import PRECISIONS
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
@@ -78,6 +79,11 @@ def _raise_on_sigterm() -> None:
 @click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True,
               help="auto: TensorRT if its engines fit this GPU, else ONNX Runtime, else PyTorch.")
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: the best available).")
+@click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
+              help="auto: fp16 where the backend runs on a GPU (and the model folder has FP16 graphs or "
+                   "engines), else fp32. fp16: the FP16 graphs (ort; on a CPU through casts: slow, for checking "
+                   "accuracy), the FP16 engines (trt) or the torch modules in half; bf16: torch only. A window "
+                   "whose FP16 values are not finite is generated again in FP32, and the summary says so.")
 @click.option("--preprocess", type=click.Choice(["auto", "host", "device"]), default="auto", show_default=True,
               help="Where frames are resized and normalised: auto: on the GPU when the backend runs on one "
                    "(torch or trt), else on the host. Same result either way; device on a CPU is slow.")
@@ -86,7 +92,7 @@ def _raise_on_sigterm() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, preprocess, dump_intermediates, as_json, quiet):
+         noise, backend, device, precision, preprocess, dump_intermediates, as_json, quiet):
     """Generate sound effects and speech for VIDEO and write them to a file.
 
     \b
@@ -104,7 +110,8 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
     _raise_on_sigterm()
     try:
         code = _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
-                    cfg, seed, noise, backend, device, preprocess, dump_intermediates, as_json, interactive, say)
+                    cfg, seed, noise, backend, device, precision, preprocess, dump_intermediates, as_json,
+                    interactive, say)
     except VssflowError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -119,7 +126,7 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
 
 
 def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, preprocess, dump_intermediates, as_json, interactive, say) -> int:
+         noise, backend, device, precision, preprocess, dump_intermediates, as_json, interactive, say) -> int:
     from .session import Session
 
     if not video.is_file():
@@ -140,12 +147,20 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         from .model_folder import demo_model_dir
         model_dir = demo_model_dir()
         _ensure_demo(model_dir, say)
-    session = Session(model_dir, backend=backend, device=device, preprocess=preprocess)
+    session = Session(model_dir, backend=backend, device=device, preprocess=preprocess,
+                      precision=None if precision == "auto" else precision)
     for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
         say(f"backend auto: {reason}")
     bar = None
 
+    said: list[str] = []                                # notes already said as they happened
+
     def progress(event: dict) -> None:
+        if event["kind"] == "fallback" and len(chunks.fallbacks) == 1:      # once, as it happens
+            if bar is not None:
+                click.echo(file=sys.stderr)
+            said.append(chunks.notes[-1])
+            say(f"warning: {said[-1]}")
         if bar is not None and event["kind"] == "step":
             bar.label = f"window {event['window'] + 1}/{info.n_windows}"
             bar.update(1)
@@ -167,12 +182,14 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         if bar is not None:
             bar.__exit__(None, None, None)
     for note in chunks.notes:
-        say(note)
+        if note not in said:
+            say(note)
     if dump_intermediates is not None:
         with atomic_output(dump_intermediates) as tmp, open(tmp, "wb") as f:
             np.savez(f, **chunks.intermediates)
     summary = {"output": str(plan.path), "seconds": round(samples / info.sample_rate, 3),
                "sample_rate": info.sample_rate, "windows": info.n_windows, "backend": info.backend,
+               "precision": info.precision, "fallbacks": list(chunks.fallbacks),
                "solver": solver, "steps": steps, "cfg": cfg, "seed": seed, "nfe": chunks.nfe,
                "timings": {k: round(v, 4) for k, v in chunks.timings.items()}, "demo_model": info.demo_model,
                "notes": list(chunks.notes)}

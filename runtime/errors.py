@@ -51,3 +51,8 @@ class OutputError(VssflowInputError):
     """An output path that cannot be written (type, folder, disk)."""
 
     exit_code = 5
+
+
+class NonFiniteError(ModelFolderError):
+    """A window whose latent or mel is not finite even in FP32: the model's weights overflow, and
+    nothing sound can be written."""

@@ -79,6 +79,7 @@ class StreamInfo:
     options: GenerateOptions
     video: video.VideoInfo
     demo_model: bool
+    precision: str = "fp32"          # the backend's; windows that fell back to FP32: the result's `fallbacks`
 
 
 @dataclasses.dataclass
@@ -90,6 +91,7 @@ class Result:
     nfe: int                          # flow_step calls (each runs both CFG passes)
     intermediates: dict[str, np.ndarray] | None = None
     notes: tuple[str, ...] = ()
+    fallbacks: tuple[dict, ...] = ()  # windows (or vocoder chunks) generated again in FP32: window.Run
 
     @property
     def options(self) -> GenerateOptions:
@@ -126,12 +128,17 @@ class AudioStream(Iterator[np.ndarray]):
     def notes(self) -> tuple[str, ...]:
         return tuple(self.run.notes)
 
+    @property
+    def fallbacks(self) -> tuple[dict, ...]:
+        """Windows (or vocoder chunks) generated again in FP32 so far (see `window.Run`)."""
+        return tuple(self.run.fallbacks)
+
     def result(self) -> Result:
         """Every (remaining) chunk, joined, with the record."""
         pieces = list(self)
         audio_ = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         return Result(audio_, self.info.sample_rate, self.info, self.timings, self.nfe, self.intermediates,
-                      self.notes)
+                      self.notes, self.fallbacks)
 
 
 # Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
@@ -200,12 +207,17 @@ class Session:
     The lock is never held while a chunk is out with the caller: a stream abandoned half-way
     blocks nobody. `close()` (or `with Session(...)`) frees the backend's sessions, engines and
     device memory.
+
+    `precision`: fp32, fp16 (FP16 graphs on ort, FP16 engines on trt, the torch modules under the
+    same policy), bf16 (torch only); None: fp16 where the backend runs on a GPU and the folder has
+    what it needs, else fp32. A window whose half-precision values are not finite is generated
+    again in FP32 (`window.generate`).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
-                 verify_hashes: bool = True, preprocess: str = "auto"):
+                 verify_hashes: bool = True, preprocess: str = "auto", precision: str | None = None):
         self.folder = ModelFolder.open(model_dir, verify_hashes=verify_hashes)
-        self.backend = create_backend(self.folder, backend, device)
+        self.backend = create_backend(self.folder, backend, device, precision)
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
 
@@ -242,7 +254,7 @@ class Session:
         track = self._phoneme_track(options, meta.duration, n_windows)
         noise_of = self._noise(noise, options.seed, n_windows)
         info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.describe(), options, meta,
-                          self.folder.is_demo)
+                          self.folder.is_demo, self.backend.precision)
         run = Run.new(keep_intermediates, progress)
         chunks = self._chunks(video_source, meta, options, track, noise_of, speaker_crops, run)
         return AudioStream(chunks, info, run), info
@@ -340,10 +352,8 @@ class Session:
                     if length[0] != int(round(meta.duration * C.SAMPLE_RATE)):
                         run.notes.append(f"the container says {meta.duration:.2f} s but the frames run "
                                          f"{w.end:.2f} s: the sound follows the frames")
-                cond = window.conditions(self.backend, run, w, window_phone_ids(track, w.index), speaker)
-                z = window.sample(self.backend, run, cond, noise_of(w.index), solver=options.solver,
-                                  steps=options.steps, cfg=options.cfg)
-                yield window.decode(self.backend, run, z)
+                yield window.generate(self.backend, run, w, window_phone_ids(track, w.index), speaker,
+                                      noise_of(w.index), solver=options.solver, steps=options.steps, cfg=options.cfg)
 
         written = 0
         for chunk in crossfade_windows(window_audio()):

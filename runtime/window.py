@@ -1,14 +1,21 @@
 """One 10-second window, stage by stage: conditions, sampling, decoding to audio chunks.
 
-The Session strings these together for each window of a video; benchmarks and batch runs call
-them one by one. Each takes the backend that runs the stages and the `Run` that records what a
-generation did (seconds per stage, flow evaluations, intermediates, progress), so a result
-carries its own record:
+The Session strings these together for each window of a video (`generate`); benchmarks and
+batch runs call them one by one. Each takes the backend that runs the stages and the `Run` that
+records what a generation did (seconds per stage, flow evaluations, intermediates, progress,
+FP32 fallbacks), so a result carries its own record:
 
     run = Run()
     cond = conditions(backend, run, window, phone_ids, speaker)     # once per window
     z = sample(backend, run, cond, noise, solver="euler", steps=25, cfg=3.0)
     for chunk in decode(backend, run, z): ...                       # the VAE once, the vocoder in chunks
+
+The guard (`generate`): in half precision a value can pass FP16's 65504 and become inf or NaN.
+The window's latent and mel are checked before any of its audio is given out; a window where
+either is not finite is generated again, whole, in FP32 (`backend.fp32()`). The vocoder streams
+exactly chunk by chunk, so a chunk of audio that is not finite is decoded again alone in FP32
+before it is given out. Each fallback is recorded in `Run.fallbacks`, and the first one of a run
+adds one note.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import numpy as np
 
 from . import contracts as C
 from . import extras, solvers, video
+from .errors import NonFiniteError
+from .precision import nonfinite
 
 Progress = Callable[[dict], None]
 
@@ -33,8 +42,12 @@ class Run:
     video frames on the host; `preprocess`: preparing them on the device). `nfe`: flow_step
     calls, each running both CFG passes. `intermediates`: features, ids, latents, mel and audio,
     when asked for. `notes`: what a user should know about the result, one line each.
+    `fallbacks`: each window (or vocoder chunk) generated again in FP32 because its half-precision
+    values were not finite: `{"window", "found" (latent, mel or audio), "redone" (window or chunk),
+    "chunk" (for a chunk)}`.
     `progress(event)` hears of every stage call (`{"kind": "stage", "window", "stage",
-    "seconds"}`) and solver step (`{"kind": "step", "window", "step", "t", "nfe"}`).
+    "seconds"}`), solver step (`{"kind": "step", "window", "step", "t", "nfe"}`) and fallback
+    (`{"kind": "fallback", "window", ...}`).
     """
 
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -43,6 +56,7 @@ class Run:
     notes: list[str] = dataclasses.field(default_factory=list)
     progress: Progress | None = None
     window: int = 0                          # the window being generated
+    fallbacks: list[dict] = dataclasses.field(default_factory=list)
 
     @classmethod
     def new(cls, keep_intermediates: bool = False, progress: Progress | None = None) -> Run:
@@ -51,6 +65,27 @@ class Run:
     def keep(self, name: str, value) -> None:
         if self.intermediates is not None:
             self.intermediates.setdefault(name, []).append(value)
+
+    def mark(self) -> dict[str, int]:
+        """Where the intermediates stand, for `rewind` (a window generated again keeps one copy)."""
+        return {k: len(v) for k, v in (self.intermediates or {}).items()}
+
+    def rewind(self, mark: dict[str, int]) -> None:
+        for k, v in (self.intermediates or {}).items():
+            del v[mark.get(k, 0):]
+
+    def fell_back(self, precision: str, found: list[str], redone: str, chunk: int | None = None) -> None:
+        """Record that FP16 (or BF16) gave non-finite `found` values and `redone` (the window, or one
+        vocoder chunk) was generated again in FP32; the first time in a run, one note says so."""
+        entry = {"window": self.window, "found": list(found), "redone": redone,
+                 **({} if chunk is None else {"chunk": chunk})}
+        if not self.fallbacks:
+            what = "the window" if chunk is None else f"vocoder chunk {chunk}"
+            self.notes.append(f"{precision.upper()} gave non-finite values ({', '.join(found)}) in window "
+                              f"{self.window + 1}: {what} was generated again in FP32 (every later fallback is "
+                              "listed in the result's fallbacks)")
+        self.fallbacks.append(entry)
+        self.report({"kind": "fallback", **entry})
 
     def kept(self) -> dict[str, np.ndarray] | None:
         """The intermediates, one array each: audio joined, the rest stacked by window."""
@@ -180,11 +215,54 @@ def vocoder_chunks(mel_frames: int) -> list[tuple[int, int, int, int]]:
     return out
 
 
+def mel_of(backend, run: Run, z: np.ndarray) -> np.ndarray:
+    """The VAE decoder on the window's latent `[1, 128, T]`: log-mel `[1, 4T, 64]`."""
+    return run.call(backend, "vae_decoder", {"z": z})["mel"]
+
+
+def vocode(backend, run: Run, mel: np.ndarray) -> Iterator[np.ndarray]:
+    """Log-mel `[1, M, 64]` -> audio chunks, the vocoder in overlapping chunks (convolutions only:
+    exact). A chunk that is not finite at half precision is decoded again in FP32 before it goes out."""
+    for i, (a0, b0, s0, s1) in enumerate(vocoder_chunks(mel.shape[1])):
+        feed = {"mel": np.ascontiguousarray(mel[:, a0:b0])}
+        audio = run.call(backend, "vocoder", feed)["audio"][0]
+        if backend.stage_precision("vocoder") != "fp32" and nonfinite(audio=audio):
+            run.fell_back(backend.precision, ["audio"], "chunk", chunk=i)
+            audio = run.call(backend.fp32(), "vocoder", feed)["audio"][0]
+        yield audio[s0:s1]
+
+
 def decode(backend, run: Run, z: np.ndarray) -> Iterator[np.ndarray]:
     """Latent `[1, 128, T]` -> audio chunks: the VAE once (its GroupNorm and attention see the
     whole window), the vocoder in overlapping chunks (convolutions only: exact)."""
-    mel = run.call(backend, "vae_decoder", {"z": z})["mel"]                          # [1, 4T, 64]
+    mel = mel_of(backend, run, z)                                                     # [1, 4T, 64]
     run.keep("mel", mel[0])
-    for a0, b0, s0, s1 in vocoder_chunks(mel.shape[1]):
-        audio = run.call(backend, "vocoder", {"mel": np.ascontiguousarray(mel[:, a0:b0])})["audio"][0]
-        yield audio[s0:s1]
+    yield from vocode(backend, run, mel)
+
+
+def generate(backend, run: Run, window, phone_ids: np.ndarray, speaker: np.ndarray, noise: np.ndarray, *,
+             solver: str = "euler", steps: int = 25, cfg: float = 3.0) -> Iterator[np.ndarray]:
+    """One window from frames to audio chunks, with the guard (see the module doc): conditions,
+    sampling and the VAE, again in FP32 if the latent or the mel is not finite, checked before the
+    first chunk goes out; then the vocoder chunk by chunk."""
+    mark = run.mark()
+
+    def latent_and_mel(b) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+        cond = conditions(b, run, window, phone_ids, speaker)
+        z = sample(b, run, cond, noise, solver=solver, steps=steps, cfg=cfg)
+        if nonfinite(latent=z):                        # no VAE run on a latent that failed
+            return z, None, ["latent"]
+        mel = mel_of(b, run, z)
+        return z, mel, nonfinite(mel=mel)
+
+    z, mel, bad = latent_and_mel(backend)
+    if bad and backend.precision != "fp32":
+        run.fell_back(backend.precision, bad, "window")
+        run.rewind(mark)
+        backend = backend.fp32()                       # the whole window, the vocoder too
+        z, mel, bad = latent_and_mel(backend)
+    if bad:
+        raise NonFiniteError(f"window {run.window + 1}: the {bad[0]} is not finite in FP32 either: the model's "
+                             "weights overflow even there")
+    run.keep("mel", mel[0])
+    yield from vocode(backend, run, mel)
