@@ -1,0 +1,293 @@
+"""`python -m vssflow.benchmarks.device`: every stage and a 10-second clip end to end, at every
+precision the machine can run, on one GPU; one command, installs nothing.
+
+    python -m vssflow.benchmarks.device                                   # CUDA: full-size random weights
+    python -m vssflow.benchmarks.device --device cpu --size tiny --precisions fp32,bf16 \\
+        --steps 2 --repeats 1 --warmup 0 --seconds 2                      # CI: that it works
+
+Variants, one Session each (`Session(backend, precision)`), one after another:
+* torch at fp32, fp16 and bf16 (the half-precision policy of `export/precision.py`), with the
+  Triton kernels (frame preprocessing, RoPE) on and off (`VSSFLOW_KERNELS`), on CUDA;
+* ort at fp32 and fp16 (the FP32 and FP16 graphs) where onnxruntime has its CUDA provider;
+* trt at fp16 (strongly typed engines from the FP16 graphs) where TensorRT and Polygraphy build here.
+What cannot run is listed with the reason. Per variant: each stage once per window at a window's
+shapes (median of `--repeats`, device synchronised), the vocoder per streamed chunk, one flow
+evaluation, `Session.generate` on a synthetic 10-second clip (euler, `--steps`), the first chunk's
+latency, and the final latent, mel and audio against the torch FP32 run (SNR). Writes
+`<name>.json` and `<name>.md` into `--out`. A time budget (`--budget`) skips variants that would
+start after it, so the whole run fits its slot (8 minutes on an H100-class GPU at full size).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from vssflow.runtime import contracts as C
+from vssflow.runtime.precision import PRECISIONS
+
+from . import timing
+from .report import _finite, _json_default, snr_db
+from .run import DEFAULT_OUT, Progress
+
+# Each stage at one window's shapes (the vocoder: one streamed chunk with its overlap).
+STAGE_SIZES = {"N": C.CLIP_FRAMES, "S": C.SYNCH_SEGMENTS, "B": 1, "T": C.WINDOW_LATENTS, "T1": C.WINDOW_LATENTS + 1,
+               "M": C.VOCODER_CHUNK + 2 * C.VOCODER_OVERLAP}
+STAGES = ("clip_encoder", "synch_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
+REFERENCE = ("torch", "fp32", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    backend: str
+    precision: str
+    kernels: str            # on | off | n/a (the Triton kernels run on CUDA tensors only)
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision}" + ("" if self.kernels == "n/a" else f", kernels {self.kernels}")
+
+
+@contextlib.contextmanager
+def kernels_switch(kernels: str):
+    """`VSSFLOW_KERNELS` for the variant (read at each call by `vssflow.kernels.dispatch`)."""
+    before = os.environ.get("VSSFLOW_KERNELS")
+    if kernels != "n/a":
+        os.environ["VSSFLOW_KERNELS"] = "1" if kernels == "on" else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("VSSFLOW_KERNELS", None)
+        else:
+            os.environ["VSSFLOW_KERNELS"] = before
+
+
+def variants(device: str, precisions: tuple[str, ...]) -> tuple[list[Variant], dict[str, str]]:
+    """What runs here, the torch FP32 reference first; and what does not, with the reason."""
+    cuda = device.startswith("cuda")
+    kernels = ("off", "on") if cuda else ("n/a",)
+    out = [Variant("torch", p, k) for p in precisions for k in kernels]
+    out.sort(key=lambda v: (v.precision != "fp32", v.kernels == "off" and v.precision != "fp32"))
+    skipped: dict[str, str] = {}
+    try:
+        import onnxruntime as ort
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if cuda and has_cuda:
+        out += [Variant("ort", p, "n/a") for p in precisions if p in ("fp32", "fp16")]
+    else:
+        skipped["ort"] = ("onnxruntime has no CUDA provider here (onnxruntime-gpu not installed)" if cuda
+                          else "ONNX Runtime variants run on CUDA only here (the CPU is the CI mode)")
+    from vssflow.export.trt_build import support
+    ok, reason = support() if cuda else (False, "no CUDA device")
+    if ok:                          # the export below builds FP16 engines
+        out += [Variant("trt", "fp16", "n/a")] if "fp16" in precisions else []
+    else:
+        skipped["trt"] = reason
+    return out, skipped
+
+
+def make_model(size: str, root: Path, graphs: bool, trt: bool, say) -> Path:
+    """Random weights of `size` in the authors' layout, exported into `root` (the ONNX graphs only
+    where ORT on CUDA or TensorRT will run them: the torch variants need weights.pt alone)."""
+    from vssflow.export.onnx_export import ExportOptions, export_random
+    folder = root / f"{size}-{'graphs' if graphs else 'weights'}"
+    if not (folder / "manifest.json").is_file():
+        opts = ExportOptions(precision="fp16", backend="trt" if trt else "onnx", verify=False, graphs=graphs)
+        export_random(folder, size, options=opts, replace=True, progress=lambda m: say(f"model: {m}"),
+                      note="DEVICE BENCHMARK MODEL: random weights")
+    return folder
+
+
+def time_stages(session, repeats: int, warmup: int) -> dict:
+    """Each stage at a window's shapes on the backend's own arrays; the device synchronised."""
+    backend, out = session.backend, {}
+    for stage in STAGES:
+        contract = backend.folder.contracts[stage]
+        feed = {k: backend.arrays.upload(v) for k, v in
+                contract.sample("opt", **{a: STAGE_SIZES[a] for a in contract.axes}).items()}
+        stat, _ = timing.measure(lambda: backend.run_native(stage, feed), repeats, warmup, sync=timing.cuda_sync)
+        out[stage] = stat.to_json()
+    return out
+
+
+def end_to_end(session, video: Path, seed: int, steps: int, repeats: int, warmup: int) -> dict:
+    """`Session.stream` on the clip, read to its end: the first chunk's latency and the total, from
+    the same runs (after `warmup` untimed ones: lazy loads, autotuning)."""
+    def once() -> tuple[float, float, object]:
+        t0 = time.perf_counter()
+        chunks, _ = session.stream(video, steps=steps, seed=seed, keep_intermediates=True)
+        first = next(chunks)
+        timing.cuda_sync()
+        t_first = time.perf_counter() - t0
+        rest = chunks.result()
+        timing.cuda_sync()
+        return t_first, time.perf_counter() - t0, dataclasses.replace(rest, audio=np.concatenate([first, rest.audio]))
+    for _ in range(warmup):
+        once()
+    runs = [once() for _ in range(max(1, repeats))]
+    result = runs[-1][2]
+    kept = result.intermediates
+    return {"total": timing.Stat.of([r[1] for r in runs]).to_json(),
+            "first_chunk": timing.Stat.of([r[0] for r in runs]).to_json(), "nfe": result.nfe,
+            "stage_seconds": result.timings, "fallbacks": list(result.fallbacks),
+            "outputs": {"latent": kept["final_latent"][0], "mel": kept["mel"][0], "audio": result.audio}}
+
+
+def run_device_benchmark(size: str, device: str, precisions: tuple[str, ...], steps: int, repeats: int,
+                         warmup: int, seconds: float, budget: float, work: Path, say,
+                         save=lambda summary: None) -> dict:
+    """Every variant in turn; `save(summary so far)` after each, so a run cut short keeps what it measured."""
+    import torch
+
+    from vssflow.runtime.session import Session
+
+    from .models import write_video
+    t_start = time.perf_counter()
+    todo, skipped = variants(device, precisions)
+    graphs = any(v.backend != "torch" for v in todo)
+    folder = make_model(size, work, graphs, any(v.backend == "trt" for v in todo), say)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    video = write_video(work / "clip.mp4", seconds)
+    say(f"model ready in {time.perf_counter() - t_start:.0f} s; {len(todo)} variants")
+    rows, reference = [], None
+
+    def summary() -> dict:
+        return {"machine": timing.machine_info(), "size": size, "device": device, "steps": steps,
+                "repeats": repeats, "warmup": warmup, "clip_seconds": seconds,
+                "model": {"folder": str(folder), "sizes": manifest["sizes"], "dims": manifest["dims"]["flow"]},
+                "variants": rows, "skipped": skipped, "wall_s": time.perf_counter() - t_start}
+    for v in todo:
+        spent = time.perf_counter() - t_start
+        if rows and spent > budget:
+            skipped[v.label] = f"time budget: {spent:.0f} s spent of {budget:.0f} s"
+            continue
+        say(f"{v.label}: loading")
+        session = None
+        try:
+            with kernels_switch(v.kernels):
+                t0 = time.perf_counter()
+                session = Session(folder, backend=v.backend, device=device, precision=v.precision,
+                                  verify_hashes=False)
+                row = {**dataclasses.asdict(v), "label": v.label, "backend_described": session.describe()}
+                say(f"{v.label}: stages")
+                row["stages"] = time_stages(session, repeats, warmup)
+                row["load_and_stages_s"] = time.perf_counter() - t0
+                say(f"{v.label}: {seconds:g}-second clip end to end")
+                row["end_to_end"] = end_to_end(session, video, 0, steps, repeats, warmup)   # seed 0: the same noise
+                row["peak_device_bytes"] = timing.cuda_memory()
+        except Exception as e:          # one variant's failure is a finding, not the end of the run
+            skipped[v.label] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            say(f"{v.label}: {skipped[v.label]}")
+            continue
+        finally:
+            if session is not None:
+                session.close()
+            session = None
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        outputs = row["end_to_end"].pop("outputs")
+        if (v.backend, v.precision, v.kernels) in (REFERENCE, ("torch", "fp32", "n/a")):
+            reference = outputs
+        if reference is not None:
+            row["snr_vs_torch_fp32_db"] = {k: snr_db(reference[k], outputs[k]) for k in ("latent", "mel", "audio")}
+        rows.append(row)
+        say(f"{v.label}: end to end {row['end_to_end']['total']['median']:.3f} s")
+        save(summary())
+    return summary()
+
+
+def _ms(stat: dict | None) -> str:
+    return "-" if stat is None else f"{stat['median'] * 1e3:.1f}"
+
+
+def markdown(s: dict) -> str:
+    gpu = s["machine"].get("gpu") or "CPU"
+    flow = s["model"]["dims"]
+    lines = [f"# Device benchmark: {gpu}, {s['size']} model (random weights)", "",
+             f"Flow transformer {flow['num_layers']} x {flow['width']}; a {s['clip_seconds']:g}-second clip, euler "
+             f"{s['steps']} steps; milliseconds, median of {s['repeats']}; stages at one window's shapes (vocoder: "
+             f"one streamed chunk of {C.VOCODER_CHUNK} mel frames + overlap). torch "
+             f"{s['machine']['versions'].get('torch')}. Wall time {s['wall_s']:.0f} s.", "",
+             "| variant | " + " | ".join(STAGES) + " | end to end | first chunk | audio SNR vs torch fp32 |",
+             "|---" * (len(STAGES) + 4) + "|"]
+    for r in s["variants"]:
+        e2e = r["end_to_end"]
+        snr = r.get("snr_vs_torch_fp32_db", {}).get("audio")
+        is_ref = (r["backend"], r["precision"], r["kernels"]) in (REFERENCE, ("torch", "fp32", "n/a"))
+        snr_s = ("reference" if is_ref else "-" if snr is None else "identical" if not np.isfinite(snr)
+                 else f"{snr:.1f} dB")
+        fb = f" ({len(e2e['fallbacks'])} FP32 fallbacks)" if e2e["fallbacks"] else ""
+        lines.append(f"| {r['label']} | " + " | ".join(_ms(r["stages"].get(st)) for st in STAGES)
+                     + f" | {_ms(e2e['total'])}{fb} | {_ms(e2e['first_chunk'])} | {snr_s} |")
+    for what, why in s["skipped"].items():
+        lines.append(f"\n{what}: not run: {why}")
+    return "\n".join(lines)
+
+
+def write(s: dict, out: Path, name: str) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{name}.json", "md": out / f"{name}.md"}
+    paths["json"].write_text(json.dumps(_finite(s), indent=1, default=_json_default, allow_nan=False) + "\n")
+    paths["md"].write_text(markdown(s) + "\n")
+    return paths
+
+
+def _precisions(ctx, param, value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    bad = [n for n in names if n not in PRECISIONS]
+    if bad or not names:
+        raise click.BadParameter(f"expected a comma-separated list of {', '.join(PRECISIONS)}, got {value!r}")
+    return ("fp32",) + tuple(n for n in names if n != "fp32")          # the reference always runs first
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--size", type=click.Choice(["tiny", "small", "full"]), default="full", show_default=True,
+              help="Random weights in the authors' layout.")
+@click.option("--device", default=None, help="cuda | cuda:N | cpu (default: cuda where present, else cpu).")
+@click.option("--precisions", default=",".join(PRECISIONS), show_default=True, callback=_precisions,
+              help="Comma-separated; fp32 always runs (the reference of the SNR column).")
+@click.option("--steps", type=int, default=25, show_default=True, help="Euler steps of the end-to-end run.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs of each stage and of the clip.")
+@click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs before them (0: CI's mode).")
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="Length of the synthetic clip.")
+@click.option("--budget", type=float, default=390.0, show_default=True,
+              help="Seconds after which no further variant starts (the model's making counts).")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the model and the clip (kept, so a rerun skips making them). Default: a temporary one.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
+@click.option("--name", default=None, help="File name stem [device-<gpu or cpu>-<size>].")
+@click.option("-q", "--quiet", is_flag=True)
+def main(size, device, precisions, steps, repeats, warmup, seconds, budget, work, out, name, quiet):
+    """Time every stage and a clip end to end at each precision and backend this machine runs."""
+    import torch
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    say = Progress(quiet=quiet)
+    with contextlib.ExitStack() as stack:
+        if work is None:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="vssflow-device-")))
+        work.mkdir(parents=True, exist_ok=True)
+        gpu = (torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu").lower()
+        stem = name or f"device-{''.join(c if c.isalnum() else '-' for c in gpu).strip('-')}-{size}"
+        summary = run_device_benchmark(size, device, precisions, steps, repeats, warmup, seconds, budget, work, say,
+                                       save=lambda s: write(s, Path(out), stem))
+    paths = write(summary, Path(out), stem)
+    click.echo(markdown(summary))
+    for kind, p in paths.items():
+        click.echo(f"{kind}: {p}", err=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""`python -m vssflow.benchmarks.device` in its CPU mode on the tiny model: that the one GPU command
+works (CI has no GPU; on one it also runs the fp16/kernel/ORT/TensorRT variants)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from vssflow.benchmarks.device import STAGES, main
+
+
+@pytest.mark.slow   # ~20 s on 2 cores: a tiny model, two variants, one 2-step clip each
+def test_cpu_mode_writes_every_figure(tmp_path):
+    args = ["--device", "cpu", "--size", "tiny", "--precisions", "bf16", "--steps", "2", "--repeats", "1",
+            "--warmup", "0", "--seconds", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+            "--name", "ci", "-q"]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "out" / "ci.json").read_text())
+    assert [(v["backend"], v["precision"], v["kernels"]) for v in data["variants"]] == [
+        ("torch", "fp32", "n/a"), ("torch", "bf16", "n/a")]
+    for v in data["variants"]:
+        assert all(v["stages"][s]["median"] > 0 for s in STAGES)
+        e2e = v["end_to_end"]
+        assert 0 < e2e["first_chunk"]["median"] <= e2e["total"]["median"] and e2e["nfe"] == 2
+        assert e2e["fallbacks"] == []
+    fp32, bf16 = (v["snr_vs_torch_fp32_db"] for v in data["variants"])
+    assert fp32 == {"latent": None, "mel": None, "audio": None}          # itself: an infinite SNR
+    assert bf16["latent"] > 20 and bf16["audio"] > 10                  # half precision, not noise
+    assert set(data["skipped"]) == {"ort", "trt"}
+    md = (tmp_path / "out" / "ci.md").read_text()
+    assert "| torch bf16 |" in md and "trt: not run:" in md
