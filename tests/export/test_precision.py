@@ -106,3 +106,44 @@ def test_agreement():
     a = P.agreement(ref, ref + 0.01)
     assert a.finite and a.snr_db == pytest.approx(40.0) and a.max_abs_err == pytest.approx(0.01)
     assert not P.agreement(ref, np.full(100, np.inf, np.float32)).finite
+
+
+def test_export_refuses_an_overflowing_fp16_graph_naming_the_stage(tiny_assets, tmp_path):
+    """vssflow-export --precision fp16 on the overflowing checkpoint: one line naming the stage, exit 4,
+    no model folder (nothing half-written)."""
+    import subprocess
+    import sys
+    sd = dict(safe_load(tiny_assets["checkpoint"])["state_dict"])
+    sd[OVERFLOW_KEY] = sd[OVERFLOW_KEY] * OVERFLOW_SCALE
+    atomic_torch_save({"state_dict": sd}, tmp_path / "scaled.ckpt")
+    r = subprocess.run([sys.executable, "-m", "vssflow.export.cli", "--checkpoint", str(tmp_path / "scaled.ckpt"),
+                        "--synchformer", str(tiny_assets["synchformer"]), "--backend", "onnx", "--out",
+                        str(tmp_path / "m"), "-q"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 4
+    assert r.stderr.strip().splitlines() == [
+        "vssflow-export: error: flow_step: the FP16 graph gives non-finite values in velocity on the contract's "
+        "sample inputs (FP16 overflows past 65504), so it is not written; export with --precision fp32"]
+    assert not (tmp_path / "m").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m.")]
+
+
+def test_summary_shows_the_fp16_snr_per_stage(tiny_model):
+    import json
+
+    from vssflow.export.cli import _summary
+    manifest = json.loads((tiny_model / "manifest.json").read_text())
+    assert manifest["precisions"] == ["fp32", "fp16"] and manifest["options"]["precision"] == "fp16"
+    lines = _summary(manifest, tiny_model).splitlines()
+    assert lines[0].split() == ["stage", "file", "MB", "export", "s", "ORT", "vs", "torch", "FP16", "MB", "FP16", "s",
+                                "FP16", "vs", "FP32"]
+    rows = {line.split()[0]: line for line in lines[1:8]}
+    for stage in P.FP16_STAGES:
+        snrs = [float(x) for x in rows[stage].split("SNR ")[1].removesuffix(" dB").split(" / ")]
+        assert min(snrs) > 40 and f"{stage}.fp16.onnx" in manifest["files"], rows[stage]
+    assert rows["speaker_encoder"].split()[-3:] == ["-", "-", "-"]             # stays FP32
+    assert "precisions: fp32, fp16" in lines
+
+
+def test_fp32_export_writes_no_half_graph(tiny_assets, tmp_path):
+    manifest = E.export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], tmp_path / "m",
+                              options=E.ExportOptions(precision="fp32", verify=False, torch_weights=False))
+    assert manifest["precisions"] == ["fp32"] and not [f for f in manifest["files"] if ".fp16." in f]
