@@ -33,7 +33,7 @@ def model_folder(size: str, seed: int = 0, root: Path | None = None, progress=la
     if (out / "manifest.json").is_file():
         return out
     progress(f"writing random {size} weights in the authors' layout and exporting to {out} (once; later runs reuse it)")
-    export_random(out, size, seed, options=ExportOptions(backend="onnx", verify=False), replace=True,
+    export_random(out, size, seed, options=ExportOptions(backend="onnx", verify=False, torch_weights=True), replace=True,
                   progress=lambda m: progress(f"export: {m}"), note=DEMO_NOTE)
     return out
 

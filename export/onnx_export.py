@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
 import warnings
@@ -21,28 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vssflow.runtime.contracts import ModelSizes, StageContract, stage_contracts
-from vssflow.runtime.model_folder import sha256
+from vssflow.runtime.contracts import LATENT_RATE, ModelSizes, StageContract, stage_contracts
+from vssflow.runtime.files import atomic_folder
+from vssflow.runtime.model_folder import FORMAT_VERSION, sha256, write_stamp
 
 from .checkpoint import RAWNET, SYNCHFORMER, AuthorsCheckpoint, build_modules, read_aux, read_checkpoint
 from .errors import ExportError
 from .flow_step import ConditionStage, FlowStep
+from .options import ExportOptions
 
-MANIFEST_VERSION = 1
 OPSET = 18
 STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
 # Compared by SNR, not max abs error: long convolution stacks (and RawNet3's log filterbank)
 # amplify float rounding differences between ONNX Runtime and PyTorch.
 SNR_STAGES = ("speaker_encoder", "vae_decoder", "vocoder")
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    precision: str = "fp32"          # fp32 | fp16 (TensorRT engines; the ONNX files stay fp32)
-    backend: str = "onnx"            # onnx | trt | all
-    max_seconds: float = 10.0
-    verify: bool = True
-    torch_weights: bool = True       # weights.pt for the torch backend
 
 
 def model_sizes(ckpt: AuthorsCheckpoint, synch_dims) -> ModelSizes:
@@ -182,14 +173,11 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
             raise ExportError(f"{rawnet}: RawNet3 gives {rawnet_module.dims.out}-d embeddings but the "
                               f"checkpoint's ref_proj takes {ckpt.dims.conditions.speaker_in}")
     sizes = model_sizes(ckpt, synch_dims)
-    contracts = stage_contracts(sizes, max_latents=int(round(options.max_seconds * 25)))
+    contracts = stage_contracts(sizes, max_latents=int(round(options.max_seconds * LATENT_RATE)))
     modules = stage_modules(ckpt, synch, rawnet_module)
     contracts = {k: c for k, c in contracts.items() if k in modules}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is ordinary data
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         files, report = {}, {}
         for name in (s for s in STAGES if s in modules):
             t0 = time.perf_counter()
@@ -213,7 +201,7 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
             if p.is_file():
                 files[p.name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
         manifest = {
-            "format_version": MANIFEST_VERSION,
+            "format_version": FORMAT_VERSION,
             "dims": ckpt.dims.to_json(),
             "synchformer_dims": dataclasses.asdict(synch_dims),
             "sizes": dataclasses.asdict(sizes),
@@ -226,14 +214,5 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_stamp(tmp, sha256(tmp / "manifest.json"), list(files))       # hashed just now
+    return manifest

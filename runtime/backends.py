@@ -24,6 +24,11 @@ from .errors import BackendError, ModelFolderError, VssflowError
 from .model_folder import ModelFolder
 
 BACKENDS = ("auto", "trt", "ort", "torch")
+# Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
+# backend's `frames_device`: torch or trt backends), "auto" (device when that is a GPU). On a CPU
+# torch device "device" runs the kernels' reference (dense float64 products, ~7x slower than the
+# host path): for checking, not speed.
+PREPROCESS = ("auto", "host", "device")
 # The inputs of `flow_step` that stay the same through one window's ODE loop.
 FLOW_CONSTANTS = ("cond_bias", "keys", "values")
 

@@ -42,10 +42,11 @@ def tiny_assets(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_assets):
-    """A model folder exported from `tiny_assets` (ONNX + weights.pt + manifest)."""
-    from vssflow.export.onnx_export import export_model
+    """A model folder exported from `tiny_assets` (ONNX + weights.pt for the torch backend + manifest)."""
+    from vssflow.export.onnx_export import ExportOptions, export_model
     out = tmp_path_factory.mktemp("models") / "tiny"
-    export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], out, rawnet=tiny_assets["rawnet"])
+    export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], out, rawnet=tiny_assets["rawnet"],
+                 options=ExportOptions(torch_weights=True))
     return out
 
 
