@@ -1,4 +1,4 @@
-"""The folded, cached flow transformer the exporter traces (DESIGN.md §2).
+"""The folded, cached flow transformer the exporter traces: exact algebra on the authors' model.
 
 Exact algebra on the authors' model, no approximation:
 * The state is `x = [z; k]` with `k` constant, so `proj_in (I + W_pre) x` splits into `A_z z`

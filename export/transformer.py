@@ -1,6 +1,6 @@
 """The flow transformer: VSSFlow's Stable-Audio-style DiT, exactly as the authors run it.
 
-DESIGN.md §1.3. State-dict keys are those of the authors' `StableAudioDiTModel` (prefix
+State-dict keys are those of the authors' `StableAudioDiTModel` (prefix
 `vaflow.` in their checkpoint, not in the keys here). This module is the unfolded reference;
 `flow_step.py` holds the folded, cached form the exporter traces.
 """

@@ -24,11 +24,8 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 
+from .contracts import SAMPLE_RATE, SPEAKER_CROPS, SPEAKER_SAMPLES
 from .errors import AudioError
-
-SAMPLE_RATE = 16_000
-CROP_SAMPLES = 3 * SAMPLE_RATE   # RawNet3 was trained on 3 s utterances
-N_CROPS = 10
 MAX_REFERENCE_SECONDS = 600.0    # a voice sample, not a recording session: caps memory
 
 
@@ -144,8 +141,8 @@ def load_reference(source: str | os.PathLike | BinaryIO) -> np.ndarray:
     return mono.astype(np.float32)
 
 
-def speaker_crops(wav: np.ndarray, n_samples: int = CROP_SAMPLES,
-                  n_segments: int = N_CROPS) -> np.ndarray:
+def speaker_crops(wav: np.ndarray, n_samples: int = SPEAKER_SAMPLES,
+                  n_segments: int = SPEAKER_CROPS) -> np.ndarray:
     """wav [n] -> [n_segments, n_samples] float32, as the authors' `extract_speaker_embd`.
 
     Shorter than n_samples: wrap-padded to n_samples + 1. Crops start at
