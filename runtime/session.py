@@ -314,6 +314,8 @@ class Session:
         while True:
             t0 = time.perf_counter()
             w = next(windows, None)
+            if w is not None:
+                run.window = w.index
             run.timed("frames", time.perf_counter() - t0)
             if w is None:
                 return
@@ -328,7 +330,6 @@ class Session:
 
         def window_audio():
             for w in self._windows(source, run):
-                run.window = w.index
                 if w.last:
                     length.append(output_samples(meta, w.end))
                     if length[0] != int(round(meta.duration * C.SAMPLE_RATE)):

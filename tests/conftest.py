@@ -53,7 +53,7 @@ def tiny_model(tmp_path_factory, tiny_assets):
 @pytest.fixture(scope="session")
 def clip12(tmp_path_factory):
     """A 12-second 25 fps clip (two windows), small frames."""
-    from tests.media import make_video
+    from vssflow.benchmarks.media import make_video
     path = tmp_path_factory.mktemp("media") / "clip12.mp4"
     make_video(path, seconds=12, fps=25, size=(96, 64))
     return path
@@ -62,7 +62,7 @@ def clip12(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip4(tmp_path_factory):
     """A 4-second 25 fps clip (one window, padded by the model to 10 s), small frames."""
-    from tests.media import make_video
+    from vssflow.benchmarks.media import make_video
     path = tmp_path_factory.mktemp("media") / "clip4.mp4"
     make_video(path, seconds=4, fps=25, size=(96, 64))
     return path

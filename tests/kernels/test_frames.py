@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.kernels.support import require_interpreted  # noqa: E402
-from tests.media import make_video  # noqa: E402
+from vssflow.benchmarks.media import make_video  # noqa: E402
 from vssflow.kernels import dispatch  # noqa: E402
 from vssflow.kernels import frames as KF  # noqa: E402
 from vssflow.kernels import preprocess as P  # noqa: E402

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.media import draw_frame, make_video, make_wav, read_index
+from vssflow.benchmarks.media import draw_frame, make_video, make_wav, read_index
 from vssflow.runtime import resize, video
 from vssflow.runtime.errors import VideoError
 
