@@ -207,7 +207,8 @@ def flow_step_torch(model: Path, calls: int = 3, device: str = "cpu", autocast: 
 
 def flow_step_ort(model: Path, calls: int = 3, threads: int = 0) -> dict:
     """Node time per operator type over ``calls`` flow steps in ONNX Runtime (CPU provider)."""
-    import onnxruntime as ort
+    from vssflow.runtime import extras
+    ort = extras.onnxruntime()
 
     from vssflow.runtime.model_folder import ModelFolder
     folder = ModelFolder.open(model, verify_hashes=False)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vssflow.runtime import extras
 from vssflow.runtime.contracts import LATENT_RATE, ModelSizes, StageContract, stage_contracts
 from vssflow.runtime.files import atomic_folder
 from vssflow.runtime.model_folder import FORMAT_VERSION, sha256, write_stamp
@@ -95,7 +96,7 @@ def export_onnx(module: torch.nn.Module, contract: StageContract, path: Path) ->
 
 def verify_onnx(module: torch.nn.Module, contract: StageContract, path: Path, sizes: dict) -> dict:
     """Run ONNX Runtime (CPU) beside PyTorch on a sample of other shapes than the trace's."""
-    import onnxruntime as ort
+    ort = extras.onnxruntime()
     feed = contract.sample("opt", seed=1, **sizes)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, feed)

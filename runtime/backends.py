@@ -153,7 +153,7 @@ class OrtBackend(Backend):
     def __init__(self, folder: ModelFolder, device: str | None = None):
         super().__init__(folder, device)
         try:
-            import onnxruntime as ort
+            ort = extras.onnxruntime()
         except ImportError:
             raise BackendError("the ort backend needs onnxruntime: pip install 'vssflow[cpu]' "
                                "(or onnxruntime-gpu; on a Jetson, the wheel that matches JetPack)") from None
