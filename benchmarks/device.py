@@ -40,7 +40,7 @@ from .report import _finite, _json_default, snr_db
 from .run import DEFAULT_OUT, Progress
 
 # Each stage at one window's shapes (the vocoder: one streamed chunk with its overlap).
-STAGE_SIZES = {"N": C.CLIP_FRAMES, "S": C.SYNCH_SEGMENTS, "B": 1, "T": C.WINDOW_LATENTS, "T1": C.WINDOW_LATENTS + 1,
+STAGE_SIZES = {"N": C.CLIP.frames, "S": C.SYNCH_SEGMENTS, "B": 1, "T": C.WINDOW_LATENTS, "T1": C.WINDOW_LATENTS + 1,
                "M": C.VOCODER_CHUNK + 2 * C.VOCODER_OVERLAP}
 STAGES = ("clip_encoder", "synch_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
 REFERENCE = ("torch", "fp32", "off")
@@ -79,11 +79,8 @@ def variants(device: str, precisions: tuple[str, ...]) -> tuple[list[Variant], d
     out = [Variant("torch", p, k) for p in precisions for k in kernels]
     out.sort(key=lambda v: (v.precision != "fp32", v.kernels == "off" and v.precision != "fp32"))
     skipped: dict[str, str] = {}
-    try:
-        import onnxruntime as ort
-        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    except ImportError:
-        has_cuda = False
+    from vssflow.runtime import extras
+    has_cuda = not extras.missing("cpu") and "CUDAExecutionProvider" in extras.onnxruntime().get_available_providers()
     if cuda and has_cuda:
         out += [Variant("ort", p, "n/a") for p in precisions if p in ("fp32", "fp16")]
     else:
@@ -104,7 +101,8 @@ def make_model(size: str, root: Path, graphs: bool, trt: bool, say) -> Path:
     from vssflow.export.onnx_export import ExportOptions, export_random
     folder = root / f"{size}-{'graphs' if graphs else 'weights'}"
     if not (folder / "manifest.json").is_file():
-        opts = ExportOptions(precision="fp16", backend="trt" if trt else "onnx", verify=False, graphs=graphs)
+        opts = ExportOptions(precision="fp16", backend="trt" if trt else "onnx", verify=False, graphs=graphs,
+                             torch_weights=True)
         export_random(folder, size, options=opts, replace=True, progress=lambda m: say(f"model: {m}"),
                       note="DEVICE BENCHMARK MODEL: random weights")
     return folder
@@ -153,13 +151,14 @@ def run_device_benchmark(size: str, device: str, precisions: tuple[str, ...], st
 
     from vssflow.runtime.session import Session
 
-    from .models import write_video
+    from .media import make_video
     t_start = time.perf_counter()
     todo, skipped = variants(device, precisions)
     graphs = any(v.backend != "torch" for v in todo)
     folder = make_model(size, work, graphs, any(v.backend == "trt" for v in todo), say)
     manifest = json.loads((folder / "manifest.json").read_text())
-    video = write_video(work / "clip.mp4", seconds)
+    video = work / "clip.mp4"
+    make_video(video, seconds, 25, (320, 240))
     say(f"model ready in {time.perf_counter() - t_start:.0f} s; {len(todo)} variants")
     rows, reference = [], None
 

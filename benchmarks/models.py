@@ -18,6 +18,8 @@ import numpy as np
 
 from vssflow.runtime import contracts as C
 
+from .media import make_video
+
 DEMO_NOTE = "BENCHMARK MODEL: random weights in the authors' layout; it runs the whole pipeline but makes noise."
 
 
@@ -33,7 +35,8 @@ def model_folder(size: str, seed: int = 0, root: Path | None = None, progress=la
     if (out / "manifest.json").is_file():
         return out
     progress(f"writing random {size} weights in the authors' layout and exporting to {out} (once; later runs reuse it)")
-    export_random(out, size, seed, options=ExportOptions(precision="fp32", backend="onnx", verify=False), replace=True,
+    export_random(out, size, seed, options=ExportOptions(precision="fp32", backend="onnx", verify=False,
+                                                       torch_weights=True), replace=True,
                   progress=lambda m: progress(f"export: {m}"), note=DEMO_NOTE)
     return out
 
@@ -57,26 +60,6 @@ def authors_modules(folder: Path, device: str = "cpu") -> dict:
 
 
 # --- inputs ---------------------------------------------------------------------------------------
-
-def write_video(path: Path, seconds: float, fps: int = 25, size: tuple[int, int] = (320, 240)) -> Path:
-    """A synthetic H.264 clip: a colour ramp with a square moving across it."""
-    import av
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    ramp = np.stack([x * 200 // w + 30, y * 200 // h + 30, np.full_like(x, 110)], -1).astype(np.uint8)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"preset": "ultrafast", "crf": "18"}
-        box = h // 4
-        for i in range(int(round(seconds * fps))):
-            img = ramp.copy()
-            x0 = (i * 5) % (w - box)
-            img[h // 3:h // 3 + box, x0:x0 + box] = (230, 60, 30)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        container.mux(stream.encode(None))
-    return path
-
 
 def first_window(video: Path):
     """The encoder inputs of the video's first 10 seconds (`VideoWindow`), the file closed after."""
@@ -119,7 +102,8 @@ def make_inputs(work: Path, audio_channels: int, seconds: float, seed: int, tran
     from vssflow.runtime import text
     from vssflow.runtime import video as V
     if video is None:
-        video = write_video(work / "clip.mp4", seconds)
+        video = work / "clip.mp4"
+        make_video(video, seconds, 25, (320, 240))
     duration = V.probe(video).duration
     if transcript is not None:
         speech = (min(speech[0], duration / 2), min(speech[1], duration))

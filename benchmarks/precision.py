@@ -36,7 +36,8 @@ def _log(*a) -> None:
 
 
 def _ort_session(path: Path, threads: int):
-    import onnxruntime as ort
+    from vssflow.runtime.extras import onnxruntime
+    ort = onnxruntime()
     o = ort.SessionOptions()
     o.log_severity_level = 3
     o.intra_op_num_threads = threads

@@ -118,8 +118,8 @@ def measure(settings: BenchSettings, folder: Path, inputs_path: Path, say: Progr
     try:
         say("video decode and frame preparation (the runtime's, for both)")
         put(alternate([ours], "decode", light, s.warmup), "decode")
-        say(f"CLIP encoder on {s.clip_frames} of {C.CLIP_FRAMES} frames")
-        put(alternate(both, "clip_encoder", heavy, s.warmup), "clip_encoder", C.CLIP_FRAMES / s.clip_frames)
+        say(f"CLIP encoder on {s.clip_frames} of {C.CLIP.frames} frames")
+        put(alternate(both, "clip_encoder", heavy, s.warmup), "clip_encoder", C.CLIP.frames / s.clip_frames)
         say(f"Synchformer on {s.synch_segments} of {C.SYNCH_SEGMENTS} segments")
         put(alternate(both, "synch_encoder", heavy, s.warmup), "synch_encoder", C.SYNCH_SEGMENTS / s.synch_segments)
         ours("set_features", theirs("features"))

@@ -73,7 +73,7 @@ class BenchSettings:
     @property
     def clip_frames(self) -> int:
         """CLIP frames the encoder runs on per measurement (of 100 per window)."""
-        return max(1, math.ceil(self.encoder_fraction * C.CLIP_FRAMES - 1e-9))
+        return max(1, math.ceil(self.encoder_fraction * C.CLIP.frames - 1e-9))
 
     @property
     def synch_segments(self) -> int:

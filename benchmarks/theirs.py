@@ -84,7 +84,7 @@ class Theirs:
         frames = self.frames[:1] if light else self.frames
         seconds = self._timed(lambda: self.m["clip"](frames))
         if not light:
-            self.out["clip"] = tile(self.out["last"].float().cpu().numpy(), C.CLIP_FRAMES)          # [100, Dc]
+            self.out["clip"] = tile(self.out["last"].float().cpu().numpy(), C.CLIP.frames)          # [100, Dc]
         return seconds
 
     def _synch_encoder(self, light: bool) -> float:

@@ -20,7 +20,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -256,17 +255,11 @@ def read_aux(component: Component, path: str | os.PathLike, unwrap: str | None =
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary name beside `path`, then rename: never a half-written file."""
+    from vssflow.runtime.files import atomic_output
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def random_state_dict(dims: ModelDims, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -11,14 +11,17 @@ from vssflow.runtime import extras
 from vssflow.runtime.errors import VssflowError
 from vssflow.runtime.precision import EXPORT_PRECISIONS
 
+from .options import EXPORT_BACKENDS, PRECISIONS, ExportOptions
+
 DEMO_NOTE = "DEMO MODEL: random weights in the authors' layout; it runs the whole pipeline but makes noise."
 
 
 def export_demo(out: Path, *, replace: bool = False, progress=lambda m: None, backend: str = "onnx",
                 precision: str = "fp16", verify: bool = True) -> dict:
     """Write a `tiny` random-weight checkpoint in the authors' layout and export it to `out`."""
-    from .onnx_export import ExportOptions, export_random
-    return export_random(out, "tiny", options=ExportOptions(precision=precision, backend=backend, verify=verify),
+    from .onnx_export import export_random
+    options = ExportOptions(precision=precision, backend=backend, verify=verify, torch_weights=True)   # tiny: try every backend
+    return export_random(out, "tiny", options=options,
                          replace=replace, progress=progress, note=DEMO_NOTE)
 
 
@@ -62,14 +65,14 @@ def _summary(manifest: dict, out: Path) -> str:
 @click.option("--assets", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="The authors' assets folder; its vae/, vocoder/ and transformer config.json override "
                    "what tensor shapes cannot tell (vocoder upsample rates, head size).")
-@click.option("--precision", type=click.Choice(EXPORT_PRECISIONS), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="fp16: the FP32 graphs and, beside them, mixed-precision FP16 graphs (<stage>.fp16.onnx: "
                    "weights and matrix products in FP16, norms, softmax, sin/cos, the guidance mix and reductions "
                    "in FP32; inputs and outputs FP32), each checked against its FP32 graph, and FP16 TensorRT "
                    "engines built from them; what `vssflow-run --precision fp16` needs. fp32: FP32 graphs and "
                    "engines only. FP16 graphs are traced on CUDA when there is one; on a CPU tracing runs "
                    "torch's FP16 kernels, slow: about 18 minutes more at full size on 2 cores.")
-@click.option("--backend", type=click.Choice(["onnx", "trt", "all"]), default="all", show_default=True,
+@click.option("--backend", type=click.Choice(EXPORT_BACKENDS), default="all", show_default=True,
               help="onnx: ONNX files only; trt/all: also TensorRT engines where TensorRT and a GPU exist.")
 @click.option("--max-seconds", type=float, default=10.0, show_default=True,
               help="Longest window the graphs accept (1-10 s; 25 latent frames per second).")
@@ -78,9 +81,12 @@ def _summary(manifest: dict, out: Path) -> str:
 @click.option("--demo", is_flag=True, help="Export a tiny random-weight model (makes noise) to try the pipeline.")
 @click.option("--force", is_flag=True, help="Replace an existing model folder (atomically).")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check of each stage.")
+@click.option("--torch-weights", is_flag=True,
+              help="Also write weights.pt, the PyTorch weights the torch backend runs (every weight again: "
+                   "about 3 GB at full size).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the summary.")
 def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_seconds, out, demo, force,
-         no_verify, quiet):
+         no_verify, torch_weights, quiet):
     """Export VSSFlow, loaded from the authors' files as they are, into a model folder.
 
     \b
@@ -109,9 +115,10 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
                 raise click.UsageError("--checkpoint and --synchformer are required (or --demo)")
             if out is None:
                 raise click.UsageError("--out is required")
-            from .onnx_export import ExportOptions, export_model
+            from .onnx_export import export_model
             manifest = export_model(checkpoint, synchformer, out, assets=assets, rawnet=rawnet,
-                                    options=ExportOptions(precision, backend, max_seconds, not no_verify),
+                                    options=ExportOptions(precision, backend, max_seconds, not no_verify,
+                                                          torch_weights),
                                     replace=force, progress=progress)
     except VssflowError as e:
         click.echo(f"vssflow-export: error: {e}", err=True)

@@ -1,4 +1,4 @@
-"""Condition projections and the phoneme embedding (DESIGN.md §1.2).
+"""Condition projections and the phoneme embedding, as the authors' `cond_proj`, `ref_proj`, ...
 
 Keys sit at the top of the authors' checkpoint: `cond_proj.*`, `ref_proj.*`, `synch_proj.*`,
 `lip_proj.*`, `phone_embedding.weight`. Each projection is `Linear -> SiLU -> Linear`, no bias.
@@ -117,9 +117,3 @@ class ConditionProjector(nn.Module):
         channels = torch.cat([self.lip_proj(lip), self.phone_embedding(phone_ids.long()),
                               self.synch_proj(synch)], dim=-1).transpose(1, 2)              # [B,Ck,T]
         return context, channels
-
-
-def load_conditions(sd: Mapping[str, torch.Tensor], config: Mapping | None = None) -> ConditionProjector:
-    model = ConditionProjector(ConditionDims.from_state_dict(sd, config))
-    model.load_state_dict({k: sd[k] for k in model.state_dict()}, strict=True)
-    return model.eval()

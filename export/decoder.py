@@ -1,6 +1,6 @@
 """The decoder: audio latent -> log-mel (AudioLDM2's VAE) -> waveform (HiFi-GAN), as the authors run it.
 
-DESIGN.md §1.5. Two parts of the authors' checkpoint, kept as separate modules so the runtime can
+Two parts of the authors' checkpoint, kept as separate modules so the runtime can
 run them (and stream them) apart:
 
 * `vae.*`: a diffusers `AutoencoderKL` (keys exactly as its `state_dict()`); inference uses only
@@ -22,6 +22,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vssflow.runtime.contracts import SAMPLE_RATE
 
 from .errors import CheckpointError
 from .random_init import init_tensor, randn
@@ -96,7 +98,7 @@ class VocoderDims:
     resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
     leaky_relu_slope: float = 0.1
     normalize_before: bool = False
-    sampling_rate: int = 16000
+    sampling_rate: int = SAMPLE_RATE
 
     @property
     def hop_length(self) -> int:

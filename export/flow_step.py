@@ -1,4 +1,4 @@
-"""The folded, cached flow transformer the exporter traces (DESIGN.md §2).
+"""The folded, cached flow transformer the exporter traces: exact algebra on the authors' model.
 
 Exact algebra on the authors' model, no approximation:
 * The state is `x = [z; k]` with `k` constant, so `proj_in (I + W_pre) x` splits into `A_z z`
@@ -18,7 +18,7 @@ from torch import nn
 
 from .conditions import ConditionProjector
 from .reference import clip_to_latent_rate, synch_to_latent_rate
-from .transformer import FlowTransformer, apply_rope_auto, rope_tables
+from .transformer import FlowTransformer, rope_tables
 
 
 def fold_input(flow: FlowTransformer, audio_channels: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,11 +54,7 @@ class ConditionStage(nn.Module):
     def forward(self, clip, synch, phone_ids, speaker):
         context, channels = self.conditions(clip, synch, phone_ids, speaker)
         cond_bias = channels.transpose(1, 2) @ self.a_k.T                              # [1, T, width]
-        keys, values = [], []
-        for blk in self.blocks:
-            a = blk.attn2
-            keys.append(a.heads(a.to_k(context), a.num_kv_heads))                     # [1, Hkv, 1+T, Dh]
-            values.append(a.heads(a.to_v(context), a.num_kv_heads))
+        keys, values = zip(*(blk.attn2.kv_heads(context) for blk in self.blocks))   # [1, Hkv, 1+T, Dh] each
         return cond_bias, torch.stack(keys), torch.stack(values), channels
 
 
@@ -84,17 +80,8 @@ class FlowStep(nn.Module):
         h = torch.cat([hz + cond_bias, hz], dim=0)                                     # cond | uncond
         token = self.flow.time_token(t.expand(2 * b)).to(h.dtype)                      # [2B, 1, width]
         h = torch.cat([token, h], dim=1)                                               # [2B, 1+T, width]
-        for i, blk in enumerate(self.flow.transformer_blocks):
-            h = h + blk.attn1(blk.norm1(h), cos, sin)
-            a = blk.attn2
-            q = apply_rope_auto(a.heads(a.to_q(blk.norm2(h[:b])), a.num_heads), cos, sin)
-            rep = a.num_heads // a.num_kv_heads
-            k, v = keys[i], values[i]
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            cross = a.attend(q, k, v)                                                  # [B, 1+T, width]
-            h = h + torch.cat([cross, torch.zeros_like(cross)], dim=0)                 # uncond: exactly 0
-            h = h + blk.ff(blk.norm3(h))
+        for blk, k, v in zip(self.flow.transformer_blocks, keys, values):
+            h = blk.cached(h, k, v, cos, sin, conditioned=b)                           # uncond rows: c = 0
         v_all = (h[:, 1:] @ self.p_out.T).transpose(1, 2)                              # [2B, 128, T]
         if v_all.dtype != torch.float32:     # half graphs: the guidance mix in FP32 (export/precision.py);
             v_all = v_all.float()            # tested at trace time, so the FP32 graph gets no extra node

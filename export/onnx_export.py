@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import platform
-import shutil
 import tempfile
 import time
 import warnings
@@ -26,15 +25,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vssflow.runtime.contracts import ModelSizes, StageContract, stage_contracts
-from vssflow.runtime.model_folder import sha256
-from vssflow.runtime.precision import EXPORT_PRECISIONS, FP16_STAGES, graph_name
+from vssflow.runtime import extras
+from vssflow.runtime.contracts import LATENT_RATE, ModelSizes, StageContract, stage_contracts
+from vssflow.runtime.files import atomic_folder
+from vssflow.runtime.model_folder import FORMAT_VERSION, sha256, write_stamp
+from vssflow.runtime.precision import FP16_STAGES, graph_name
 
 from .checkpoint import RAWNET, SYNCHFORMER, AuthorsCheckpoint, build_modules, read_aux, read_checkpoint
 from .errors import ExportError
 from .flow_step import ConditionStage, FlowStep
+from .options import PRECISIONS, ExportOptions
 
-MANIFEST_VERSION = 1
 OPSET = 18
 STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
 # Compared by SNR, not max abs error: long convolution stacks (and RawNet3's log filterbank)
@@ -42,18 +43,6 @@ STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow
 SNR_STAGES = ("speaker_encoder", "vae_decoder", "vocoder")
 # The export check's sizes: other shapes than the trace's, small enough for any CPU.
 CHECK_SIZES = {"N": 3, "S": 2, "B": 1, "T": 40, "T1": 41, "M": 80}
-
-
-@dataclasses.dataclass(frozen=True)
-class ExportOptions:
-    # fp16: the FP32 graphs and, beside them, the FP16 graphs (`<stage>.fp16.onnx`), and FP16
-    # TensorRT engines built from those; fp32: FP32 graphs (and FP32 engines) only.
-    precision: str = "fp16"
-    backend: str = "onnx"            # onnx | trt | all
-    max_seconds: float = 10.0
-    verify: bool = True              # ORT vs torch per stage, and each FP16 graph vs its FP32 graph
-    torch_weights: bool = True       # weights.pt for the torch backend
-    graphs: bool = True              # False: weights.pt and the manifest only (the torch backend alone)
 
 
 def model_sizes(ckpt: AuthorsCheckpoint, synch_dims) -> ModelSizes:
@@ -145,7 +134,7 @@ def check_half(contract: StageContract, fp32_path: Path, fp16_path: Path) -> dic
 
 def verify_onnx(module: torch.nn.Module, contract: StageContract, path: Path, sizes: dict) -> dict:
     """Run ONNX Runtime (CPU) beside PyTorch on a sample of other shapes than the trace's."""
-    import onnxruntime as ort
+    ort = extras.onnxruntime()
     feed = contract.sample("opt", seed=1, **sizes)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, feed)
@@ -205,8 +194,8 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
     out = Path(out)
     if out.exists() and not replace:
         raise ExportError(f"{out}: already exists; pass --force to replace it")
-    if options.precision not in EXPORT_PRECISIONS:
-        raise ExportError(f"unknown export precision {options.precision!r}: expected {' or '.join(EXPORT_PRECISIONS)}")
+    if options.precision not in PRECISIONS:
+        raise ExportError(f"unknown export precision {options.precision!r}: expected {' or '.join(PRECISIONS)}")
     if not 1 <= options.max_seconds <= 10:
         raise ExportError(f"--max-seconds must be between 1 and 10 (one window), got {options.max_seconds}")
     progress("reading checkpoint")
@@ -225,14 +214,11 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
             raise ExportError(f"{rawnet}: RawNet3 gives {rawnet_module.dims.out}-d embeddings but the "
                               f"checkpoint's ref_proj takes {ckpt.dims.conditions.speaker_in}")
     sizes = model_sizes(ckpt, synch_dims)
-    contracts = stage_contracts(sizes, max_latents=int(round(options.max_seconds * 25)))
+    contracts = stage_contracts(sizes, max_latents=int(round(options.max_seconds * LATENT_RATE)))
     modules = stage_modules(ckpt, synch, rawnet_module)
     contracts = {k: c for k, c in contracts.items() if k in modules}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is ordinary data
-    try:
+    with atomic_folder(out, replace=True) as tmp:
         files, report = {}, {}
         half_device = half_trace_device()
         for name in (s for s in STAGES if s in modules and options.graphs):
@@ -266,7 +252,7 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
             if p.is_file():
                 files[p.name] = {"sha256": sha256(p), "bytes": p.stat().st_size}
         manifest = {
-            "format_version": MANIFEST_VERSION,
+            "format_version": FORMAT_VERSION,
             "dims": ckpt.dims.to_json(),
             "synchformer_dims": dataclasses.asdict(synch_dims),
             "sizes": dataclasses.asdict(sizes),
@@ -281,14 +267,5 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
             **(extra or {}),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_stamp(tmp, sha256(tmp / "manifest.json"), list(files))       # hashed just now
+    return manifest

@@ -202,7 +202,8 @@ def compare_graphs(fp32_path, fp16_path, contract, *, which: str = "opt", seed: 
                    sizes: Mapping[str, int] | None = None, feed: Mapping[str, np.ndarray] | None = None,
                    threads: int | None = None) -> dict[str, Agreement]:
     """Both graphs on ONNX Runtime (CPU) with the contract's sample inputs: output name -> Agreement."""
-    import onnxruntime as ort
+    from vssflow.runtime.extras import onnxruntime
+    ort = onnxruntime()
     feed = dict(feed) if feed is not None else contract.sample(which, seed=seed, **(sizes or {}))
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -34,11 +34,11 @@ from torch import nn
 
 from vssflow.export.errors import CheckpointError
 from vssflow.export.random_init import const, init_tensor, randn
+from vssflow.runtime.contracts import SAMPLE_RATE
 
 PREEMPHASIS = 0.97
 MIN_LOW_HZ = 50.0   # ParamSincFB defaults
 MIN_BAND_HZ = 50.0
-SAMPLE_RATE = 16_000
 BLOCKS = ((3, 2, 5), (3, 3, 3), (3, 4, None))   # (kernel, dilation, max-pool) of layer1..3
 
 

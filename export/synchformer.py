@@ -40,11 +40,10 @@ from torch import nn
 from vssflow.export.clip import MultiheadSelfAttention  # nn.MultiheadAttention's layout
 from vssflow.export.errors import CheckpointError
 from vssflow.export.random_init import init_tensor, randn
+from vssflow.runtime.contracts import SEGMENT_FRAMES, SEGMENT_STEP
 
 HEAD_DIM = 64  # ViT-B: 768 / 12 heads
 LAYER_NORM_EPS = 1e-6
-SEGMENT_FRAMES = 16
-SEGMENT_STEP = 8
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """The flow transformer: VSSFlow's Stable-Audio-style DiT, exactly as the authors run it.
 
-DESIGN.md §1.3. State-dict keys are those of the authors' `StableAudioDiTModel` (prefix
+State-dict keys are those of the authors' `StableAudioDiTModel` (prefix
 `vaflow.` in their checkpoint, not in the keys here). This module is the unfolded reference;
 `flow_step.py` holds the folded, cached form the exporter traces.
 """
@@ -201,15 +201,21 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, n_heads, self.head_dim).transpose(1, 2)    # [B, H, N, Dh]
 
-    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value heads of `context`, repeated to the query heads: `[B, H, M, Dh]` each."""
-        k = self.heads(self.to_k(context), self.num_kv_heads)
-        v = self.heads(self.to_v(context), self.num_kv_heads)
+    def kv_heads(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value heads of `context`: `[B, Hkv, M, Dh]` each (what a K/V cache holds)."""
+        return self.heads(self.to_k(context), self.num_kv_heads), self.heads(self.to_v(context), self.num_kv_heads)
+
+    def repeat_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GQA: each key/value head repeated to its query heads, `[B, Hkv, M, Dh]` -> `[B, H, M, Dh]`."""
         rep = self.num_heads // self.num_kv_heads
         if rep > 1:
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         return k, v
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value heads of `context`, repeated to the query heads: `[B, H, M, Dh]` each."""
+        return self.repeat_kv(*self.kv_heads(context))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, dh = q.shape
@@ -235,9 +241,13 @@ class CrossAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
+        return self.cached(x, *self.kv_heads(context), cos, sin)
+
+    def cached(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> torch.Tensor:
+        """With the context's key/value heads given (`kv_heads`, computed once per window)."""
         q = apply_rope_auto(self.heads(self.to_q(x), self.num_heads), cos, sin)
-        k, v = self.kv(context)
-        return self.attend(q, k, v)
+        return self.attend(q, *self.repeat_kv(k, v))
 
 
 class SwiGLU(nn.Module):
@@ -275,6 +285,16 @@ class Block(nn.Module):
                 sin: torch.Tensor) -> torch.Tensor:
         h = h + self.attn1(self.norm1(h), cos, sin)
         h = h + self.attn2(self.norm2(h), context, cos, sin)
+        return h + self.ff(self.norm3(h))
+
+    def cached(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               conditioned: int) -> torch.Tensor:
+        """The block with the cross-attention's key/value heads given (`[B, Hkv, M, Dh]`) for the
+        first `conditioned` rows of `h`; the other rows have a zero context, and every projection
+        being bias-free their cross-attention is exactly zero: skipped."""
+        h = h + self.attn1(self.norm1(h), cos, sin)
+        cross = self.attn2.cached(self.norm2(h[:conditioned]), k, v, cos, sin)
+        h = h + torch.cat([cross, torch.zeros_like(cross)], dim=0)
         return h + self.ff(self.norm3(h))
 
 

@@ -93,11 +93,8 @@ def engine_bytes(onnx_path: Path, contract: StageContract, timing_cache: Path | 
 
 def write_engine(onnx_path: Path, contract: StageContract, path: Path, timing_cache: Path | None = None) -> Path:
     """`engine_bytes` written to `path` atomically (a temporary name, then a rename)."""
-    from vssflow.runtime.output import atomic_output
-    data = engine_bytes(onnx_path, contract, timing_cache)
-    with atomic_output(path) as tmp:
-        tmp.write_bytes(memoryview(data))
-    return path
+    from vssflow.runtime.files import write_atomic
+    return write_atomic(path, bytes(engine_bytes(onnx_path, contract, timing_cache)))
 
 
 def build_engines(folder: Path, contracts: Mapping[str, StageContract], precision: str,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vssflow.runtime import video
+from vssflow.runtime.contracts import CLIP, SEGMENT_FRAMES, SEGMENT_STEP, SYNCH
 
 from .preprocess import FRAME_SIZE, plan, preprocess
 
@@ -44,9 +45,9 @@ def window_inputs(window: video.FrameWindow, *, dtype: torch.dtype = torch.float
     """(clip_frames ``[100, 3, 224, 224]``, synch_segments ``[30, 16, 3, 224, 224]``), contiguous,
     on the device of the window's frames (``uploader``'s tensors)."""
     stacks = _stacks(window.clip + window.synch)
-    clip = _stream(window.clip, video.CLIP_FRAMES, "clip", stacks, dtype, use_kernel)
-    synch = _stream(window.synch, video.SYNCH_FRAMES, "synch", stacks, dtype, use_kernel)
-    segments = synch.unfold(0, video.SEGMENT_FRAMES, video.SEGMENT_STEP)          # [30, 3, 224, 224, 16]
+    clip = _stream(window.clip, CLIP.frames, CLIP.name, stacks, dtype, use_kernel)
+    synch = _stream(window.synch, SYNCH.frames, SYNCH.name, stacks, dtype, use_kernel)
+    segments = synch.unfold(0, SEGMENT_FRAMES, SEGMENT_STEP)                        # [30, 3, 224, 224, 16]
     return clip, segments.permute(0, 4, 1, 2, 3).contiguous()
 
 

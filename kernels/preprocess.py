@@ -1,8 +1,9 @@
 """Decoded uint8 frames -> normalised encoder input, a whole window per launch: Triton and reference.
 
-Bit for bit the CPU path (``runtime/resize.py`` then the normalisation of ``runtime/video.py``):
-the same fixed-point taps (``clip_resizer``: Pillow's bicubic, int32 weights, 22 bits;
-``synch_resizer``: torch's antialiased bicubic, int16 weights, short side 224 + centre crop),
+Bit for bit the CPU path (each stream's ``StreamSpec`` in ``runtime/contracts.py``: its resizer
+from ``runtime/resize.py``, then its normalisation): the same fixed-point taps (CLIP: Pillow's
+bicubic, int32 weights, 22 bits; Synchformer: torch's antialiased bicubic, int16 weights, short
+side 224 + centre crop),
 summed in int32 as Pillow's and torch's C code do, rounded and clipped to uint8 after the
 horizontal pass and again after the vertical one. The normalisation is a 256-entry table per
 channel computed by the runtime's own function, so it matches too, in float32 or float16.
@@ -30,8 +31,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from vssflow.runtime import video
-from vssflow.runtime.resize import AxisResampler, clip_resizer, synch_resizer
+from vssflow.runtime.contracts import STREAMS
+from vssflow.runtime.resize import AxisResampler
 
 from . import dispatch
 from ._triton import jit as _jit
@@ -39,8 +40,8 @@ from ._triton import tl, triton
 
 
 Stream = Literal["clip", "synch"]
-STREAMS = ("clip", "synch")
-FRAME_SIZE = video.FRAME_SIZE          # 224
+FRAME_SIZE = STREAMS["clip"].size      # 224, both streams
+assert all(spec.size == FRAME_SIZE for spec in STREAMS.values()), "one output size for both streams"
 LEVELS = 256                           # uint8 values a normalisation table maps
 _REFERENCE_CHUNK = 1 << 25             # float64 elements per reference chunk (256 MB)
 _ROWS_BLOCK = (16, 32)                 # (rows, columns) of one horizontal-pass program (untuned)
@@ -91,13 +92,10 @@ class ResizePlan:
 
 @functools.lru_cache(maxsize=16)
 def plan(stream: Stream, in_h: int, in_w: int) -> ResizePlan:
-    """The taps of ``clip_resizer`` / ``synch_resizer`` for frames of ``in_h x in_w``, as tables."""
-    if stream == "clip":
-        resizer = clip_resizer(in_h, in_w, FRAME_SIZE)
-    elif stream == "synch":
-        resizer = synch_resizer(in_h, in_w, FRAME_SIZE)
-    else:
-        raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+    """The taps of the stream's resizer for frames of ``in_h x in_w``, as tables."""
+    if stream not in STREAMS:
+        raise ValueError(f"stream must be one of {tuple(STREAMS)}, got {stream!r}")
+    resizer = STREAMS[stream].resizer(in_h, in_w)
     horizontal, vertical = _axis_taps(resizer.horizontal), _axis_taps(resizer.vertical)
     r0 = int(vertical.first.min())
     r1 = min(in_h, int((vertical.first + vertical.taps).max()))
@@ -124,11 +122,7 @@ def _axis_taps(axis: AxisResampler) -> AxisTaps:
 def _level_table(stream: Stream) -> np.ndarray:
     """``[3, 256]`` float32: the runtime's normalisation of each uint8 level, per channel."""
     levels = np.broadcast_to(np.arange(LEVELS, dtype=np.uint8), (1, 3, 1, LEVELS))
-    if stream == "clip":
-        table = video._normalise(levels, video.CLIP_MEAN, video.CLIP_STD, divide=True)
-    else:
-        table = video._normalise(levels, (video.SYNCH_MEAN,) * 3, (video.SYNCH_STD,) * 3, divide=False)
-    return np.ascontiguousarray(table[0, :, 0])                            # [3, 256]
+    return np.ascontiguousarray(STREAMS[stream].normalise(levels)[0, :, 0])     # [3, 256]
 
 
 # --- entry points ------------------------------------------------------------------------------
@@ -157,16 +151,16 @@ def preprocess_reference(frames, stream: Stream, *, index=None, dtype: torch.dty
     (r0, r1), dev = p.rows, frames.device
     mh = torch.from_numpy(p.horizontal.matrix(p.in_hw[1])).to(dev)          # [224, W]
     mv = torch.from_numpy(p.vertical.matrix(p.n_rows)).to(dev)              # [224, R]
-    mean, std, divide = _normalisation(stream)
-    mean = torch.tensor(mean, dtype=torch.float32, device=dev)[:, None, None]
-    std = torch.tensor(std, dtype=torch.float32, device=dev)[:, None, None]
+    spec = STREAMS[stream]
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=dev)[:, None, None]
+    std = torch.tensor(spec.std, dtype=torch.float32, device=dev)[:, None, None]
     per_frame = 3 * p.n_rows * max(p.in_hw[1], FRAME_SIZE)
     step = max(1, _REFERENCE_CHUNK // per_frame)
     for a in range(0, len(idx), step):
         x = frames[idx[a:a + step], r0:r1].permute(0, 3, 1, 2).double()     # [n, 3, R, W]
         x = _round_shift(x @ mh.T, p.horizontal.precision)                  # [n, 3, R, 224]
         x = _round_shift(mv @ x, p.vertical.precision).float()              # [n, 3, 224, 224]
-        x = x / 255 if divide else x * float(np.float32(1 / 255))           # as video._normalise
+        x = x / 255 if spec.divide else x * float(np.float32(1 / 255))      # as StreamSpec.normalise
         out[a:a + step] = ((x - mean) / std).to(dtype)
     return out
 
@@ -247,13 +241,6 @@ def _columns_kernel(mid, out, first, weights, table, n_taps, rows, width, out_h,
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def _normalisation(stream: Stream) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
-    """(mean, std, divide) as ``video._WindowBuffer.finish`` passes them to ``_normalise``."""
-    if stream == "clip":
-        return video.CLIP_MEAN, video.CLIP_STD, True
-    return (video.SYNCH_MEAN,) * 3, (video.SYNCH_STD,) * 3, False
-
 
 def _blocks(p: ResizePlan) -> tuple[tuple[int, int], tuple[int, int]]:
     """Program tiles of the two passes; whole planes under the interpreter (seconds, not minutes)."""

@@ -1,4 +1,4 @@
-"""Audio in and out: the reference voice as the authors prepare it, and writing results.
+"""Audio in: the reference voice, as the authors prepare it for RawNet3 (results are written by `output.py`).
 
 Reference voice, as infer.py `extract_ref_audio_embedding` + feature/extract_rawnet.py
 `extract_speaker_embd`: `soundfile.read` (float64), channels averaged, resampled to 16 kHz with
@@ -19,17 +19,13 @@ from __future__ import annotations
 import io
 import math
 import os
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
 
+from .contracts import SAMPLE_RATE, SPEAKER_CROPS, SPEAKER_SAMPLES
 from .errors import AudioError
-
-SAMPLE_RATE = 16_000
-CROP_SAMPLES = 3 * SAMPLE_RATE   # RawNet3 was trained on 3 s utterances
-N_CROPS = 10
 MAX_REFERENCE_SECONDS = 600.0    # a voice sample, not a recording session: caps memory
 
 
@@ -145,8 +141,8 @@ def load_reference(source: str | os.PathLike | BinaryIO) -> np.ndarray:
     return mono.astype(np.float32)
 
 
-def speaker_crops(wav: np.ndarray, n_samples: int = CROP_SAMPLES,
-                  n_segments: int = N_CROPS) -> np.ndarray:
+def speaker_crops(wav: np.ndarray, n_samples: int = SPEAKER_SAMPLES,
+                  n_segments: int = SPEAKER_CROPS) -> np.ndarray:
     """wav [n] -> [n_segments, n_samples] float32, as the authors' `extract_speaker_embd`.
 
     Shorter than n_samples: wrap-padded to n_samples + 1. Crops start at
@@ -159,33 +155,3 @@ def speaker_crops(wav: np.ndarray, n_samples: int = CROP_SAMPLES,
         audio = np.pad(audio, (0, n_samples - audio.size + 1), "wrap")
     starts = np.linspace(0, audio.size - n_samples, num=n_segments)
     return np.stack([audio[int(s):int(s) + n_samples] for s in starts]).astype(np.float32)
-
-
-_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
-
-
-def write_audio(path: str | os.PathLike, audio: np.ndarray, sample_rate: int = SAMPLE_RATE,
-                subtype: str | None = None) -> Path:
-    """Write audio [n] or [n, channels] to .wav/.flac atomically (temporary name, then rename).
-
-    Samples are clipped to [-1, 1] for integer formats (libsndfile would wrap around).
-    `subtype`: soundfile's, e.g. "PCM_16" (the default for both), "PCM_24", "FLOAT" (WAV only).
-    """
-    path = Path(path)
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise AudioError(f"cannot write {path}: use a .wav or .flac name")
-    audio = np.asarray(audio, np.float32)
-    if audio.ndim not in (1, 2) or not np.isfinite(audio).all():
-        raise AudioError(f"cannot write {path}: audio must be finite [n] or [n, channels], "
-                         f"got shape {audio.shape}")
-    if subtype is None or not subtype.upper().startswith(("FLOAT", "DOUBLE")):
-        audio = np.clip(audio, -1.0, 1.0)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        sf.write(tmp, audio, sample_rate, subtype=subtype, format=fmt)
-        os.replace(tmp, path)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError) as error:
-        tmp.unlink(missing_ok=True)
-        raise AudioError(f"cannot write {path}: {error}") from error
-    return path

@@ -31,6 +31,11 @@ from .model_folder import ModelFolder
 from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, require_graphs, stage_precision
 
 BACKENDS = ("auto", "trt", "ort", "torch")
+# Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
+# backend's `frames_device`: torch or trt backends), "auto" (device when that is a GPU). On a CPU
+# torch device "device" runs the kernels' reference (dense float64 products, ~7x slower than the
+# host path): for checking, not speed.
+PREPROCESS = ("auto", "host", "device")
 # The inputs of `flow_step` that stay the same through one window's ODE loop.
 FLOW_CONSTANTS = ("cond_bias", "keys", "values")
 
@@ -200,7 +205,7 @@ class OrtBackend(Backend):
     def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)
         try:
-            import onnxruntime as ort
+            ort = extras.onnxruntime()
         except ImportError:
             raise BackendError("the ort backend needs onnxruntime: pip install 'vssflow[cpu]' "
                                "(or onnxruntime-gpu; on a Jetson, the wheel that matches JetPack)") from None
@@ -388,11 +393,9 @@ class TrtBackend(Backend):
 
 
 def _ort_has_cuda() -> bool:
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    if extras.missing("cpu"):
         return False
-    return "CUDAExecutionProvider" in ort.get_available_providers()
+    return "CUDAExecutionProvider" in extras.onnxruntime().get_available_providers()
 
 
 def create_backend(folder: ModelFolder, backend: str = "auto", device: str | None = None,

@@ -12,8 +12,10 @@ import click
 import numpy as np
 
 from . import extras
+from .backends import BACKENDS, PREPROCESS
 from .errors import OutputError, VssflowError, VssflowInputError
-from .output import SOUND_EXTENSIONS, VIDEO_EXTENSIONS, atomic_output, plan_output, write_output
+from .files import atomic_output
+from .output import SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
 from .solvers import SOLVERS
 
@@ -76,7 +78,7 @@ def _raise_on_sigterm() -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
 @click.option("--noise", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Initial latent as .npy [128, 250] (or [windows, 128, 250]), to reproduce a run exactly.")
-@click.option("--backend", type=click.Choice(["auto", "trt", "ort", "torch"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
               help="auto: TensorRT if its engines fit this GPU, else ONNX Runtime, else PyTorch.")
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: the best available).")
 @click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
@@ -84,15 +86,17 @@ def _raise_on_sigterm() -> None:
                    "engines), else fp32. fp16: the FP16 graphs (ort; on a CPU through casts: slow, for checking "
                    "accuracy), the FP16 engines (trt) or the torch modules in half; bf16: torch only. A window "
                    "whose FP16 values are not finite is generated again in FP32, and the summary says so.")
-@click.option("--preprocess", type=click.Choice(["auto", "host", "device"]), default="auto", show_default=True,
+@click.option("--preprocess", type=click.Choice(PREPROCESS), default="auto", show_default=True,
               help="Where frames are resized and normalised: auto: on the GPU when the backend runs on one "
                    "(torch or trt), else on the host. Same result either way; device on a CPU is slow.")
+@click.option("--verify", is_flag=True,
+              help="Check the sha256 of every model file (by default only files changed since their last check).")
 @click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write features, phoneme ids, latents, mel and audio to this .npz for debugging.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
 def main(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, precision, preprocess, dump_intermediates, as_json, quiet):
+         noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, quiet):
     """Generate sound effects and speech for VIDEO and write them to a file.
 
     \b
@@ -110,7 +114,7 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
     _raise_on_sigterm()
     try:
         code = _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
-                    cfg, seed, noise, backend, device, precision, preprocess, dump_intermediates, as_json,
+                    cfg, seed, noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json,
                     interactive, say)
     except VssflowError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
@@ -126,7 +130,7 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
 
 
 def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, precision, preprocess, dump_intermediates, as_json, interactive, say) -> int:
+         noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, interactive, say) -> int:
     from .session import Session
 
     if not video.is_file():
@@ -147,7 +151,7 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         from .model_folder import demo_model_dir
         model_dir = demo_model_dir()
         _ensure_demo(model_dir, say)
-    session = Session(model_dir, backend=backend, device=device, preprocess=preprocess,
+    session = Session(model_dir, backend=backend, device=device, preprocess=preprocess, verify_hashes=verify,
                       precision=None if precision == "auto" else precision)
     for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
         say(f"backend auto: {reason}")

@@ -1,8 +1,11 @@
-"""The I/O contract of every exported stage: names, dtypes, symbolic axes and their profiles.
+"""The model's timing and the I/O contract of every exported stage, defined once.
 
-One definition, read by the exporter (ONNX names, dynamic axes, TensorRT optimization
-profiles, sample inputs) and by the runtime (feeds and shape checks), and written into the
-model folder's `manifest.json`. DESIGN.md §3.
+What a window is (10 s, 250 latent frames, 16 kHz audio), how each visual stream is picked and
+prepared for its encoder (`StreamSpec`: read by `video.py`, `kernels/preprocess.py` and the
+contracts below), and each stage's inputs and outputs: names, dtypes, symbolic axes and their
+min/opt/max profiles. Read by the exporter (ONNX names, dynamic axes, TensorRT optimization
+profiles, sample inputs) and the runtime (feeds and shape checks), and written into the model
+folder's `manifest.json`.
 """
 
 from __future__ import annotations
@@ -12,19 +15,65 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from .resize import FrameResizer, clip_resizer, synch_resizer
+
+SAMPLE_RATE = 16000         # Hz: the audio the model makes, and the reference voice it hears
 LATENT_RATE = 25            # latent frames per second
-SAMPLES_PER_LATENT = 640    # 16 kHz / 25
-SAMPLE_RATE = 16000
 WINDOW_SECONDS = 10.0
 WINDOW_LATENTS = int(WINDOW_SECONDS * LATENT_RATE)    # 250
-CLIP_FRAMES = 100           # CLIP frames per window (10 fps)
-SYNCH_SEGMENTS = 30         # Synchformer segments of 16 frames, step 8, per window
-SYNCH_TOKENS = 8            # features per segment
-SPEAKER_CROPS = 10          # RawNet3 crops of 3 s averaged
-SPEAKER_SAMPLES = 48000
+SPEAKER_CROPS = 10          # RawNet3 embeds 10 crops of the reference voice, averaged
+SPEAKER_SAMPLES = 3 * SAMPLE_RATE   # of 3 s each: RawNet3 was trained on 3 s utterances
 MEL_BINS = 64
-MEL_PER_LATENT = 4
 SAMPLES_PER_MEL = 160
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """One visual stream of a window as the authors prepare it for its encoder (`video.py` has the details).
+
+    `rate` frames per second are picked (`frames` per window); each is resized to `size`
+    square, either stretched (`"stretch"`: Pillow's bicubic, aspect not kept; CLIP) or by its
+    short side then centre-cropped (`"crop"`: torch's antialiased bicubic; Synchformer), then
+    normalised: `(x / 255 - mean) / std`, the scaling as torchvision does it (`divide`: `ToTensor`
+    divides by 255; else `v2.ToDtype(scale=True)` multiplies by 1/255, which rounds differently).
+    """
+
+    name: str
+    rate: int
+    size: int
+    resize: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    divide: bool
+
+    @property
+    def frames(self) -> int:
+        """Frames of one window."""
+        return int(WINDOW_SECONDS * self.rate)
+
+    def resizer(self, in_h: int, in_w: int) -> FrameResizer:
+        return (clip_resizer if self.resize == "stretch" else synch_resizer)(in_h, in_w, self.size)
+
+    def normalise(self, frames: np.ndarray) -> np.ndarray:
+        """uint8 `[N, 3, H, W]` -> float32, in float32 as torchvision computes it."""
+        x = frames.astype(np.float32)
+        if self.divide:
+            x /= np.float32(255)
+        else:
+            x *= np.float32(1.0 / 255)
+        x -= np.asarray(self.mean, np.float32)[:, None, None]
+        x /= np.asarray(self.std, np.float32)[:, None, None]
+        return x
+
+
+CLIP = StreamSpec("clip", rate=10, size=224, resize="stretch", mean=(0.48145466, 0.4578275, 0.40821073),
+                  std=(0.26862954, 0.26130258, 0.27577711), divide=True)
+SYNCH = StreamSpec("synch", rate=25, size=224, resize="crop", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+                   divide=False)
+STREAMS = {s.name: s for s in (CLIP, SYNCH)}
+SEGMENT_FRAMES, SEGMENT_STEP = 16, 8        # Synchformer segments: 16 frames every 8
+SYNCH_SEGMENTS = (SYNCH.frames - SEGMENT_FRAMES) // SEGMENT_STEP + 1     # 30
+SYNCH_TOKENS = 8            # features per segment
 VOCODER_EXTRA = 32          # the first transposed convolution makes 5L+1 frames: 160 L + 32 samples
 # HiFi-GAN's receptive field reaches about 21 mel frames either side (measured: a change at one
 # mel frame moves samples from 22 frames before to 23 after); 32 frames of overlap make the
@@ -127,11 +176,11 @@ def stage_contracts(sizes: ModelSizes, max_latents: int = WINDOW_LATENTS,
     return {
         "clip_encoder": StageContract(
             "clip_encoder", (TensorSpec("frames", f32, ("N", 3, px, px)),),
-            (TensorSpec("features", f32, ("N", s.clip_dim)),), {"N": (1, CLIP_FRAMES, CLIP_FRAMES)}),
+            (TensorSpec("features", f32, ("N", s.clip_dim)),), {"N": (1, CLIP.frames, CLIP.frames)}),
         "synch_encoder": StageContract(
             "synch_encoder", (TensorSpec("segments", f32, ("S", s.synch_frames, 3, px, px)),),
             (TensorSpec("features", f32, ("S", SYNCH_TOKENS, s.synch_dim)),), {"S": (1, SYNCH_SEGMENTS, SYNCH_SEGMENTS)}),
-        # RawNet3 over the 10 crops of 3 s, averaged: the speaker embedding (DESIGN §1.1).
+        # RawNet3 over the 10 crops of 3 s, averaged: the speaker embedding (`audio.speaker_crops`).
         "speaker_encoder": StageContract(
             "speaker_encoder", (TensorSpec("crops", f32, (SPEAKER_CROPS, SPEAKER_SAMPLES)),),
             (TensorSpec("embedding", f32, (1, s.speaker_dim)),), {}),

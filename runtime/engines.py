@@ -19,7 +19,7 @@ from .contracts import StageContract
 from .errors import BackendError
 from .precision import graph_name, stage_precision
 
-MIN_TENSORRT = 10            # strongly typed networks (DESIGN §7); JetPack 6 ships 10.3
+MIN_TENSORRT = 10            # strongly typed networks; JetPack 6 ships 10.3
 _NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z0-9-]+)"
                    r"\.trt(?P<trt>[0-9][0-9A-Za-z.+]*?)\.(?P<precision>fp16|fp32)"
                    r"\.p(?P<profile>[0-9a-f]{8})\.engine")

@@ -64,6 +64,14 @@ def require(extra: str, what: str) -> None:
         raise BackendError(f"{what} needs the {extra} extra: {install_hint(extra, absent)}")
 
 
+def onnxruntime():
+    """`onnxruntime`, its telemetry off: it may otherwise look up Microsoft's event host, and
+    vssflow talks to no network."""
+    import onnxruntime as ort
+    ort.disable_telemetry_events()
+    return ort
+
+
 def load(module: str, extra: str, what: str):
     """`vssflow.<module>` (e.g. "export.torch_stages"), once `extra`'s packages are present."""
     require(extra, what)

@@ -1,4 +1,11 @@
-"""A model folder written by `vssflow-export`: its manifest, checked before anything runs."""
+"""A model folder written by `vssflow-export`: its manifest, checked before anything runs.
+
+Every file the manifest lists is checked at each open: present, of its size, and, unless it
+is unchanged since a check of its sha256 (a stamp of its size, mtime and inode kept beside the
+manifest, or in the user's cache where the folder is read-only), its sha256. So a start reads no
+gigabytes when nothing changed, and a copied or edited file is hashed again. `verify_hashes=True`
+(`vssflow-run --verify`) hashes every file regardless.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +13,18 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 from .contracts import ModelSizes, StageContract
-from .errors import ModelFolderError
+from .errors import ModelFolderError, VssflowError
+from .files import write_atomic
 
-SUPPORTED_FORMAT = 1
+FORMAT_VERSION = 1              # of manifest.json: written by the exporter, the newest this reads
+STAMP = ".verified.json"        # files whose sha256 was checked, by (size, mtime, inode)
+# A file changed within this long before its stamp was written might not change its mtime (the
+# clock ticks coarsely): such a file is never taken as verified by that stamp.
+RACY_NS = 50_000_000
 
 
 def vssflow_home() -> Path:
@@ -49,7 +62,9 @@ class ModelFolder:
         return self.path / name
 
     @classmethod
-    def open(cls, path: str | Path, verify_hashes: bool = True) -> ModelFolder:
+    def open(cls, path: str | Path, verify_hashes: bool = False) -> ModelFolder:
+        """Read and check the folder: sizes always; sha256 of every file changed since its
+        stamp, or of every file with `verify_hashes`. Raises ModelFolderError (exit 3)."""
         path = Path(path)
         manifest_path = path / "manifest.json"
         if not path.is_dir():
@@ -65,9 +80,9 @@ class ModelFolder:
         version = manifest.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise ModelFolderError(f"{manifest_path}: no format_version")
-        if version > SUPPORTED_FORMAT:
+        if version > FORMAT_VERSION:
             raise ModelFolderError(f"{manifest_path}: format version {version} is newer than this vssflow "
-                                   f"reads ({SUPPORTED_FORMAT}); upgrade vssflow or re-export")
+                                   f"reads ({FORMAT_VERSION}); upgrade vssflow or re-export")
         try:
             sizes = ModelSizes(**manifest["sizes"])
             contracts = {k: StageContract.from_json(k, v) for k, v in manifest["contracts"].items()}
@@ -84,6 +99,58 @@ class ModelFolder:
                 raise ModelFolderError(f"{path}: {name} is listed in manifest.json but missing")
             if f.stat().st_size != entry.get("bytes"):
                 raise ModelFolderError(f"{path}: {name} has {f.stat().st_size} bytes, manifest says {entry.get('bytes')}")
-            if verify_hashes and sha256(f) != entry.get("sha256"):
-                raise ModelFolderError(f"{path}: {name} does not match its sha256 in manifest.json (altered or damaged)")
+        _check_hashes(path, files, sha256(manifest_path), everything=verify_hashes)
         return cls(path, manifest, sizes, contracts)
+
+
+def _fingerprint(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _stamp_places(folder: Path) -> list[Path]:
+    """In the folder, else (read-only folders) in the user's cache, by the folder's real path."""
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    return [folder / STAMP, vssflow_home() / "verified" / f"{key}.json"]
+
+
+def _read_stamp(folder: Path, manifest_sha: str) -> dict[str, list[int]]:
+    """The files verified since their last change, as the stamp of this manifest says."""
+    for place in _stamp_places(folder):
+        try:
+            stamp = json.loads(place.read_text())
+            if stamp.get("manifest_sha256") != manifest_sha:
+                continue
+            safe_before = int(stamp["written_ns"]) - RACY_NS
+            return {k: v for k, v in stamp["files"].items() if isinstance(v, list) and len(v) == 3
+                    and v[1] < safe_before}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return {}
+
+
+def write_stamp(folder: Path, manifest_sha: str, files: list[str]) -> None:
+    """Record `files` (their sha256 just checked) as verified; best effort: a folder and a cache
+    that cannot be written only mean the hashes are checked again next time."""
+    stamp = json.dumps({"manifest_sha256": manifest_sha, "written_ns": time.time_ns(),
+                        "files": {name: _fingerprint(folder / name) for name in files}})
+    for place in _stamp_places(folder):
+        try:
+            place.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(place, stamp)
+            return
+        except (OSError, VssflowError):             # a read-only folder (OutputError), a full disk
+            continue
+
+
+def _check_hashes(folder: Path, files: dict, manifest_sha: str, everything: bool) -> None:
+    verified = {} if everything else _read_stamp(folder, manifest_sha)
+    checked = []
+    for name, entry in files.items():
+        if verified.get(name) == _fingerprint(folder / name):
+            continue
+        if sha256(folder / name) != entry.get("sha256"):
+            raise ModelFolderError(f"{folder}: {name} does not match its sha256 in manifest.json (altered or damaged)")
+        checked.append(name)
+    if checked:
+        write_stamp(folder, manifest_sha, list(files))

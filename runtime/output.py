@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import OutputError
+from .files import atomic_output
 
 
 @dataclass(frozen=True)
@@ -161,23 +161,6 @@ def _video_codec(video: Path) -> str | None:
             return stream.codec_context.codec.canonical_name if stream.codec_context else None
     except (av.FFmpegError, OSError, IndexError, ValueError):
         return None
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it to `path` on success, delete it otherwise."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputError(f"{path}: the folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".partial{path.suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_output(plan: OutputPlan, chunks: Iterable[np.ndarray], sample_rate: int) -> int:

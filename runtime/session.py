@@ -28,7 +28,7 @@ import numpy as np
 
 from . import contracts as C
 from . import audio, extras, solvers, text, video, window
-from .backends import create_backend
+from .backends import PREPROCESS, create_backend
 from .errors import BackendError, VssflowInputError
 from .model_folder import ModelFolder
 from .window import Run
@@ -141,12 +141,6 @@ class AudioStream(Iterator[np.ndarray]):
                       self.notes, self.fallbacks)
 
 
-# Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
-# backend's device, torch or trt backends), "auto" (device when that is a GPU). On a CPU torch
-# device "device" runs the kernels' reference (dense float64 products, ~7x slower than the
-# host path): for checking, not speed.
-PREPROCESS = ("auto", "host", "device")
-
 # Long videos: 10-second windows every 9 seconds; the 1-second overlaps are crossfaded.
 WINDOW_HOP = 9.0
 HOP_LATENTS = int(WINDOW_HOP * C.LATENT_RATE)                  # 225
@@ -215,7 +209,7 @@ class Session:
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
-                 verify_hashes: bool = True, preprocess: str = "auto", precision: str | None = None):
+                 verify_hashes: bool = False, preprocess: str = "auto", precision: str | None = None):
         self.folder = ModelFolder.open(model_dir, verify_hashes=verify_hashes)
         self.backend = create_backend(self.folder, backend, device, precision)
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
@@ -332,6 +326,8 @@ class Session:
         while True:
             t0 = time.perf_counter()
             w = next(windows, None)
+            if w is not None:
+                run.window = w.index
             run.timed("frames", time.perf_counter() - t0)
             if w is None:
                 return
@@ -346,7 +342,6 @@ class Session:
 
         def window_audio():
             for w in self._windows(source, run):
-                run.window = w.index
                 if w.last:
                     length.append(output_samples(meta, w.end))
                     if length[0] != int(round(meta.duration * C.SAMPLE_RATE)):

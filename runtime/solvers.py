@@ -19,7 +19,6 @@ Callback = Callable[[dict], None]
 
 FIXED_STEP_SOLVERS = ("euler", "midpoint", "heun", "rk4")
 SOLVERS = FIXED_STEP_SOLVERS + ("dopri5",)
-NFE_PER_STEP = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}
 
 
 def uniform_timesteps(steps: int) -> np.ndarray:

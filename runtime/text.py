@@ -40,12 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .contracts import LATENT_RATE, WINDOW_SECONDS
 from .errors import TranscriptError
 
 BLANK = "<blank>"
 BLANK_ID = 59                  # the authors' `<blank>`; also what unknown tokens map to
-FRAMES_PER_SECOND = 25         # phoneme ids per second = latent frames per second
-WINDOW_SECONDS = 10.0
+FRAMES_PER_SECOND = LATENT_RATE    # phoneme ids per second = latent frames per second
 MAX_TRANSCRIPT_CHARS = 10_000  # 10 s of speech is ~300 characters; beyond this is a mistake
 
 

@@ -44,22 +44,11 @@ from typing import BinaryIO, Callable, Iterator, Literal, Union
 import av
 import numpy as np
 
+from .contracts import CLIP, SEGMENT_FRAMES, SEGMENT_STEP, SYNCH, WINDOW_SECONDS
 from .errors import VideoError
-from .resize import clip_resizer, planar, synch_resizer
+from .resize import planar
 
 VideoSource = Union[str, "os.PathLike[str]", BinaryIO]
-
-WINDOW_SECONDS = 10
-CLIP_RATE = 10                                          # frames per second picked for CLIP
-CLIP_FRAMES = WINDOW_SECONDS * CLIP_RATE                # 100
-SYNCH_RATE = 25                                         # the fps filter's output rate
-SYNCH_FRAMES = WINDOW_SECONDS * SYNCH_RATE              # 250
-SEGMENT_FRAMES, SEGMENT_STEP = 16, 8
-SEGMENTS = (SYNCH_FRAMES - SEGMENT_FRAMES) // SEGMENT_STEP + 1    # 30
-FRAME_SIZE = 224
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SYNCH_MEAN = SYNCH_STD = 0.5
 
 
 @dataclass(frozen=True)
@@ -80,13 +69,8 @@ class VideoInfo:
     rotation: int
     has_audio: bool
 
-    @property
-    def n_windows(self) -> int:
-        """Number of 10-second windows covering ``duration`` (at least one)."""
-        return count_windows(self.duration)
 
-
-def count_windows(duration: float, hop: float = WINDOW_SECONDS) -> int:
+def count_windows(duration: float, hop: float) -> int:
     """Windows of 10 s starting every ``hop`` seconds needed to cover ``duration`` (at least one)."""
     return 1 + max(0, math.ceil((duration - WINDOW_SECONDS) / hop - 1e-9))
 
@@ -119,13 +103,13 @@ class VideoWindow:
 
     @property
     def clip_frames(self) -> np.ndarray:
-        """``[100, 3, 224, 224]`` float32: ``(x / 255 - CLIP_MEAN) / CLIP_STD``."""
-        return _normalise(self.clip_pixels, CLIP_MEAN, CLIP_STD, divide=True)
+        """``[100, 3, 224, 224]`` float32, normalised as ``CLIP`` says."""
+        return CLIP.normalise(self.clip_pixels)
 
     @property
     def synch_frames(self) -> np.ndarray:
         """``[250, 3, 224, 224]`` float32: ``(x / 255 - 0.5) / 0.5``; padding is -1."""
-        return _normalise(self.synch_pixels, (SYNCH_MEAN,) * 3, (SYNCH_STD,) * 3, divide=False)
+        return SYNCH.normalise(self.synch_pixels)
 
     def synch_segments(self) -> np.ndarray:
         """``[30, 16, 3, 224, 224]`` float32 segments of ``synch_frames`` (a strided view of a
@@ -171,7 +155,7 @@ def segments(frames: np.ndarray) -> np.ndarray:
 
     A read-only strided view (no copy); ``np.ascontiguousarray`` it to feed an engine.
     """
-    assert frames.shape[0] == SYNCH_FRAMES, f"{frames.shape=}"
+    assert frames.shape[0] == SYNCH.frames, f"{frames.shape=}"
     view = np.lib.stride_tricks.sliding_window_view(frames, SEGMENT_FRAMES, axis=0)
     view = view[::SEGMENT_STEP]                                  # [30, ..., 16]
     return np.moveaxis(view, -1, 1)                              # [30, 16, ...]
@@ -179,7 +163,7 @@ def segments(frames: np.ndarray) -> np.ndarray:
 
 def clip_frame_index(j: int, fps: float) -> int:
     """Decoded frame index of the ``j``-th CLIP frame of the video (window ``j // 100``)."""
-    return round(j * fps / CLIP_RATE)
+    return round(j * fps / CLIP.rate)
 
 
 class FpsFilter:
@@ -197,7 +181,7 @@ class FpsFilter:
     249, not 250, and is padded with one zero frame. FFmpeg >= 7 uses ``t_last + duration``.
     """
 
-    def __init__(self, time_base: Fraction, rate: int = SYNCH_RATE):
+    def __init__(self, time_base: Fraction, rate: int = SYNCH.rate):
         self.time_base, self.rate = Fraction(time_base), rate
         self._frames: list[tuple[int, object]] = []              # at most two (tick, payload)
         self._next: int | None = None                            # next output tick
@@ -330,9 +314,9 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
     """
     if synch_eof not in ("frame", "end"):
         raise ValueError(f"synch_eof must be 'frame' or 'end', got {synch_eof!r}")
-    clip_step, synch_step = round(hop * CLIP_RATE), round(hop * SYNCH_RATE)
-    if not 0 < hop <= WINDOW_SECONDS or abs(clip_step - hop * CLIP_RATE) > 1e-9 \
-            or abs(synch_step - hop * SYNCH_RATE) > 1e-9:
+    clip_step, synch_step = round(hop * CLIP.rate), round(hop * SYNCH.rate)
+    if not 0 < hop <= WINDOW_SECONDS or abs(clip_step - hop * CLIP.rate) > 1e-9 \
+            or abs(synch_step - hop * SYNCH.rate) > 1e-9:
         raise ValueError(f"hop must be a multiple of 0.2 s in (0, {WINDOW_SECONDS}], got {hop}")
 
     def holders(j: int, step: int, size: int):
@@ -354,7 +338,7 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
 
     def put_synch(pending, m: int, picked) -> None:
         frame = synch_of(picked)
-        for k, i in holders(m, synch_step, SYNCH_FRAMES):
+        for k, i in holders(m, synch_step, SYNCH.frames):
             buffer(pending, k).synch[i] = frame
             buffer(pending, k).synch_count = i + 1
     with _open(video) as (container, stream):
@@ -371,14 +355,14 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
             if n == 0:
                 first_pts = current.pts
             while clip_frame_index(clip_next, fps) <= n:
-                for k, i in holders(clip_next, clip_step, CLIP_FRAMES):
+                for k, i in holders(clip_next, clip_step, CLIP.frames):
                     buffer(pending, k).clip[i] = clip_of(current)
                     buffer(pending, k).clip_count = i + 1
                 clip_next += 1
             for picked in synch.push(current.pts, current):
                 put_synch(pending, synch_done, picked)
                 synch_done += 1
-            done = min(complete(clip_next, clip_step, CLIP_FRAMES), complete(synch_done, synch_step, SYNCH_FRAMES))
+            done = min(complete(clip_next, clip_step, CLIP.frames), complete(synch_done, synch_step, SYNCH.frames))
             for k in sorted(pending):
                 if k < done:
                     yield pending.pop(k).finish(k)
@@ -401,8 +385,8 @@ class _WindowBuffer:
 
     def __init__(self, hop: float = WINDOW_SECONDS):
         self.hop = hop
-        self.clip = np.zeros((CLIP_FRAMES, 3, FRAME_SIZE, FRAME_SIZE), np.uint8)
-        self.synch = np.zeros((SYNCH_FRAMES, 3, FRAME_SIZE, FRAME_SIZE), np.uint8)
+        self.clip = np.zeros((CLIP.frames, 3, CLIP.size, CLIP.size), np.uint8)
+        self.synch = np.zeros((SYNCH.frames, 3, SYNCH.size, SYNCH.size), np.uint8)
         self.clip_count = self.synch_count = 0
 
     def finish(self, index: int, end: float | None = None) -> VideoWindow:
@@ -415,27 +399,14 @@ class _FrameBuffer:
 
     def __init__(self, hop: float = WINDOW_SECONDS):
         self.hop = hop
-        self.clip: list = [None] * CLIP_FRAMES
-        self.synch: list = [None] * SYNCH_FRAMES
+        self.clip: list = [None] * CLIP.frames
+        self.synch: list = [None] * SYNCH.frames
         self.clip_count = self.synch_count = 0
 
     def finish(self, index: int, end: float | None = None) -> FrameWindow:
         # Positions fill in order from 0, so the first `count` are all set.
         return FrameWindow(index, tuple(self.clip[:self.clip_count]), tuple(self.synch[:self.synch_count]), self.hop,
                            end)
-
-
-def _normalise(frames: np.ndarray, mean, std, *, divide: bool) -> np.ndarray:
-    """uint8 ``[N, 3, H, W]`` → float32 ``(x / 255 - mean) / std``, in float32 as torchvision:
-    ``ToTensor`` divides by 255, ``v2.ToDtype(scale=True)`` multiplies by ``1 / 255``."""
-    x = frames.astype(np.float32)
-    if divide:
-        x /= np.float32(255)
-    else:
-        x *= np.float32(1.0 / 255)
-    x -= np.asarray(mean, np.float32)[:, None, None]
-    x /= np.asarray(std, np.float32)[:, None, None]
-    return x
 
 
 class _Frame:
@@ -471,14 +442,14 @@ class _Frame:
         """``[3, 224, 224]`` uint8, Pillow's bicubic resize."""
         if self._clip is None:
             x = self._rgb_planar()
-            self._clip = clip_resizer(x.shape[1], x.shape[2], FRAME_SIZE)(x)
+            self._clip = CLIP.resizer(x.shape[1], x.shape[2])(x)
         return self._clip
 
     def synch(self) -> np.ndarray:
         """``[3, 224, 224]`` uint8, torchvision's short-side resize and centre crop."""
         if self._synch is None:
             x = self._rgb_planar()
-            self._synch = synch_resizer(x.shape[1], x.shape[2], FRAME_SIZE)(x)
+            self._synch = SYNCH.resizer(x.shape[1], x.shape[2])(x)
             # CLIP picks a frame while it is decoded, the 25 fps filter later: the float copy
             # (400 MB for an 8K frame) is no longer needed once both are made.
             self._planar = None

@@ -124,7 +124,7 @@ def nearest_indices(in_len: int, out_len: int, exact: bool = False) -> np.ndarra
 
 def to_latent_rate(clip: np.ndarray, synch: np.ndarray, length: int = C.WINDOW_LATENTS
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Encoder features at the latent rate, as the condition stage takes them (DESIGN §1.1):
+    """Encoder features at the latent rate, as the condition stage takes them (the authors' infer.py):
     CLIP `[100, Dc]` by `nearest`, Synchformer `[240, Ds]` by `nearest-exact` -> `[1, T, D]` each."""
     return (np.ascontiguousarray(clip[nearest_indices(len(clip), length)][None]),
             np.ascontiguousarray(synch[nearest_indices(len(synch), length, exact=True)][None]))

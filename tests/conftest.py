@@ -42,17 +42,18 @@ def tiny_assets(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_assets):
-    """A model folder exported from `tiny_assets` (ONNX + weights.pt + manifest)."""
-    from vssflow.export.onnx_export import export_model
+    """A model folder exported from `tiny_assets` (ONNX + weights.pt for the torch backend + manifest)."""
+    from vssflow.export.onnx_export import ExportOptions, export_model
     out = tmp_path_factory.mktemp("models") / "tiny"
-    export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], out, rawnet=tiny_assets["rawnet"])
+    export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], out, rawnet=tiny_assets["rawnet"],
+                 options=ExportOptions(torch_weights=True))
     return out
 
 
 @pytest.fixture(scope="session")
 def clip12(tmp_path_factory):
     """A 12-second 25 fps clip (two windows), small frames."""
-    from tests.media import make_video
+    from vssflow.benchmarks.media import make_video
     path = tmp_path_factory.mktemp("media") / "clip12.mp4"
     make_video(path, seconds=12, fps=25, size=(96, 64))
     return path
@@ -61,7 +62,7 @@ def clip12(tmp_path_factory):
 @pytest.fixture(scope="session")
 def clip4(tmp_path_factory):
     """A 4-second 25 fps clip (one window, padded by the model to 10 s), small frames."""
-    from tests.media import make_video
+    from vssflow.benchmarks.media import make_video
     path = tmp_path_factory.mktemp("media") / "clip4.mp4"
     make_video(path, seconds=4, fps=25, size=(96, 64))
     return path

@@ -1,4 +1,4 @@
-"""The decoder against diffusers' AutoencoderKL and transformers' SpeechT5HifiGan (DESIGN §1.5)."""
+"""The decoder against diffusers' AutoencoderKL and transformers' SpeechT5HifiGan."""
 
 import dataclasses
 

@@ -29,7 +29,7 @@ def test_fp16_engines_match_onnx_runtime(tiny_assets, tmp_path):
     """FP16 engines for every stage; SNR of the final audio against the fp32 ONNX Runtime path."""
     from vssflow.export.onnx_export import ExportOptions, export_model
     from vssflow.runtime.session import Session
-    from tests.media import make_video
+    from vssflow.benchmarks.media import make_video
 
     out = tmp_path / "m"
     manifest = export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], out, rawnet=tiny_assets["rawnet"],

@@ -1,4 +1,4 @@
-"""The flow transformer against diffusers' Stable Audio parts and a plain rewrite of DESIGN §1.3."""
+"""The flow transformer against diffusers' Stable Audio parts and a plain rewrite of its math."""
 
 import math
 
@@ -101,7 +101,7 @@ def test_model_matches_diffusers_blocks(dims):
 
 
 def _plain_block(sd: dict, p: str, dims: FlowDims, h, c):
-    """DESIGN §1.3 step 3, written out: explicit softmax, RoPE per channel pair, GQA by index."""
+    """A block written out: explicit softmax, RoPE per channel pair, GQA by index."""
     def ln(x, n):
         mu = x.mean(-1, keepdim=True)
         var = ((x - mu) ** 2).mean(-1, keepdim=True)

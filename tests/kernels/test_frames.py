@@ -17,11 +17,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from tests.kernels.support import require_interpreted  # noqa: E402
-from tests.media import make_video  # noqa: E402
+from vssflow.benchmarks.media import make_video  # noqa: E402
 from vssflow.kernels import dispatch  # noqa: E402
 from vssflow.kernels import frames as KF  # noqa: E402
 from vssflow.kernels import preprocess as P  # noqa: E402
 from vssflow.runtime import video  # noqa: E402
+from vssflow.runtime.contracts import STREAMS  # noqa: E402
 from vssflow.runtime.errors import BackendError, VssflowInputError  # noqa: E402
 from vssflow.runtime.session import Session  # noqa: E402
 
@@ -97,8 +98,7 @@ def test_frames_of_two_sizes_and_shared_frames():
         out = np.zeros((length, 3, 224, 224), np.uint8)
         for i, f in enumerate(frames):
             x = f.numpy().transpose(2, 0, 1).astype(np.float32)
-            resizer = video.clip_resizer(*x.shape[1:]) if stream == "clip" else video.synch_resizer(*x.shape[1:])
-            out[i] = resizer(x)
+            out[i] = STREAMS[stream].resizer(*x.shape[1:])(x)
         return out
     want = video.VideoWindow(0, host(clip, "clip", 100), host(synch, "synch", 250), len(clip), len(synch))
     np.testing.assert_array_equal(got_clip.numpy(), want.clip_frames)

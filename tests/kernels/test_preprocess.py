@@ -19,7 +19,8 @@ import torch  # noqa: E402
 from tests.kernels.support import require_interpreted, run_compiled  # noqa: E402
 from vssflow.kernels import dispatch  # noqa: E402
 from vssflow.kernels import preprocess as P  # noqa: E402
-from vssflow.runtime import resize, video  # noqa: E402
+from vssflow.runtime import resize  # noqa: E402
+from vssflow.runtime.contracts import CLIP, STREAMS  # noqa: E402
 
 # (height, width): up both ways; portrait (vertical crop, CLIP downscales rows); both down with
 # antialias; width already 224 (CLIP skips the horizontal pass); height 224 (synch: identity + crop).
@@ -38,13 +39,11 @@ def frames(h: int, w: int, n: int = 2, seed: int = 0) -> np.ndarray:
 
 
 def cpu_path(f: np.ndarray, stream: str) -> np.ndarray:
-    """The runtime's own path: ``runtime/resize.py`` then ``video._normalise``. ``[n, 3, 224, 224]``."""
-    h, w = f.shape[1:3]
-    resizer = resize.clip_resizer(h, w) if stream == "clip" else resize.synch_resizer(h, w)
-    levels = np.stack([resizer(x) for x in f])
-    if stream == "clip":
-        return video._normalise(levels, video.CLIP_MEAN, video.CLIP_STD, divide=True)
-    return video._normalise(levels, (video.SYNCH_MEAN,) * 3, (video.SYNCH_STD,) * 3, divide=False)
+    """The runtime's own path: the stream's resizer (``runtime/resize.py``) then its normalisation,
+    as ``video.windows`` runs them. ``[n, 3, 224, 224]``."""
+    spec = STREAMS[stream]
+    resizer = spec.resizer(*f.shape[1:3])
+    return spec.normalise(np.stack([resizer(x) for x in f]))
 
 
 @pytest.fixture
@@ -55,7 +54,7 @@ def interpreted():
 
 # --- the reference (no triton needed) -----------------------------------------------------------
 
-@pytest.mark.parametrize("stream", P.STREAMS)
+@pytest.mark.parametrize("stream", tuple(STREAMS))
 @pytest.mark.parametrize("hw", SIZES + [(360, 640)])
 def test_reference_equals_cpu_path(stream, hw):
     f = frames(*hw)
@@ -71,7 +70,7 @@ def test_reference_against_pillow_and_torch():
     from PIL import Image
     f = frames(150, 260, n=1)
     levels = np.asarray(Image.fromarray(f[0]).resize((224, 224), Image.BICUBIC))          # [224, 224, 3]
-    mean, std = np.float32(video.CLIP_MEAN), np.float32(video.CLIP_STD)
+    mean, std = np.float32(CLIP.mean), np.float32(CLIP.std)
     want = (levels.transpose(2, 0, 1).astype(np.float32) / np.float32(255) - mean[:, None, None]) / std[:, None, None]
     np.testing.assert_array_equal(P.preprocess_reference(f, "clip")[0].numpy(), want)
 
@@ -133,7 +132,7 @@ def test_bad_inputs():
 
 # --- the kernels through the interpreter ---------------------------------------------------------
 
-@pytest.mark.parametrize("stream", P.STREAMS)
+@pytest.mark.parametrize("stream", tuple(STREAMS))
 @pytest.mark.parametrize("hw", SIZES)
 def test_kernel_equals_reference(interpreted, stream, hw):
     f = torch.from_numpy(frames(*hw))
@@ -147,12 +146,12 @@ def test_kernel_equals_reference(interpreted, stream, hw):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_kernel_half_precision(interpreted, dtype):
     f = frames(48, 64)
-    for stream in P.STREAMS:
+    for stream in STREAMS:
         got = P.preprocess(f, stream, dtype=dtype, use_kernel=True)
         assert got.dtype == dtype
         torch.testing.assert_close(got, P.preprocess_reference(f, stream, dtype=dtype), rtol=0, atol=0)
         # within 1/255 of the fp32 CPU path in pixel units (normalised error times std)
-        std = np.float32(P._normalisation(stream)[1])[None, :, None, None]
+        std = np.float32(STREAMS[stream].std)[None, :, None, None]
         err = (np.abs(got.float().numpy() - cpu_path(f, stream)) * std).max()
         assert 0 < err <= 1 / 255, err
 
@@ -210,7 +209,7 @@ def test_cuda_kernel_equals_reference():
         rng = np.random.default_rng(0)
         for hw in [(48, 64), (720, 1280), (1080, 1920), (1920, 1080)]:
             f = torch.from_numpy(rng.integers(0, 256, (5, *hw, 3), dtype=np.uint8)).cuda()
-            for stream in P.STREAMS:
+            for stream in STREAMS:
                 for dtype in (torch.float32, torch.float16):
                     got = P.preprocess(f, stream, index=[4, 0, 2], dtype=dtype, use_kernel=True)
                     want = P.preprocess_reference(f, stream, index=[4, 0, 2], dtype=dtype)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.media import make_video
+from vssflow.benchmarks.media import make_video
 
 from tests.reliability import hostile
 

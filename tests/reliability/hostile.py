@@ -14,7 +14,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image
 
-from tests.media import draw_frame, make_video, make_wav
+from vssflow.benchmarks.media import draw_frame, make_video, make_wav
 
 SIZE = (64, 48)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.media import make_video, make_wav
+from vssflow.benchmarks.media import make_video, make_wav
 from tests.reliability import hostile
 from vssflow.runtime.errors import VideoError
 

@@ -113,8 +113,22 @@ def test_unlisted_file_is_not_loaded(folder):
     opened = ModelFolder.open(folder)
     with pytest.raises(ModelFolderError, match="weights.pt is not listed in manifest.json"):
         opened.file("weights.pt")
-    with pytest.raises(BackendError, match="no weights.pt"):
+    with pytest.raises(BackendError, match="no weights.pt: .* re-export with vssflow-export --torch-weights"):
         Session(folder, backend="torch")
+
+
+def test_weights_pt_only_when_asked(tiny_assets, tmp_path):
+    """weights.pt repeats every weight (GBs at full size): written only with --torch-weights."""
+    from vssflow.export.onnx_export import ExportOptions, export_model
+    plain = export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], tmp_path / "plain",
+                         options=ExportOptions(verify=False))
+    assert "weights.pt" not in plain["files"] and not (tmp_path / "plain" / "weights.pt").exists()
+    r = run_cli("vssflow.export.cli", "--checkpoint", tiny_assets["checkpoint"], "--synchformer",
+                tiny_assets["synchformer"], "--out", tmp_path / "with", "--backend", "onnx", "--no-verify",
+                "--torch-weights", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "weights.pt" in _manifest(tmp_path / "with")["files"]
+    assert Session(tmp_path / "with", backend="torch").backend.name == "torch"
 
 
 def test_damaged_onnx_with_matching_manifest(folder, accepted_videos):
@@ -281,3 +295,64 @@ def test_engine_that_lies_about_its_build_is_refused(tmp_path, tiny_assets):
     backend = create_backend(ModelFolder.open(folder), "trt")
     with pytest.raises(BackendError, match="cannot load this engine"):
         backend._load("vocoder")
+
+
+# --- checking hashes only when something changed ---------------------------------------------------
+
+def _flip_keeping_stat(path, at=-10):
+    """Change one byte but keep the size, mtime and inode: what the stamp cannot see."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[at] ^= 1
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_ino == st.st_ino
+
+
+def test_an_unchanged_folder_is_not_hashed_again_and_verify_hashes_everything(tiny_model, tmp_path, clip4):
+    """A start trusts files unchanged since their stamp (it reads no gigabytes); `verify_hashes`
+    (`vssflow-run --verify`) hashes every file regardless and finds what the stamp cannot see."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder, copy_function=shutil.copy2)      # new inodes: hashed once, stamped
+    ModelFolder.open(folder)
+    stamp = json.loads((folder / ".verified.json").read_text())
+    assert set(stamp["files"]) == set(_manifest(folder)["files"])
+    _flip_keeping_stat(folder / "condition.onnx")
+    ModelFolder.open(folder)                                              # trusted: same size, mtime, inode
+    with pytest.raises(ModelFolderError, match="condition.onnx does not match its sha256"):
+        ModelFolder.open(folder, verify_hashes=True)
+    out = tmp_path / "out.wav"
+    r = run_cli("vssflow.runtime.cli", clip4, "--model", folder, "--verify", "-o", out, "--steps", "1", "-q")
+    assert_one_line_error(r, 3, "condition.onnx does not match its sha256")
+    assert not out.exists()
+    r = run_cli("vssflow.runtime.cli", clip4, "--model", folder, "-o", out, "--steps", "1", "-q")
+    assert r.returncode == 0 and out.exists(), r.stderr
+
+
+def test_a_changed_or_copied_file_is_hashed_again(tiny_model, tmp_path):
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    ModelFolder.open(folder)
+    data = bytearray((folder / "vocoder.onnx").read_bytes())
+    data[-10] ^= 1
+    (folder / "vocoder.onnx").write_bytes(bytes(data))                   # an edit moves the mtime
+    with pytest.raises(ModelFolderError, match="vocoder.onnx does not match"):
+        ModelFolder.open(folder)
+    copy = shutil.copytree(folder, tmp_path / "copy", copy_function=shutil.copy2)   # same mtimes, new inodes
+    with pytest.raises(ModelFolderError, match="vocoder.onnx does not match"):
+        ModelFolder.open(copy)
+
+
+def test_a_folder_that_cannot_hold_its_stamp_keeps_it_in_the_cache(tiny_model, tmp_path, monkeypatch):
+    """A read-only folder (a shared model on a cluster): the stamp goes to the user's cache."""
+    monkeypatch.setenv("VSSFLOW_HOME", str(tmp_path / "home"))
+    folder = shutil.copytree(tiny_model, tmp_path / "model")
+    (folder / ".verified.json").unlink()
+    (folder / ".verified.json").mkdir()            # the stamp cannot be written there (as if read-only)
+    ModelFolder.open(folder)
+    cached = list((tmp_path / "home" / "verified").iterdir())
+    assert len(cached) == 1 and set(json.loads(cached[0].read_text())["files"]) == set(_manifest(folder)["files"])
+    _flip_keeping_stat(folder / "vocoder.onnx")
+    ModelFolder.open(folder)                       # the cached stamp is used
+    with pytest.raises(ModelFolderError, match="vocoder.onnx does not match"):
+        ModelFolder.open(folder, verify_hashes=True)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.media import make_video
+from vssflow.benchmarks.media import make_video
 from tests.reliability import hostile
 from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, listing, run_cli
 from vssflow.runtime.output import plan_output, write_output

@@ -201,34 +201,6 @@ def test_errors(tmp_path, monkeypatch):
     assert issubclass(AudioError, VssflowInputError)
 
 
-@pytest.mark.parametrize("name,subtype", [("out.wav", None), ("out.flac", None),
-                                          ("out.wav", "FLOAT"), ("out.flac", "PCM_24")])
-def test_write_audio(tmp_path, name, subtype):
-    x = (_tone(16000, 0.5, channels=2) * 0.8).astype(np.float32)
-    x[10] = [1.7, -1.7]  # clipped for integer formats, kept for float
-    (tmp_path / name).write_bytes(b"old")  # replaced atomically
-    path = audio.write_audio(tmp_path / name, x, 16000, subtype=subtype)
-    y, sr = sf.read(path, dtype="float32")
-    assert sr == 16000 and y.shape == x.shape
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no temporary left
-    if subtype == "FLOAT":
-        assert np.array_equal(y, x)
-    else:
-        assert np.abs(y - np.clip(x, -1, 1)).max() < 1e-4
-    audio.write_audio(tmp_path / "mono.wav", x[:, 0])
-    assert sf.info(str(tmp_path / "mono.wav")).channels == 1
-
-
-def test_write_audio_errors(tmp_path):
-    with pytest.raises(AudioError, match=".wav or .flac"):
-        audio.write_audio(tmp_path / "out.mp3", np.zeros(10))
-    with pytest.raises(AudioError, match="finite"):
-        audio.write_audio(tmp_path / "out.wav", np.array([0.0, np.inf]))
-    with pytest.raises(AudioError, match="cannot write"):
-        audio.write_audio(tmp_path / "no-such-dir" / "out.wav", np.zeros(10))
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_no_torch_import():
     code = "import sys, vssflow.runtime.audio; assert 'torch' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.media import make_video
+from vssflow.benchmarks.media import make_video
 
 
 def run(*args, timeout=600, **kw):

@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from tests.media import make_video
+from vssflow.benchmarks.media import make_video
 from vssflow.runtime.errors import OutputError
 from vssflow.runtime.output import (FORMATS, OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, Format,
                                     plan_output, write_output)

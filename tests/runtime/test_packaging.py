@@ -33,6 +33,24 @@ def run_blocked(blocked: tuple[str, ...], tool: str, *args, cwd, env=None) -> su
                           env={**os.environ, **(env or {})})
 
 
+def test_runtime_is_the_base_of_the_package_graph(tiny_model, clip4, tmp_path):
+    """export and kernels build on the runtime, never the other way: importing every runtime
+    module, and a whole ONNX Runtime generation, load no module of vssflow.export or vssflow.kernels."""
+    code = textwrap.dedent(f"""
+        import pkgutil, sys
+        import vssflow.runtime
+        for m in pkgutil.iter_modules(vssflow.runtime.__path__):
+            __import__("vssflow.runtime." + m.name)
+        from vssflow.runtime import Session
+        Session({str(tiny_model)!r}, backend="ort").generate({str(clip4)!r}, steps=1)
+        upward = sorted(m for m in sys.modules if m.startswith(("vssflow.export", "vssflow.kernels")))
+        assert not upward, upward
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
+
+
 def test_runtime_generates_without_torch(tiny_model, clip4, tmp_path):
     code = BLOCK_TORCH + textwrap.dedent(f"""
         import numpy as np

@@ -1,4 +1,5 @@
-"""Synthetic test media: videos whose frames say which frame they are, and plain tones.
+"""Synthetic media for the demo, the benchmarks and the tests: videos whose frames say which frame
+they are, and plain tones. The one video writer of the project.
 
 Every video frame carries its own decode index as a bar code: a row of square cells through the
 centre of the picture, a white guard cell, ``INDEX_BITS`` cells (white for a 1 bit, black for a
@@ -97,6 +98,7 @@ def make_video(
     start: float = 0.0,
     quality: str = "high",
     bframes: int = 0,
+    texture: int = 0,
 ) -> list[Fraction]:
     """Write a test video and return the presentation time (seconds) of each frame written.
 
@@ -106,7 +108,8 @@ def make_video(
     the display matrix (degrees counter-clockwise, as ``av.VideoFrame.rotation`` reads it back).
     ``start`` offsets every timestamp. ``seconds = 0`` writes a video stream with no frames.
     ``bframes`` (libx264) allows that many B-frames, so frames are stored out of order as most
-    H.264 files have them.
+    H.264 files have them. ``texture`` adds a fixed noise pattern of that amplitude (levels) to
+    every frame, so the decoder has real work, as with camera footage (0: clean frames).
     """
     rate = _as_rate(fps)
     width, height = size
@@ -138,8 +141,12 @@ def make_video(
 
         if not times:
             container.start_encoding()               # header only: a stream with no frames
+        grain = np.random.default_rng(0).integers(0, texture + 1, (height, width, 3)) if texture else None
         for index, t in enumerate(times):
-            frame = av.VideoFrame.from_ndarray(draw_frame(index, width, height), format="rgb24")
+            picture = draw_frame(index, width, height)
+            if grain is not None:
+                picture = np.clip(picture.astype(np.int32) + grain - texture // 2, 0, 255).astype(np.uint8)
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             frame.pts = round(t / time_base)
             frame.time_base = time_base
             container.mux(stream.encode(frame))

@@ -1,0 +1,69 @@
+"""Files and folders that appear only complete: the one way vssflow writes what it keeps.
+
+A file is written under a hidden temporary name beside its target and renamed over it only
+when complete (`atomic_output`); a model folder is built under a temporary name and swapped in
+(`atomic_folder`). On any error or interrupt the temporary file or folder is removed, so a
+reader never sees half a result and an existing one survives a failed write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import OutputError
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` for the caller to write; rename it to `path` on
+    success (mode 644), delete it otherwise. Raises OutputError if the folder does not exist.
+
+    The temporary file is created inside the `try`: an interrupt at any point leaves nothing."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: the folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.partial{path.suffix}")
+    try:
+        tmp.touch(mode=0o600, exist_ok=False)
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
+    """`path` holding `data` (text is written as UTF-8), or left as it was."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `out` (mode 755) to fill; on success it becomes
+    `out`, replacing an existing one only if `replace` (which the caller checked); on failure
+    it is removed and `out` stays as it was."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)        # mkdtemp makes it private; a model folder is ordinary data
+        yield tmp
+        if out.exists() and replace:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
