@@ -99,7 +99,7 @@ def plan_output(video: str | os.PathLike, output: str | os.PathLike | None = Non
     The name is ``VIDEO_with_sound.EXT`` (a single run), or, with ``relative`` (a batch: the
     input's path below the folder it was found in, or its file name), ``relative`` itself with
     the extension EXT: the input's stem, in the same subfolders of ``folder``. Those subfolders
-    need not exist yet (``make_folder`` makes them before the write); ``folder`` itself must.
+    need not exist yet, nor ``folder`` itself: ``make_folder`` makes them before the write.
 
     Raises ``OutputError`` (exit 5) for a format that cannot be written, a video codec the
     container cannot hold, a missing folder, or the input itself; a video that cannot be read is
@@ -127,9 +127,8 @@ def plan_output(video: str | os.PathLike, output: str | os.PathLike | None = Non
                    ", nor can any other video output here: write the sound alone (.wav, .flac, ...)")
         raise OutputError(f"{path}: {path.suffix.lower()} cannot hold the input's {codec} video "
                           f"(it is copied, not re-encoded){instead}")
-    root = Path(folder) if relative is not None and folder is not None else path.parent
-    if not root.is_dir():
-        raise OutputError(f"{path}: the folder {root} does not exist")
+    if (output is not None or relative is None) and not path.parent.is_dir():
+        raise OutputError(f"{path}: the folder {path.parent} does not exist")
     if path.exists() and video.exists() and path.resolve() == video.resolve():
         raise OutputError(f"{path}: is the input video; choose another output name")
     return OutputPlan(path, fmt, video if fmt.has_video else None, note)
