@@ -264,7 +264,7 @@ def _run_batch(videos, model_dir, manifest, output_dir, out_format, report_path,
                          fields={**per_item, "ref_audio": ref_audio})
     if use_ray:
         from . import ray_batch
-        ray_batch.require_ray()                     # exit 4 with the install line, before any model loads
+        ray_batch.check_ray()                       # exit 4 with the install line, before any model loads
     model_dir = _model(model_dir, say)
     report = runner.Report(report_path, sys.stdout if as_json else None)
     known, todo = runner.split(planned, skip_existing)
