@@ -64,9 +64,10 @@ def as_item(x) -> Item:
 
 
 # Windows per flow-step call where no `batch` is given. On the CPU (ONNX Runtime, 2 cores) a
-# batch of windows costs what the same windows cost one by one (small model: 1 window 137 ms, 2
-# windows 268 ms, 4 windows 547 ms per step; see README, "Many clips"), so 1 there; on a GPU the
-# contract's maximum, where a batch of 4 fills what one window leaves idle.
+# batch of windows costs what the same windows cost one by one (small model, one flow_step call:
+# 461 ms for 1 window, 883 ms for 2, 1829 ms for 4, i.e. 461 / 441 / 457 ms a window; README,
+# "Many clips"), so 1 there; on a GPU the contracts' maximum, where one window leaves most of the
+# device idle (not measured here: no GPU at hand).
 CPU_BATCH = 1
 
 

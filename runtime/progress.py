@@ -55,10 +55,8 @@ class BatchProgress:
 
     def line(self) -> str:
         done = sum(self.counts.values())
-        parts = [f"[{done}/{self.total}]"]
-        if self.current:
-            parts.append(self.current)
-        parts.append(", ".join(f"{n} {s}" for s, n in self.counts.items()))
+        head = f"[{done}/{self.total}]" + (f" {self.current}" if self.current else "")
+        parts = [head, ", ".join(f"{n} {s}" for s, n in self.counts.items())]
         left = len(self.to_run) - self.generated
         if self.generated and left:
             per_item = (time.perf_counter() - self._start) / self.generated
