@@ -15,7 +15,7 @@ from . import extras
 from .backends import BACKENDS, PREPROCESS
 from .errors import OutputError, VssflowError, VssflowInputError
 from .files import atomic_output
-from .output import SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
+from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
@@ -56,7 +56,7 @@ def _raise_on_sigterm() -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("video", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("videos", metavar="VIDEO...", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Model folder from vssflow-export. Default: the demo model (random weights: noise), "
                    "exported on first use.")
@@ -87,17 +87,54 @@ def _raise_on_sigterm() -> None:
               help="Check the sha256 of every model file (by default only files changed since their last check).")
 @click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write features, phoneme ids, latents, mel and audio to this .npz for debugging.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a machine-readable summary on stdout (a batch: one line per item, then a summary line).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def main(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, preprocess, verify, dump_intermediates, as_json, quiet):
-    """Generate sound effects and speech for VIDEO and write them to a file.
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Many clips: a CSV or JSON Lines file with a row per item; columns video, and optionally "
+                   "transcript, speech_start, speech_end, ref_audio, seed, output (relative paths are relative to "
+                   "the manifest).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Many clips: the folder for their results, each named after its input (its stem plus the "
+                   "format's extension; a folder's subfolders kept). Made if missing.")
+@click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), default=None,
+              help="Output format of every result without an explicit name (default: the input's container when "
+                   "it can hold the video, else mkv).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Many clips: write a JSON Lines report, one row per item (input, output, status, error, "
+                   "exit_code, seconds, nfe, wall), then a summary line.")
+@click.option("--skip-existing", is_flag=True, help="Skip items whose output exists (outputs appear only complete).")
+@click.option("--batch", "batch", type=click.IntRange(1, None), default=None,
+              help="Many clips: windows per flow-step call, of one clip or several (default: 1 on a CPU, where "
+                   "it does not pay; the model folder's maximum on a GPU).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Many clips: threads decoding and preparing the next clips while the model runs.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Many clips: run the batch as a Ray Data pipeline of Session actors (pip install "
+                   "'vssflow[ray]'); a local Ray instance unless --ray-address.")
+@click.option("--ray-address", default=None,
+              help="An existing Ray cluster (host:port of its head, or auto); implies --ray. Paths must be on a "
+                   "filesystem every node shares.")
+@click.option("--ray-workers", type=click.IntRange(1, None), default=None,
+              help="Actors, one Session each (default: one per GPU of the cluster, else 1).")
+def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
+         noise, backend, device, preprocess, verify, dump_intermediates, as_json, quiet, manifest, output_dir,
+         out_format, report, skip_existing, batch, workers, use_ray, ray_address, ray_workers):
+    """Generate sound effects and speech for VIDEO and write them to a file; or for many clips
+    (several VIDEOs, folders searched for videos, or --manifest) into --output-dir.
 
     \b
     Examples:
       vssflow-run clip.mp4 -o clip_with_sound.mp4
       vssflow-run clip.mp4 --model models/vssflow --transcript "hello there" \\
                   --speech-start 1.0 --speech-end 2.5 -o speech.wav
+      vssflow-run clips/ more.mp4 --output-dir out/ --format wav --report report.jsonl
+      vssflow-run --manifest clips.csv --output-dir out/ --skip-existing --ray
+
+    \b
+    Many clips: one model load; an item that fails is reported (its row has the exit code a
+    single run would give) and the others go on. Exit 0 when every item is ok or skipped,
+    20 when some failed.
     """
     interactive = sys.stderr.isatty() and not quiet
 
@@ -105,33 +142,54 @@ def main(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         if not quiet:
             click.echo(f"[vssflow-run] {msg}", err=True)
 
+    many = (len(videos) != 1 or any(v.is_dir() for v in videos) or manifest is not None
+            or output_dir is not None or report is not None or use_ray or ray_address is not None)
     _raise_on_sigterm()
     try:
-        code = _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
-                    cfg, seed, noise, backend, device, preprocess, verify, dump_intermediates, as_json, interactive,
-                    say)
+        if many:
+            if output is not None:
+                raise VssflowInputError("-o names the output of one input; with several, use --output-dir DIR")
+            if noise is not None or dump_intermediates is not None:
+                raise VssflowInputError("--noise and --dump-intermediates are for one input")
+            code = _run_batch(videos, model_dir, manifest, output_dir, out_format, report, skip_existing, batch,
+                              workers, use_ray or ray_address is not None, ray_address, ray_workers, backend, device,
+                              preprocess, verify, as_json, interactive, say,
+                              dict(transcript=transcript, speech_start=speech_start, speech_end=speech_end,
+                                   solver=solver, steps=steps, cfg=cfg, seed=seed), ref_audio)
+        else:
+            code = _run(videos[0], model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
+                        cfg, seed, noise, backend, device, preprocess, verify, dump_intermediates, as_json,
+                        interactive, say, out_format, skip_existing)
     except VssflowError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("vssflow-run: interrupted; no output was written", err=True)
+        click.echo("vssflow-run: interrupted; " + ("finished outputs were kept, none was left half-written" if many
+                                                   else "no output was written"), err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException:
         raise
     except Exception as e:                     # outputs go to a temporary name: nothing half-written
-        exit_on_internal_error("vssflow-run", e, "no output was written")
+        exit_on_internal_error("vssflow-run", e, "no output was written" if not many else
+                               "finished outputs were kept, none was left half-written")
     sys.exit(code)
 
 
 def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, preprocess, verify, dump_intermediates, as_json, interactive, say) -> int:
+         noise, backend, device, preprocess, verify, dump_intermediates, as_json, interactive, say, out_format=None,
+         skip_existing=False) -> int:
     from .session import Session
 
     if not video.is_file():
         raise VssflowInputError(f"{video}: no such file")
-    plan = plan_output(video, output)
+    plan = plan_output(video, output, format=out_format)
     if plan.note:
         say(plan.note)
+    if skip_existing and plan.path.exists():
+        if as_json:
+            click.echo(json.dumps({"output": str(plan.path), "skipped": True}))
+        say(f"{plan.path} exists: skipped (--skip-existing)")
+        return 0
     if dump_intermediates is not None and dump_intermediates.suffix != ".npz":
         raise OutputError(f"{dump_intermediates}: intermediates are written as .npz")
     noise_arr = None
@@ -141,11 +199,8 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         except (OSError, ValueError) as e:
             raise VssflowInputError(f"{noise}: not a readable .npy array ({e})") from None
 
-    if model_dir is None:
-        from .model_folder import demo_model_dir
-        model_dir = demo_model_dir()
-        _ensure_demo(model_dir, say)
-    session = Session(model_dir, backend=backend, device=device, preprocess=preprocess, verify_hashes=verify)
+    session = Session(_model(model_dir, say), backend=backend, device=device, preprocess=preprocess,
+                      verify_hashes=verify)
     for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
         say(f"backend auto: {reason}")
     bar = None
@@ -186,6 +241,92 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
     else:
         say(f"wrote {plan.path} ({summary['seconds']:.2f} s of audio, {chunks.nfe} flow evaluations)")
     return 0
+
+def _model(model_dir, say) -> Path:
+    if model_dir is None:
+        from .model_folder import demo_model_dir
+        model_dir = demo_model_dir()
+        _ensure_demo(model_dir, say)
+    return model_dir
+
+
+def _run_batch(videos, model_dir, manifest, output_dir, out_format, report_path, skip_existing, batch, workers,
+               use_ray, ray_address, ray_workers, backend, device, preprocess, verify, as_json, interactive, say,
+               fields: dict, ref_audio) -> int:
+    """Many clips: plan every item (refusing a batch that cannot run), then run them (here, or on
+    Ray), writing a row per item as each is done; exit 0, or EXIT_SOME_FAILED if any failed."""
+    import time
+    from . import runner
+    from .items import plan_items
+    from .progress import BatchProgress
+    from .session import GenerateOptions
+
+    t0 = time.perf_counter()
+    per_item = {k: fields[k] for k in ("transcript", "speech_start", "speech_end", "seed")}
+    options = GenerateOptions(**{k: v for k, v in fields.items() if k not in per_item})
+    options.check()
+    planned = plan_items(list(videos), manifest=manifest, output_dir=output_dir, format=out_format,
+                         fields={**per_item, "ref_audio": ref_audio})
+    if use_ray:
+        from . import ray_batch
+        ray_batch.check_ray()                       # exit 4 with the install line, before any model loads
+    model_dir = _model(model_dir, say)
+    report = runner.Report(report_path, sys.stdout if as_json else None)
+    known, todo = runner.split(planned, skip_existing)
+    bar = BatchProgress([str(p.name) for p in planned], [p.index for p in todo], sys.stderr,
+                        steps=None if options.solver == "dopri5" else options.steps) if interactive else None
+
+    def tell(msg: str) -> None:                   # above the progress line, if there is one
+        if bar is None:
+            say(msg)
+        else:
+            bar.say(f"[vssflow-run] {msg}")
+
+    tell(f"{len(planned)} item(s): {len(todo)} to generate, {sum(r['status'] == 'skipped' for r in known.values())} "
+         f"skipped, {sum(r['status'] == 'failed' for r in known.values())} refused")
+    rows: list[dict] = []
+    try:
+        if use_ray:
+            from . import ray_batch
+            stream = ray_batch.run_ray(planned, known, todo, model_dir, options, address=ray_address,
+                                       workers=ray_workers, backend=backend, device=device, batch=batch)
+        else:
+            from .session import Session
+            session = Session(model_dir, backend=backend, device=device, preprocess=preprocess,
+                              verify_hashes=verify)
+            for reason in session.backend.passed_over:
+                tell(f"backend auto: {reason}")
+            if session.folder.is_demo:
+                tell("DEMO MODEL: random weights; the sound it makes is noise")
+            stream = runner.merge(planned, known, runner.run_local(
+                session, todo, options, batch=batch, workers=workers,
+                progress=bar.event if bar is not None else None))
+        for r in stream:
+            rows.append(r)
+            report.write(r)
+            if bar is not None:
+                bar.row(r)
+            tell(_row_line(planned[r["index"]].name, r))
+    finally:
+        if bar is not None:
+            bar.close()
+        done = runner.summary(rows, time.perf_counter() - t0)
+        if len(rows) == len(planned):
+            report.write(done)
+            tell(f"{done['ok']} ok, {done['skipped']} skipped, {done['failed']} failed; "
+                 f"{done['seconds']:.2f} s of audio in {done['wall']:.1f} s")
+        report.close()
+    return done["exit_code"]
+
+
+def _row_line(name, r: dict) -> str:
+    if r["status"] == "ok":
+        return f"ok {name} -> {r['output']} ({r['seconds']:.2f} s)"
+    if r["status"] == "skipped":
+        return f"skipped {name}: {r['output']} exists"
+    about = "" if str(name) in r["error"] else f" {name}"
+    return f"failed{about} (exit {r['exit_code']}): {r['error']}"
+
 
 if __name__ == "__main__":
     main()
