@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from .backends import BACKENDS, PREPROCESS
 from .errors import OutputError, VssflowError, VssflowInputError
 from .files import atomic_output
 from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
+from .session import GenerateOptions
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
@@ -136,12 +138,9 @@ def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_au
     single run would give) and the others go on. Exit 0 when every item is ok or skipped,
     20 when some failed.
     """
-    interactive = sys.stderr.isatty() and not quiet
-
-    def say(msg: str) -> None:
-        if not quiet:
-            click.echo(f"[vssflow-run] {msg}", err=True)
-
+    ui = _Ui(interactive=sys.stderr.isatty() and not quiet, quiet=quiet, as_json=as_json)
+    model = _Model(model_dir, backend, device, preprocess, verify)
+    options = GenerateOptions(transcript, speech_start, speech_end, solver, steps, cfg, seed)
     many = (len(videos) != 1 or any(v.is_dir() for v in videos) or manifest is not None
             or output_dir is not None or report is not None or use_ray or ray_address is not None)
     _raise_on_sigterm()
@@ -151,15 +150,14 @@ def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_au
                 raise VssflowInputError("-o names the output of one input; with several, use --output-dir DIR")
             if noise is not None or dump_intermediates is not None:
                 raise VssflowInputError("--noise and --dump-intermediates are for one input")
-            code = _run_batch(videos, model_dir, manifest, output_dir, out_format, report, skip_existing, batch,
-                              workers, use_ray or ray_address is not None, ray_address, ray_workers, backend, device,
-                              preprocess, verify, as_json, interactive, say,
-                              dict(transcript=transcript, speech_start=speech_start, speech_end=speech_end,
-                                   solver=solver, steps=steps, cfg=cfg, seed=seed), ref_audio)
+            code = _run_batch(videos, model, options, ui, ref_audio=ref_audio, manifest=manifest,
+                              output_dir=output_dir, out_format=out_format, report_path=report,
+                              skip_existing=skip_existing, batch=batch, workers=workers,
+                              use_ray=use_ray or ray_address is not None, ray_address=ray_address,
+                              ray_workers=ray_workers)
         else:
-            code = _run(videos[0], model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
-                        cfg, seed, noise, backend, device, preprocess, verify, dump_intermediates, as_json,
-                        interactive, say, out_format, skip_existing)
+            code = _run(videos[0], model, options, ui, output=output, ref_audio=ref_audio, noise=noise,
+                        dump_intermediates=dump_intermediates, out_format=out_format, skip_existing=skip_existing)
     except VssflowError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -175,18 +173,57 @@ def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_au
     sys.exit(code)
 
 
-def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, preprocess, verify, dump_intermediates, as_json, interactive, say, out_format=None,
-         skip_existing=False) -> int:
-    from .session import Session
+@dataclasses.dataclass(frozen=True)
+class _Ui:
+    """How a run talks: a progress bar on a terminal, one-line messages on stderr, JSON on stdout."""
 
+    interactive: bool
+    quiet: bool
+    as_json: bool
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(f"[vssflow-run] {msg}", err=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """The model folder (None: the demo, exported on first use) and how every item runs on it."""
+
+    folder: Path | None
+    backend: str
+    device: str | None
+    preprocess: str
+    verify: bool
+
+    def path(self, say) -> Path:
+        if self.folder is not None:
+            return self.folder
+        from .model_folder import demo_model_dir
+        _ensure_demo(demo_model_dir(), say)
+        return demo_model_dir()
+
+    def session(self, say):
+        from .session import Session
+        session = Session(self.path(say), backend=self.backend, device=self.device, preprocess=self.preprocess,
+                          verify_hashes=self.verify)
+        for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
+            say(f"backend auto: {reason}")
+        if session.folder.is_demo:
+            say("DEMO MODEL: random weights; the sound it makes is noise")
+        return session
+
+
+def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, output, ref_audio, noise,
+         dump_intermediates, out_format, skip_existing) -> int:
+    say = ui.say
     if not video.is_file():
         raise VssflowInputError(f"{video}: no such file")
     plan = plan_output(video, output, format=out_format)
     if plan.note:
         say(plan.note)
     if skip_existing and plan.path.exists():
-        if as_json:
+        if ui.as_json:
             click.echo(json.dumps({"output": str(plan.path), "skipped": True}))
         say(f"{plan.path} exists: skipped (--skip-existing)")
         return 0
@@ -199,10 +236,7 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         except (OSError, ValueError) as e:
             raise VssflowInputError(f"{noise}: not a readable .npy array ({e})") from None
 
-    session = Session(_model(model_dir, say), backend=backend, device=device, preprocess=preprocess,
-                      verify_hashes=verify)
-    for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
-        say(f"backend auto: {reason}")
+    session = model.session(say)
     bar = None
 
     def progress(event: dict) -> None:
@@ -210,16 +244,13 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
             bar.label = f"window {event['window'] + 1}/{info.n_windows}"
             bar.update(1)
 
-    chunks, info = session.stream(video, transcript=transcript, speech_start=speech_start, speech_end=speech_end,
-                                  solver=solver, steps=steps, cfg=cfg, seed=seed, ref_audio=ref_audio,
-                                  noise=noise_arr, keep_intermediates=dump_intermediates is not None,
-                                  progress=progress)
-    if info.demo_model:
-        say("DEMO MODEL: random weights; the sound it makes is noise")
+    chunks, info = session.stream(video, options, ref_audio=ref_audio, noise=noise_arr,
+                                  keep_intermediates=dump_intermediates is not None, progress=progress)
+    o = info.options
     say(f"{video.name}: {info.duration:.2f} s, {info.n_windows} window(s); backend {info.backend}, "
-        f"{solver}{'' if solver == 'dopri5' else f' {steps} steps'}, cfg {cfg}")
-    if interactive and solver != "dopri5":
-        bar = click.progressbar(length=info.n_windows * steps, label="generating", file=sys.stderr)
+        f"{o.solver}{'' if o.solver == 'dopri5' else f' {o.steps} steps'}, cfg {o.cfg}")
+    if ui.interactive and o.solver != "dopri5":
+        bar = click.progressbar(length=info.n_windows * o.steps, label="generating", file=sys.stderr)
         bar.__enter__()
     try:
         samples = write_output(plan, chunks, info.sample_rate)
@@ -233,52 +264,42 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
             np.savez(f, **chunks.intermediates)
     summary = {"output": str(plan.path), "seconds": round(samples / info.sample_rate, 3),
                "sample_rate": info.sample_rate, "windows": info.n_windows, "backend": info.backend,
-               "solver": solver, "steps": steps, "cfg": cfg, "seed": seed, "nfe": chunks.nfe,
+               "solver": o.solver, "steps": o.steps, "cfg": o.cfg, "seed": o.seed, "nfe": chunks.nfe,
                "timings": {k: round(v, 4) for k, v in chunks.timings.items()}, "demo_model": info.demo_model,
                "notes": list(chunks.notes)}
-    if as_json:
+    if ui.as_json:
         click.echo(json.dumps(summary))
     else:
         say(f"wrote {plan.path} ({summary['seconds']:.2f} s of audio, {chunks.nfe} flow evaluations)")
     return 0
 
-def _model(model_dir, say) -> Path:
-    if model_dir is None:
-        from .model_folder import demo_model_dir
-        model_dir = demo_model_dir()
-        _ensure_demo(model_dir, say)
-    return model_dir
 
-
-def _run_batch(videos, model_dir, manifest, output_dir, out_format, report_path, skip_existing, batch, workers,
-               use_ray, ray_address, ray_workers, backend, device, preprocess, verify, as_json, interactive, say,
-               fields: dict, ref_audio) -> int:
+def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_audio, manifest, output_dir,
+               out_format, report_path, skip_existing, batch, workers, use_ray, ray_address, ray_workers) -> int:
     """Many clips: plan every item (refusing a batch that cannot run), then run them (here, or on
     Ray), writing a row per item as each is done; exit 0, or EXIT_SOME_FAILED if any failed."""
     import time
     from . import runner
     from .items import plan_items
     from .progress import BatchProgress
-    from .session import GenerateOptions
 
     t0 = time.perf_counter()
-    per_item = {k: fields[k] for k in ("transcript", "speech_start", "speech_end", "seed")}
-    options = GenerateOptions(**{k: v for k, v in fields.items() if k not in per_item})
+    per_item = {k: getattr(options, k) for k in ("transcript", "speech_start", "speech_end", "seed")}
+    options = dataclasses.replace(options, transcript=None, speech_start=None, speech_end=None)  # per item
     options.check()
     planned = plan_items(list(videos), manifest=manifest, output_dir=output_dir, format=out_format,
                          fields={**per_item, "ref_audio": ref_audio})
     if use_ray:
         from . import ray_batch
         ray_batch.check_ray()                       # exit 4 with the install line, before any model loads
-    model_dir = _model(model_dir, say)
-    report = runner.Report(report_path, sys.stdout if as_json else None)
+    report = runner.Report(report_path, sys.stdout if ui.as_json else None)
     known, todo = runner.split(planned, skip_existing)
     bar = BatchProgress([str(p.name) for p in planned], [p.index for p in todo], sys.stderr,
-                        steps=None if options.solver == "dopri5" else options.steps) if interactive else None
+                        steps=None if options.solver == "dopri5" else options.steps) if ui.interactive else None
 
     def tell(msg: str) -> None:                   # above the progress line, if there is one
         if bar is None:
-            say(msg)
+            ui.say(msg)
         else:
             bar.say(f"[vssflow-run] {msg}")
 
@@ -288,16 +309,10 @@ def _run_batch(videos, model_dir, manifest, output_dir, out_format, report_path,
     try:
         if use_ray:
             from . import ray_batch
-            stream = ray_batch.run_ray(planned, known, todo, model_dir, options, address=ray_address,
-                                       workers=ray_workers, backend=backend, device=device, batch=batch)
+            stream = ray_batch.run_ray(planned, known, todo, model.path(tell), options, address=ray_address,
+                                       workers=ray_workers, backend=model.backend, device=model.device, batch=batch)
         else:
-            from .session import Session
-            session = Session(model_dir, backend=backend, device=device, preprocess=preprocess,
-                              verify_hashes=verify)
-            for reason in session.backend.passed_over:
-                tell(f"backend auto: {reason}")
-            if session.folder.is_demo:
-                tell("DEMO MODEL: random weights; the sound it makes is noise")
+            session = model.session(tell)
             stream = runner.merge(planned, known, runner.run_local(
                 session, todo, options, batch=batch, workers=workers,
                 progress=bar.event if bar is not None else None))
