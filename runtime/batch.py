@@ -73,9 +73,7 @@ CPU_BATCH = 1
 
 def default_batch(session) -> int:
     """`CPU_BATCH` for a backend on the CPU, else the most windows the folder's contracts allow."""
-    on_gpu = (session.backend.name == "trt" or str(getattr(session.backend, "device", "") or "").startswith("cuda")
-              or getattr(session.backend, "providers", ["CPU"])[0] == "CUDAExecutionProvider")
-    return max_batch(session) if on_gpu else CPU_BATCH
+    return max_batch(session) if session.backend.on_gpu else CPU_BATCH
 
 
 def max_batch(session) -> int:
