@@ -176,6 +176,11 @@ class Backend:
     def describe(self) -> str:
         return f"{self.name} ({self.precision})"
 
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the stages run on a GPU (where batching windows pays, and FP16 is the default)."""
+        return False
+
     def close(self) -> None:
         """Drop every loaded stage (and the FP32 twin) and free their memory; a later call loads
         the stage again."""
@@ -265,6 +270,10 @@ class OrtBackend(Backend):
     def describe(self) -> str:
         return f"ort ({self.providers[0]}, {self.precision})"
 
+    @property
+    def on_gpu(self) -> bool:
+        return self.providers[0] == "CUDAExecutionProvider"
+
 
 class TorchBackend(Backend):
     """The export-side PyTorch modules on CPU or CUDA: the reference, and the GPU path without TensorRT."""
@@ -325,6 +334,10 @@ class TorchBackend(Backend):
     def describe(self) -> str:
         return f"torch ({self.device}, {self.precision})"
 
+    @property
+    def on_gpu(self) -> bool:
+        return str(self.device).startswith("cuda")
+
 
 class TrtBackend(Backend):
     """TensorRT engines built by `vssflow-export --backend trt` for this GPU and TensorRT version.
@@ -333,6 +346,7 @@ class TrtBackend(Backend):
 
     name = "trt"
     frames_device = "cuda"
+    on_gpu = True
 
     def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)

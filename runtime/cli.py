@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,8 +16,9 @@ from . import extras
 from .backends import BACKENDS, PREPROCESS
 from .errors import OutputError, VssflowError, VssflowInputError
 from .files import atomic_output
-from .output import SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
+from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
+from .session import GenerateOptions
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
@@ -57,7 +59,7 @@ def _raise_on_sigterm() -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("video", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("videos", metavar="VIDEO...", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Model folder from vssflow-export. Default: the demo model (random weights: noise), "
                    "exported on first use.")
@@ -93,51 +95,145 @@ def _raise_on_sigterm() -> None:
               help="Check the sha256 of every model file (by default only files changed since their last check).")
 @click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write features, phoneme ids, latents, mel and audio to this .npz for debugging.")
-@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print a machine-readable summary on stdout (a batch: one line per item, then a summary line).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
-def main(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, quiet):
-    """Generate sound effects and speech for VIDEO and write them to a file.
+@click.option("--manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Many clips: a CSV or JSON Lines file with a row per item; columns video, and optionally "
+                   "transcript, speech_start, speech_end, ref_audio, seed, output (relative paths are relative to "
+                   "the manifest).")
+@click.option("--output-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Many clips: the folder for their results, each named after its input (its stem plus the "
+                   "format's extension; a folder's subfolders kept). Made if missing.")
+@click.option("--format", "out_format", type=click.Choice(OUTPUT_FORMATS, case_sensitive=False), default=None,
+              help="Output format of every result without an explicit name (default: the input's container when "
+                   "it can hold the video, else mkv).")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Many clips: write a JSON Lines report, one row per item (input, output, status, error, "
+                   "exit_code, seconds, nfe, wall), then a summary line.")
+@click.option("--skip-existing", is_flag=True, help="Skip items whose output exists (outputs appear only complete).")
+@click.option("--batch", "batch", type=click.IntRange(1, None), default=None,
+              help="Many clips: windows per flow-step call, of one clip or several (default: 1 on a CPU, where "
+                   "it does not pay; the model folder's maximum on a GPU).")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Many clips: threads decoding and preparing the next clips while the model runs.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Many clips: run the batch as a Ray Data pipeline of Session actors (pip install "
+                   "'vssflow[ray]'); a local Ray instance unless --ray-address.")
+@click.option("--ray-address", default=None,
+              help="An existing Ray cluster (host:port of its head, or auto); implies --ray. Paths must be on a "
+                   "filesystem every node shares.")
+@click.option("--ray-workers", type=click.IntRange(1, None), default=None,
+              help="Actors, one Session each (default: one per GPU of the cluster, else 1).")
+def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
+         noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, quiet, manifest,
+         output_dir, out_format, report, skip_existing, batch, workers, use_ray, ray_address, ray_workers):
+    """Generate sound effects and speech for VIDEO and write them to a file; or for many clips
+    (several VIDEOs, folders searched for videos, or --manifest) into --output-dir.
 
     \b
     Examples:
       vssflow-run clip.mp4 -o clip_with_sound.mp4
       vssflow-run clip.mp4 --model models/vssflow --transcript "hello there" \\
                   --speech-start 1.0 --speech-end 2.5 -o speech.wav
+      vssflow-run clips/ more.mp4 --output-dir out/ --format wav --report report.jsonl
+      vssflow-run --manifest clips.csv --output-dir out/ --skip-existing --ray
+
+    \b
+    Many clips: one model load; an item that fails is reported (its row has the exit code a
+    single run would give) and the others go on. Exit 0 when every item is ok or skipped,
+    20 when some failed.
     """
-    interactive = sys.stderr.isatty() and not quiet
-
-    def say(msg: str) -> None:
-        if not quiet:
-            click.echo(f"[vssflow-run] {msg}", err=True)
-
+    ui = _Ui(interactive=sys.stderr.isatty() and not quiet, quiet=quiet, as_json=as_json)
+    model = _Model(model_dir, backend, device, preprocess, verify, None if precision == "auto" else precision)
+    options = GenerateOptions(transcript, speech_start, speech_end, solver, steps, cfg, seed)
+    many = (len(videos) != 1 or any(v.is_dir() for v in videos) or manifest is not None
+            or output_dir is not None or report is not None or use_ray or ray_address is not None)
     _raise_on_sigterm()
     try:
-        code = _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps,
-                    cfg, seed, noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json,
-                    interactive, say)
+        if many:
+            if output is not None:
+                raise VssflowInputError("-o names the output of one input; with several, use --output-dir DIR")
+            if noise is not None or dump_intermediates is not None:
+                raise VssflowInputError("--noise and --dump-intermediates are for one input")
+            code = _run_batch(videos, model, options, ui, ref_audio=ref_audio, manifest=manifest,
+                              output_dir=output_dir, out_format=out_format, report_path=report,
+                              skip_existing=skip_existing, batch=batch, workers=workers,
+                              use_ray=use_ray or ray_address is not None, ray_address=ray_address,
+                              ray_workers=ray_workers)
+        else:
+            code = _run(videos[0], model, options, ui, output=output, ref_audio=ref_audio, noise=noise,
+                        dump_intermediates=dump_intermediates, out_format=out_format, skip_existing=skip_existing)
     except VssflowError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("vssflow-run: interrupted; no output was written", err=True)
+        click.echo("vssflow-run: interrupted; " + ("finished outputs were kept, none was left half-written" if many
+                                                   else "no output was written"), err=True)
         sys.exit(EXIT_INTERRUPTED)
     except click.ClickException:
         raise
     except Exception as e:                     # outputs go to a temporary name: nothing half-written
-        exit_on_internal_error("vssflow-run", e, "no output was written")
+        exit_on_internal_error("vssflow-run", e, "no output was written" if not many else
+                               "finished outputs were kept, none was left half-written")
     sys.exit(code)
 
 
-def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, interactive, say) -> int:
-    from .session import Session
+@dataclasses.dataclass(frozen=True)
+class _Ui:
+    """How a run talks: a progress bar on a terminal, one-line messages on stderr, JSON on stdout."""
 
+    interactive: bool
+    quiet: bool
+    as_json: bool
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(f"[vssflow-run] {msg}", err=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """The model folder (None: the demo, exported on first use) and how every item runs on it."""
+
+    folder: Path | None
+    backend: str
+    device: str | None
+    preprocess: str
+    verify: bool
+    precision: str | None = None        # None: the backend's default (fp16 on a GPU)
+
+    def path(self, say) -> Path:
+        if self.folder is not None:
+            return self.folder
+        from .model_folder import demo_model_dir
+        _ensure_demo(demo_model_dir(), say)
+        return demo_model_dir()
+
+    def session(self, say):
+        from .session import Session
+        session = Session(self.path(say), backend=self.backend, device=self.device, preprocess=self.preprocess,
+                          verify_hashes=self.verify, precision=self.precision)
+        for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
+            say(f"backend auto: {reason}")
+        if session.folder.is_demo:
+            say("DEMO MODEL: random weights; the sound it makes is noise")
+        return session
+
+
+def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, output, ref_audio, noise,
+         dump_intermediates, out_format, skip_existing) -> int:
+    say = ui.say
     if not video.is_file():
         raise VssflowInputError(f"{video}: no such file")
-    plan = plan_output(video, output)
+    plan = plan_output(video, output, format=out_format)
     if plan.note:
         say(plan.note)
+    if skip_existing and plan.path.exists():
+        if ui.as_json:
+            click.echo(json.dumps({"output": str(plan.path), "skipped": True}))
+        say(f"{plan.path} exists: skipped (--skip-existing)")
+        return 0
     if dump_intermediates is not None and dump_intermediates.suffix != ".npz":
         raise OutputError(f"{dump_intermediates}: intermediates are written as .npz")
     noise_arr = None
@@ -147,16 +243,8 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
         except (OSError, ValueError) as e:
             raise VssflowInputError(f"{noise}: not a readable .npy array ({e})") from None
 
-    if model_dir is None:
-        from .model_folder import demo_model_dir
-        model_dir = demo_model_dir()
-        _ensure_demo(model_dir, say)
-    session = Session(model_dir, backend=backend, device=device, preprocess=preprocess, verify_hashes=verify,
-                      precision=None if precision == "auto" else precision)
-    for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
-        say(f"backend auto: {reason}")
+    session = model.session(say)
     bar = None
-
     said: list[str] = []                                # notes already said as they happened
 
     def progress(event: dict) -> None:
@@ -169,16 +257,13 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
             bar.label = f"window {event['window'] + 1}/{info.n_windows}"
             bar.update(1)
 
-    chunks, info = session.stream(video, transcript=transcript, speech_start=speech_start, speech_end=speech_end,
-                                  solver=solver, steps=steps, cfg=cfg, seed=seed, ref_audio=ref_audio,
-                                  noise=noise_arr, keep_intermediates=dump_intermediates is not None,
-                                  progress=progress)
-    if info.demo_model:
-        say("DEMO MODEL: random weights; the sound it makes is noise")
+    chunks, info = session.stream(video, options, ref_audio=ref_audio, noise=noise_arr,
+                                  keep_intermediates=dump_intermediates is not None, progress=progress)
+    o = info.options
     say(f"{video.name}: {info.duration:.2f} s, {info.n_windows} window(s); backend {info.backend}, "
-        f"{solver}{'' if solver == 'dopri5' else f' {steps} steps'}, cfg {cfg}")
-    if interactive and solver != "dopri5":
-        bar = click.progressbar(length=info.n_windows * steps, label="generating", file=sys.stderr)
+        f"{o.solver}{'' if o.solver == 'dopri5' else f' {o.steps} steps'}, cfg {o.cfg}")
+    if ui.interactive and o.solver != "dopri5":
+        bar = click.progressbar(length=info.n_windows * o.steps, label="generating", file=sys.stderr)
         bar.__enter__()
     try:
         samples = write_output(plan, chunks, info.sample_rate)
@@ -193,15 +278,84 @@ def _run(video, model_dir, output, transcript, speech_start, speech_end, ref_aud
             np.savez(f, **chunks.intermediates)
     summary = {"output": str(plan.path), "seconds": round(samples / info.sample_rate, 3),
                "sample_rate": info.sample_rate, "windows": info.n_windows, "backend": info.backend,
-               "precision": info.precision, "fallbacks": list(chunks.fallbacks),
-               "solver": solver, "steps": steps, "cfg": cfg, "seed": seed, "nfe": chunks.nfe,
+               "precision": info.precision, "fallbacks": list(chunks.fallbacks), "solver": o.solver, "steps": o.steps, "cfg": o.cfg, "seed": o.seed, "nfe": chunks.nfe,
                "timings": {k: round(v, 4) for k, v in chunks.timings.items()}, "demo_model": info.demo_model,
                "notes": list(chunks.notes)}
-    if as_json:
+    if ui.as_json:
         click.echo(json.dumps(summary))
     else:
         say(f"wrote {plan.path} ({summary['seconds']:.2f} s of audio, {chunks.nfe} flow evaluations)")
     return 0
+
+
+def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_audio, manifest, output_dir,
+               out_format, report_path, skip_existing, batch, workers, use_ray, ray_address, ray_workers) -> int:
+    """Many clips: plan every item (refusing a batch that cannot run), then run them (here, or on
+    Ray), writing a row per item as each is done; exit 0, or EXIT_SOME_FAILED if any failed."""
+    import time
+    from . import runner
+    from .items import plan_items
+    from .progress import BatchProgress
+
+    t0 = time.perf_counter()
+    per_item = {k: getattr(options, k) for k in ("transcript", "speech_start", "speech_end", "seed")}
+    options = dataclasses.replace(options, transcript=None, speech_start=None, speech_end=None)  # per item
+    options.check()
+    planned = plan_items(list(videos), manifest=manifest, output_dir=output_dir, format=out_format,
+                         fields={**per_item, "ref_audio": ref_audio})
+    if use_ray:
+        from . import ray_batch
+        ray_batch.check_ray()                       # exit 4 with the install line, before any model loads
+    report = runner.Report(report_path, sys.stdout if ui.as_json else None)
+    known, todo = runner.split(planned, skip_existing)
+    bar = BatchProgress([str(p.name) for p in planned], [p.index for p in todo], sys.stderr,
+                        steps=None if options.solver == "dopri5" else options.steps) if ui.interactive else None
+
+    def tell(msg: str) -> None:                   # above the progress line, if there is one
+        if bar is None:
+            ui.say(msg)
+        else:
+            bar.say(f"[vssflow-run] {msg}")
+
+    tell(f"{len(planned)} item(s): {len(todo)} to generate, {sum(r['status'] == 'skipped' for r in known.values())} "
+         f"skipped, {sum(r['status'] == 'failed' for r in known.values())} refused")
+    rows: list[dict] = []
+    try:
+        if use_ray:
+            from . import ray_batch
+            stream = ray_batch.run_ray(planned, known, todo, model.path(tell), options, address=ray_address,
+                                       workers=ray_workers, backend=model.backend, device=model.device, batch=batch)
+        else:
+            session = model.session(tell)
+            stream = runner.merge(planned, known, runner.run_local(
+                session, todo, options, batch=batch, workers=workers,
+                progress=bar.event if bar is not None else None))
+        for r in stream:
+            rows.append(r)
+            report.write(r)
+            if bar is not None:
+                bar.row(r)
+            tell(_row_line(planned[r["index"]].name, r))
+    finally:
+        if bar is not None:
+            bar.close()
+        done = runner.summary(rows, time.perf_counter() - t0)
+        if len(rows) == len(planned):
+            report.write(done)
+            tell(f"{done['ok']} ok, {done['skipped']} skipped, {done['failed']} failed; "
+                 f"{done['seconds']:.2f} s of audio in {done['wall']:.1f} s")
+        report.close()
+    return done["exit_code"]
+
+
+def _row_line(name, r: dict) -> str:
+    if r["status"] == "ok":
+        return f"ok {name} -> {r['output']} ({r['seconds']:.2f} s)"
+    if r["status"] == "skipped":
+        return f"skipped {name}: {r['output']} exists"
+    about = "" if str(name) in r["error"] else f" {name}"
+    return f"failed{about} (exit {r['exit_code']}): {r['error']}"
+
 
 if __name__ == "__main__":
     main()

@@ -89,13 +89,21 @@ class OutputPlan:
 
 
 def plan_output(video: str | os.PathLike, output: str | os.PathLike | None = None, *,
-                format: str | None = None, folder: str | os.PathLike | None = None) -> OutputPlan:
-    """The output for ``video``: ``output`` as given (its extension names the format), or else
-    ``VIDEO_with_sound.EXT`` in ``folder`` (default: beside the video). EXT is ``format`` (one of
+                format: str | None = None, folder: str | os.PathLike | None = None,
+                relative: str | os.PathLike | None = None) -> OutputPlan:
+    """The output for ``video``: ``output`` as given (its extension names the format), or else a
+    name in ``folder`` (default: beside the video) with the extension EXT: ``format`` (one of
     ``OUTPUT_FORMATS``) or, when that is None too, the input's own container if it can hold the
-    video, else ``.mkv`` (and ``note`` says so). Raises ``OutputError`` (exit 5) for a format that
-    cannot be written, a video codec the container cannot hold, a missing folder, or the input
-    itself; a video that cannot be read is left to the decoder to report.
+    video, else ``.mkv`` (and ``note`` says so).
+
+    The name is ``VIDEO_with_sound.EXT`` (a single run), or, with ``relative`` (a batch: the
+    input's path below the folder it was found in, or its file name), ``relative`` itself with
+    the extension EXT: the input's stem, in the same subfolders of ``folder``. Those subfolders
+    need not exist yet, nor ``folder`` itself: ``make_folder`` makes them before the write.
+
+    Raises ``OutputError`` (exit 5) for a format that cannot be written, a video codec the
+    container cannot hold, a missing folder, or the input itself; a video that cannot be read is
+    left to the decoder to report.
     """
     video = Path(video)
     codec = _video_codec(video)
@@ -103,11 +111,15 @@ def plan_output(video: str | os.PathLike, output: str | os.PathLike | None = Non
     if output is not None:
         path = Path(output)
     else:
+        base = Path(folder if folder is not None else video.parent)
+        name = Path(relative) if relative is not None else Path(f"{video.stem}_with_sound")
         if format is not None:
             ext = f".{format.lstrip('.').lower()}"
         else:
-            ext, note = _default_extension(video, codec)
-        path = Path(folder if folder is not None else video.parent) / f"{video.stem}_with_sound{ext}"
+            ext, why = _default_extension(video, codec)
+            if why:
+                note = f"{why}: writing {name.with_suffix(ext) if relative is not None else name.name + ext}"
+        path = base / (name.with_suffix(ext) if relative is not None else Path(name.name + ext))
     fmt = _format(path)
     if fmt.has_video and codec is not None and codec not in fmt.video_codecs:
         holders = _holders(codec)
@@ -115,16 +127,24 @@ def plan_output(video: str | os.PathLike, output: str | os.PathLike | None = Non
                    ", nor can any other video output here: write the sound alone (.wav, .flac, ...)")
         raise OutputError(f"{path}: {path.suffix.lower()} cannot hold the input's {codec} video "
                           f"(it is copied, not re-encoded){instead}")
-    if not path.parent.is_dir():
+    if (output is not None or relative is None) and not path.parent.is_dir():
         raise OutputError(f"{path}: the folder {path.parent} does not exist")
     if path.exists() and video.exists() and path.resolve() == video.resolve():
         raise OutputError(f"{path}: is the input video; choose another output name")
     return OutputPlan(path, fmt, video if fmt.has_video else None, note)
 
 
+def make_folder(plan: OutputPlan) -> None:
+    """Make the subfolders a batch's output name keeps (``plan_output(..., relative=)``)."""
+    try:
+        plan.path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{plan.path}: could not make the folder {plan.path.parent} ({e.strerror or e})") from None
+
+
 def _default_extension(video: Path, codec: str | None) -> tuple[str, str | None]:
     """The input's extension when its row holds the video, else .mkv (or, for a codec Matroska
-    cannot hold, the first container that can), with the line that says why."""
+    cannot hold, the first container that can), with the reason why, in words."""
     fmt = FORMATS.get(video.suffix.lower())
     if fmt is not None and fmt.has_video and (codec is None or codec in fmt.video_codecs):
         return video.suffix, None
@@ -135,7 +155,7 @@ def _default_extension(video: Path, codec: str | None) -> tuple[str, str | None]
         why = f"{video.name}: {video.suffix.lower()} is not a video output format here"
     else:
         why = f"{video.name} has no extension"
-    return ext, f"{why}: writing {video.stem}_with_sound{ext}"
+    return ext, why
 
 
 def _holders(codec: str) -> list[str]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,7 @@ from . import contracts as C
 from . import audio, extras, solvers, text, video, window
 from .backends import PREPROCESS, create_backend
 from .errors import BackendError, VssflowInputError
+from .features import Encoders
 from .model_folder import ModelFolder
 from .window import Run
 
@@ -186,6 +187,32 @@ def output_samples(meta: video.VideoInfo, decoded_end: float) -> int:
     return int(round(duration * C.SAMPLE_RATE))
 
 
+def cut_audio(chunks: Iterator[np.ndarray], length: list[int], run: Run) -> Iterator[np.ndarray]:
+    """`chunks` up to `length[0]` samples, kept in `run`. The length comes with the last window,
+    so the cut falls in that window's audio, which comes only once the window is known."""
+    written = 0
+    for chunk in chunks:
+        if length:
+            chunk = chunk[:max(0, length[0] - written)]
+        written += len(chunk)
+        if len(chunk):
+            run.keep("audio", chunk)
+            yield chunk
+        if length and written >= length[0]:
+            break
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """One generation's inputs, checked and read (`Session._prepare`), before any model runs."""
+
+    source: object                                    # a path or a binary file object
+    info: StreamInfo
+    track: np.ndarray                                 # phoneme ids over every window's span
+    noise_of: Callable[[int], np.ndarray]             # window -> initial latent [128, T]
+    crops: np.ndarray | None                          # the reference voice's crops for RawNet3
+
+
 def window_phone_ids(track: np.ndarray, index: int) -> np.ndarray:
     """Window `index`'s `[T]` slice of the phoneme track (zeros past its end: no speech)."""
     ids = track[index * HOP_LATENTS:index * HOP_LATENTS + C.WINDOW_LATENTS]
@@ -205,7 +232,7 @@ class Session:
     `precision`: fp32, fp16 (FP16 graphs on ort, FP16 engines on trt, the torch modules under the
     same policy), bf16 (torch only); None: fp16 where the backend runs on a GPU and the folder has
     what it needs, else fp32. A window whose half-precision values are not finite is generated
-    again in FP32 (`window.generate`).
+    again in FP32 (`window.generate`; single streams, not yet `generate_many`'s batches).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
@@ -214,6 +241,8 @@ class Session:
         self.backend = create_backend(self.folder, backend, device, precision)
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
+        self.encoders = Encoders()           # each distinct frame / segment encoded once (features.py)
+        self.fp32_encoders = Encoders()      # the same for windows generated again in FP32 (window.generate)
 
     # --- public ---------------------------------------------------------------------------
     def generate(self, video_source, options: GenerateOptions | None = None, *, ref_audio=None,
@@ -234,24 +263,32 @@ class Session:
         if options is not None and not isinstance(options, GenerateOptions):
             raise TypeError(f"options must be GenerateOptions, got {type(options).__name__}; "
                             "pass transcript=, steps=, ... as keywords")
-        options = dataclasses.replace(options or GenerateOptions(), **fields)
-        options.check()
-        if isinstance(video_source, video.VideoFrames):
-            video_source = video_source.as_file()
-        meta = video.probe(video_source)
-        options = options.for_clip(meta.duration)
-        if ref_audio is not None and "speaker_encoder" not in self.folder.contracts:
-            raise VssflowInputError(f"{self.folder.path}: this model folder has no speaker stage; "
-                                    "re-export with --rawnet to use a reference voice")
-        speaker_crops = None if ref_audio is None else audio.speaker_crops(audio.load_reference(ref_audio))
-        n_windows = video.count_windows(meta.duration, WINDOW_HOP)    # as the container says; decoding decides
-        track = self._phoneme_track(options, meta.duration, n_windows)
-        noise_of = self._noise(noise, options.seed, n_windows)
-        info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.describe(), options, meta,
-                          self.folder.is_demo, self.backend.precision)
+        prepared = self._prepare(video_source, options, ref_audio, noise, **fields)
         run = Run.new(keep_intermediates, progress)
-        chunks = self._chunks(video_source, meta, options, track, noise_of, speaker_crops, run)
-        return AudioStream(chunks, info, run), info
+        return AudioStream(self._chunks(prepared, run), prepared.info, run), prepared.info
+
+    def generate_many(self, items: Iterable, options: GenerateOptions | None = None, *,
+                      keep_intermediates: bool = False, progress: Callable[[dict], None] | None = None,
+                      batch: int | None = None, workers: int = 1, **fields) -> Iterator[Result | Exception]:
+        """One `Result` per item, or the exception that item raised, in input order, each as soon
+        as it (and every item before it) is done; one bad item never stops the others.
+
+        An item is a video (as `generate` takes it) or a `batch.Item` (a video and what it changes
+        of `options`: transcript, speech interval, seed, reference voice, noise). Every item gets
+        `options` (or its fields as keywords) otherwise, so its result equals `generate`'s with the
+        same options (within 1e-5: windows of several items share calls). `batch`: windows per
+        flow-step call (default: `default_batch`); `workers`: threads decoding and preparing
+        the next items' frames while the model runs. `progress(event)` hears `generate`'s events,
+        each with the `item` it belongs to. See `batch.py`."""
+        from .batch import generate_many
+        yield from generate_many(self, items, options, keep_intermediates=keep_intermediates, progress=progress,
+                                 batch=batch, workers=workers, **fields)
+
+    @property
+    def default_batch(self) -> int:
+        """Windows per flow-step call in `generate_many` when not given: see `batch.default_batch`."""
+        from .batch import default_batch
+        return default_batch(self)
 
     def describe(self) -> str:
         """The backend, and where frames are prepared when not on the host."""
@@ -269,6 +306,25 @@ class Session:
         self.close()
 
     # --- steps ----------------------------------------------------------------------------
+    def _prepare(self, video_source, options: GenerateOptions | None, ref_audio, noise, **fields) -> Prepared:
+        """Every input checked and read, before any model runs."""
+        options = dataclasses.replace(options or GenerateOptions(), **fields)
+        options.check()
+        if isinstance(video_source, video.VideoFrames):
+            video_source = video_source.as_file()
+        meta = video.probe(video_source)
+        options = options.for_clip(meta.duration)
+        if ref_audio is not None and "speaker_encoder" not in self.folder.contracts:
+            raise VssflowInputError(f"{self.folder.path}: this model folder has no speaker stage; "
+                                    "re-export with --rawnet to use a reference voice")
+        speaker_crops = None if ref_audio is None else audio.speaker_crops(audio.load_reference(ref_audio))
+        n_windows = video.count_windows(meta.duration, WINDOW_HOP)    # as the container says; decoding decides
+        track = self._phoneme_track(options, meta.duration, n_windows)
+        noise_of = self._noise(noise, options.seed, n_windows)
+        info = StreamInfo(meta.duration, C.SAMPLE_RATE, n_windows, self.describe(), options, meta,
+                          self.folder.is_demo, self.backend.precision)
+        return Prepared(video_source, info, track, noise_of, speaker_crops)
+
     def _frames_device(self, preprocess: str) -> str | None:
         if preprocess not in PREPROCESS:
             raise VssflowInputError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
@@ -316,8 +372,8 @@ class Session:
             return noise[k]
         return given
 
-    def _windows(self, source, run: Run) -> Iterator[video.VideoWindow | video.FrameWindow]:
-        """`video.windows`, the time spent in it (decoding, and on the host resizing) timed as `frames`."""
+    def _windows(self, source, record: Callable[[float], None]) -> Iterator[video.VideoWindow | video.FrameWindow]:
+        """`video.windows`, the seconds spent in it for each (decoding, and on the host resizing) to `record`."""
         upload = None
         if self.frames_device is not None:
             upload = extras.load("kernels.frames", "torch", "preparing frames on the device").uploader(
@@ -326,38 +382,47 @@ class Session:
         while True:
             t0 = time.perf_counter()
             w = next(windows, None)
-            if w is not None:
-                run.window = w.index
-            run.timed("frames", time.perf_counter() - t0)
+            record(time.perf_counter() - t0)
             if w is None:
                 return
             yield w
 
-    def _chunks(self, source, meta, options: GenerateOptions, track, noise_of, crops, run: Run) -> Iterator[np.ndarray]:
-        speaker = np.zeros((1, self.sizes.speaker_dim), np.float32)
-        if crops is not None:
-            speaker = run.call(self.backend, "speaker_encoder", {"crops": crops})["embedding"]
-            run.keep("speaker", speaker[0])
+    def _speaker(self, crops, run: Run) -> np.ndarray:
+        """The speaker embedding `[1, Dspk]`: RawNet3 on the reference voice's crops, or zeros."""
+        if crops is None:
+            return np.zeros((1, self.sizes.speaker_dim), np.float32)
+        speaker = run.call(self.backend, "speaker_encoder", {"crops": crops})["embedding"]
+        run.keep("speaker", speaker[0])
+        return speaker
+
+    def _length(self, prepared: Prepared, w, run: Run) -> int | None:
+        """Samples of audio to write, known at the last window (None before it); a container
+        whose duration the frames contradict is noted."""
+        if not w.last:
+            return None
+        meta = prepared.info.video
+        length = output_samples(meta, w.end)
+        if length != int(round(meta.duration * C.SAMPLE_RATE)):
+            run.notes.append(f"the container says {meta.duration:.2f} s but the frames run "
+                             f"{w.end:.2f} s: the sound follows the frames")
+        return length
+
+    def _chunks(self, prepared: Prepared, run: Run) -> Iterator[np.ndarray]:
+        options, track = prepared.info.options, prepared.track
+        speaker = self._speaker(prepared.crops, run)
         length: list[int] = []          # samples to write, known once the last window is decoded
 
         def window_audio():
-            for w in self._windows(source, run):
+            frames: list[float] = []                    # seconds spent getting each window
+            for w in self._windows(prepared.source, frames.append):
+                run.window = w.index
+                run.timed("frames", frames.pop())
                 if w.last:
-                    length.append(output_samples(meta, w.end))
-                    if length[0] != int(round(meta.duration * C.SAMPLE_RATE)):
-                        run.notes.append(f"the container says {meta.duration:.2f} s but the frames run "
-                                         f"{w.end:.2f} s: the sound follows the frames")
+                    length.append(self._length(prepared, w, run))
                 yield window.generate(self.backend, run, w, window_phone_ids(track, w.index), speaker,
-                                      noise_of(w.index), solver=options.solver, steps=options.steps, cfg=options.cfg)
+                                      prepared.noise_of(w.index), solver=options.solver, steps=options.steps,
+                                      cfg=options.cfg, encoders=self.encoders, fp32_encoders=self.fp32_encoders)
+            if frames:                                  # the end of the stream, after the last window
+                run.timed("frames", frames.pop())
 
-        written = 0
-        for chunk in crossfade_windows(window_audio()):
-            # The cut falls in the last window's audio, which comes only once that window is known.
-            if length:
-                chunk = chunk[:max(0, length[0] - written)]
-            written += len(chunk)
-            if len(chunk):
-                run.keep("audio", chunk)
-                yield chunk
-            if length and written >= length[0]:
-                break
+        yield from cut_audio(crossfade_windows(window_audio()), length, run)

@@ -34,6 +34,8 @@ not, so for rotated videos the authors' Synchformer frames were sideways).
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import io
 import math
 import os
@@ -110,6 +112,18 @@ class VideoWindow:
     def synch_frames(self) -> np.ndarray:
         """``[250, 3, 224, 224]`` float32: ``(x / 255 - 0.5) / 0.5``; padding is -1."""
         return SYNCH.normalise(self.synch_pixels)
+
+    @functools.cached_property
+    def clip_digests(self) -> tuple[bytes, ...]:
+        """A digest of each CLIP frame's pixels (padding: that of a black frame): equal digests,
+        equal encoder inputs. Computed once, by whichever thread asks first (a worker that
+        prepares windows ahead of the model)."""
+        return _digests(self.clip_pixels, self.clip_count)
+
+    @functools.cached_property
+    def synch_digests(self) -> tuple[bytes, ...]:
+        """A digest of each Synchformer frame's pixels, as ``clip_digests``."""
+        return _digests(self.synch_pixels, self.synch_count)
 
     def synch_segments(self) -> np.ndarray:
         """``[30, 16, 3, 224, 224]`` float32 segments of ``synch_frames`` (a strided view of a
@@ -407,6 +421,21 @@ class _FrameBuffer:
         # Positions fill in order from 0, so the first `count` are all set.
         return FrameWindow(index, tuple(self.clip[:self.clip_count]), tuple(self.synch[:self.synch_count]), self.hop,
                            end)
+
+
+def frame_digest(pixels: np.ndarray) -> bytes:
+    """16 bytes that differ for frames whose pixels differ (BLAKE2b of the contiguous array)."""
+    return hashlib.blake2b(memoryview(np.ascontiguousarray(pixels)), digest_size=16).digest()
+
+
+@functools.lru_cache(maxsize=1)
+def padding_digest() -> bytes:
+    """The digest of a padding frame: zeros (black for CLIP; -1 after Synchformer's normalisation)."""
+    return frame_digest(np.zeros((3, SYNCH.size, SYNCH.size), np.uint8))
+
+
+def _digests(pixels: np.ndarray, count: int) -> tuple[bytes, ...]:
+    return tuple(frame_digest(p) for p in pixels[:count]) + (padding_digest(),) * (len(pixels) - count)
 
 
 class _Frame:

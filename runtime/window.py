@@ -16,13 +16,17 @@ either is not finite is generated again, whole, in FP32 (`backend.fp32()`). The 
 exactly chunk by chunk, so a chunk of audio that is not finite is decoded again alone in FP32
 before it is given out. Each fallback is recorded in `Run.fallbacks`, and the first one of a run
 adds one note.
+
+Several windows (of one clip or of several) go through `sample` and `decode_rows` together as
+a batch `[B, ...]` (the contracts' batch axis), their records kept apart by `Runs`, which hands
+each window's row, share of time and flow evaluations to that window's own `Run`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -94,8 +98,12 @@ class Run:
         return {k: np.concatenate(v) if k == "audio" else np.stack(v) for k, v in self.intermediates.items()}
 
     def timed(self, name: str, seconds: float) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + seconds
+        self.spent(name, seconds)
         self.report({"kind": "stage", "stage": name, "seconds": seconds})
+
+    def spent(self, name: str, seconds: float) -> None:
+        """Add `seconds` to stage `name` without a progress event (work done on another thread)."""
+        self.timings[name] = self.timings.get(name, 0.0) + seconds
 
     def report(self, event: dict) -> None:
         if self.progress is not None:
@@ -108,6 +116,55 @@ class Run:
             out = backend.run(stage, feed)
             self.timed(stage, time.perf_counter() - t0)
         return out
+
+    def evaluated(self, seconds: float) -> None:
+        """One flow evaluation of `seconds` (no progress event: the solver's steps report)."""
+        self.nfe += 1
+        self.timings["flow_step"] = self.timings.get("flow_step", 0.0) + seconds
+
+    def keep_rows(self, name: str, batch) -> None:
+        """Keep a batch `[1, ...]` of this window as its one row."""
+        assert len(batch) == 1, f"{name}: {batch.shape=} for one window"
+        self.keep(name, batch[0])
+
+
+class Runs:
+    """The records of the windows in one batched call: row `i` is window `windows[i]` of the
+    generation `runs[i]` (one generation may have several rows). Each row's `Run` gets its
+    row of what is kept, one flow evaluation per evaluation, and an equal share of each call's
+    seconds, so the records of a batch add up to its time."""
+
+    def __init__(self, runs: Sequence[Run], windows: Sequence[int]):
+        assert len(runs) == len(windows) > 0, f"{len(runs)=} {len(windows)=}"
+        self.runs, self.windows = list(runs), list(windows)
+
+    call = Run.call
+
+    def timed(self, name: str, seconds: float) -> None:
+        share = seconds / len(self.runs)
+        for run, w in self._rows():
+            run.window = w
+            run.timed(name, share * sum(r is run for r in self.runs))
+
+    def evaluated(self, seconds: float) -> None:
+        for run in self.runs:
+            run.evaluated(seconds / len(self.runs))
+
+    def keep_rows(self, name: str, batch) -> None:
+        for run, row in zip(self.runs, batch):
+            run.keep(name, row)
+
+    def report(self, event: dict) -> None:
+        for run, w in self._rows():
+            run.window = w
+            run.report(event)
+
+    def _rows(self) -> list[tuple[Run, int]]:
+        """Each generation once, with its first window in the batch."""
+        first: dict[int, tuple[Run, int]] = {}
+        for run, w in zip(self.runs, self.windows):
+            first.setdefault(id(run), (run, w))
+        return list(first.values())
 
 
 # --- conditions ------------------------------------------------------------------------------
@@ -146,8 +203,13 @@ def encoder_inputs(backend, run: Run, window: video.VideoWindow | video.FrameWin
     return frames, segments
 
 
-def encode(backend, run: Run, window: video.VideoWindow | video.FrameWindow) -> tuple[np.ndarray, np.ndarray]:
-    """The window's encoder features: CLIP `[100, Dc]`, Synchformer `[240, Ds]`."""
+def encode(backend, run: Run, window: video.VideoWindow | video.FrameWindow, encoders=None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The window's encoder features: CLIP `[100, Dc]`, Synchformer `[240, Ds]`. With `encoders`
+    (`features.Encoders`, a Session's), each distinct input encoded once, padding included;
+    without, every frame and segment, as the authors do."""
+    if encoders is not None:
+        return encoders.encode(backend, run, [window])[0]
     frames, segments = encoder_inputs(backend, run, window)
     clip = run.call(backend, "clip_encoder", {"frames": frames})["features"]
     synch = run.call(backend, "synch_encoder", {"segments": segments})["features"]
@@ -163,40 +225,73 @@ def condition(backend, run: Run, clip: np.ndarray, synch: np.ndarray, phone_ids:
                                            "speaker": speaker})
 
 
-def conditions(backend, run: Run, window, phone_ids: np.ndarray, speaker: np.ndarray) -> dict[str, np.ndarray]:
+def conditions(backend, run: Run, window, phone_ids: np.ndarray, speaker: np.ndarray, encoders=None
+               ) -> dict[str, np.ndarray]:
     """Everything once per window: both encoders, then the condition stage."""
-    clip, synch = encode(backend, run, window)
+    features = encode(backend, run, window, encoders)
+    return _condition_window(backend, run, features, phone_ids, speaker)
+
+
+def conditions_rows(backend, runs: Runs, windows: Sequence, phone_ids: Sequence[np.ndarray],
+                    speakers: Sequence[np.ndarray], encoders) -> dict[str, np.ndarray]:
+    """`conditions` of several windows, stacked on the batch axis as `flow_step` takes them:
+    the encoders over all of them at once (`encoders.encode`), the condition stage (batch 1)
+    for each."""
+    features = encoders.encode(backend, runs, windows)
+    conds = [_condition_window(backend, run, f, ids, spk)
+             for run, f, ids, spk in zip(runs.runs, features, phone_ids, speakers)]
+    return stack_conditions(conds)
+
+
+def _condition_window(backend, run: Run, features, phone_ids, speaker) -> dict[str, np.ndarray]:
+    clip, synch = features
     run.keep("clip_features", clip)
     run.keep("synch_features", synch)
     run.keep("phone_ids", phone_ids)
     return condition(backend, run, clip, synch, phone_ids, speaker)
 
 
+# The batch axis of each output of the condition stage, as `flow_step` takes it.
+_BATCH_AXIS = {"cond_bias": 0, "keys": 1, "values": 1, "channels": 0}
+
+
+def stack_conditions(conds: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The condition stage's outputs of several windows, one batch (`[B, T, width]`, `[L, B, ...]`)."""
+    if len(conds) == 1:
+        return conds[0]
+    return {k: np.concatenate([c[k] for c in conds], axis=axis) for k, axis in _BATCH_AXIS.items()}
+
+
 # --- sampling --------------------------------------------------------------------------------
 
-def sample(backend, run: Run, cond: dict[str, np.ndarray], noise: np.ndarray, *, solver: str = "euler",
+def sample(backend, run: Run | Runs, cond: dict[str, np.ndarray], noise: np.ndarray, *, solver: str = "euler",
            steps: int = 25, cfg: float = 3.0) -> np.ndarray:
     """The ODE from `noise` `[128, T]` (t = 0) to the window's latent `[1, 128, T]` (t = 1),
-    `flow_step` as the velocity, the state in the backend's own arrays throughout."""
+    `flow_step` as the velocity, the state in the backend's own arrays throughout.
+
+    Several windows at once: `noise` `[B, 128, T]`, `cond` stacked (`stack_conditions`), `run` a
+    `Runs` -> `[B, 128, T]`. Every row takes the same times, so only fixed-step solvers batch
+    (dopri5 picks its steps from the whole state's error)."""
     arrays = backend.arrays
     flow_velocity = backend.velocity(cond, cfg)
+    x = noise if noise.ndim == 3 else noise[None]
+    assert solver != "dopri5" or len(x) == 1, f"dopri5 takes one window at a time, got {x.shape=}"
 
     def velocity(t: float, z):
-        run.nfe += 1
         with backend.lock:
             t0 = time.perf_counter()
             v = flow_velocity(t, z)
-            run.timings["flow_step"] = run.timings.get("flow_step", 0.0) + time.perf_counter() - t0
+            run.evaluated(time.perf_counter() - t0)
         return v
 
     def step(info: dict) -> None:
         run.report({"kind": "step", "step": info["step"], "t": info["t"], "nfe": info["nfe"]})
 
-    run.keep("initial_latent", noise)
-    z1 = solvers.solve(solver, velocity, arrays.upload(noise[None]), steps, callback=step,
+    run.keep_rows("initial_latent", x)
+    z1 = solvers.solve(solver, velocity, arrays.upload(x), steps, callback=step,
                        frozen=arrays.upload(cond["channels"]))
     z1 = arrays.numpy(z1)
-    run.keep("final_latent", z1[0])
+    run.keep_rows("final_latent", z1)
     return z1
 
 
@@ -235,20 +330,31 @@ def vocode(backend, run: Run, mel: np.ndarray) -> Iterator[np.ndarray]:
 def decode(backend, run: Run, z: np.ndarray) -> Iterator[np.ndarray]:
     """Latent `[1, 128, T]` -> audio chunks: the VAE once (its GroupNorm and attention see the
     whole window), the vocoder in overlapping chunks (convolutions only: exact)."""
-    mel = mel_of(backend, run, z)                                                     # [1, 4T, 64]
-    run.keep("mel", mel[0])
-    yield from vocode(backend, run, mel)
+    for rows in decode_rows(backend, run, z):
+        yield rows[0]
+
+
+def decode_rows(backend, run: Run | Runs, z: np.ndarray) -> Iterator[np.ndarray]:
+    """`decode` of a batch of windows: latents `[B, 128, T]` -> audio chunks `[B, n]`."""
+    mel = run.call(backend, "vae_decoder", {"z": z})["mel"]                          # [B, 4T, 64]
+    run.keep_rows("mel", mel)
+    for a0, b0, s0, s1 in vocoder_chunks(mel.shape[1]):
+        audio = run.call(backend, "vocoder", {"mel": np.ascontiguousarray(mel[:, a0:b0])})["audio"]   # [B, n]
+        yield audio[:, s0:s1]
 
 
 def generate(backend, run: Run, window, phone_ids: np.ndarray, speaker: np.ndarray, noise: np.ndarray, *,
-             solver: str = "euler", steps: int = 25, cfg: float = 3.0) -> Iterator[np.ndarray]:
+             solver: str = "euler", steps: int = 25, cfg: float = 3.0, encoders=None,
+             fp32_encoders=None) -> Iterator[np.ndarray]:
     """One window from frames to audio chunks, with the guard (see the module doc): conditions,
     sampling and the VAE, again in FP32 if the latent or the mel is not finite, checked before the
-    first chunk goes out; then the vocoder chunk by chunk."""
-    mark = run.mark()
+    first chunk goes out; then the vocoder chunk by chunk. `encoders`: the Session's feature cache
+    (`features.Encoders`); an FP32 redo uses `fp32_encoders`, its own (the first holds half-precision
+    features), so a redone window equals an FP32 run's."""
+    mark, first = run.mark(), backend
 
     def latent_and_mel(b) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-        cond = conditions(b, run, window, phone_ids, speaker)
+        cond = conditions(b, run, window, phone_ids, speaker, encoders if b is first else fp32_encoders)
         z = sample(b, run, cond, noise, solver=solver, steps=steps, cfg=cfg)
         if nonfinite(latent=z):                        # no VAE run on a latent that failed
             return z, None, ["latent"]

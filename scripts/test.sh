@@ -2,7 +2,7 @@
 # Sets up .venv with everything the tests need (CPU only) and runs them. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh export,cpu,dev
+bash scripts/setup.sh export,cpu,dev,ray   # ray: the --ray batch test (ray[data], ~15-30 s, ~500 MB)
 . .venv/bin/activate
 # Triton for the kernel tests, run on the CPU through its interpreter (TRITON_INTERPRET=1); pinned
 # because the ahead-of-time compile test uses triton 3.9's ASTSource API.

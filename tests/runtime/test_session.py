@@ -190,3 +190,16 @@ def test_decoded_frames_give_what_the_file_gives(clip4, ort_session):
     assert from_frames.shape == from_file.shape and np.abs(from_frames - from_file).max() <= 1e-5
     with pytest.raises(video.VideoError, match="uint8"):
         ort_session.generate(VideoFrames(frames.astype(np.float32), 25.0))
+
+
+def test_session_and_backend_close_what_they_loaded(tiny_model, clip4):
+    """Context managers: leaving the block frees the loaded stages (ORT sessions here); a later
+    call loads them again and gives the same result."""
+    with Session(tiny_model, backend="ort") as session:
+        first = session.generate(clip4, steps=1, seed=1).audio
+        assert set(session.backend._stages) >= {"flow_step", "vae_decoder", "vocoder"}
+    assert session.backend._stages == {}
+    assert np.array_equal(session.generate(clip4, steps=1, seed=1).audio, first)
+    with session.backend as backend:
+        backend.run("vocoder", {"mel": np.zeros((1, 8, 64), np.float32)})
+    assert backend._stages == {}

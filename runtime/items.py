@@ -1,0 +1,204 @@
+"""A batch's items, from the command line: videos, folders searched for videos, or a manifest;
+each item's output planned before anything runs.
+
+    planned = plan_items([Path("clips/")], output_dir=Path("out"), format=None)
+    # clips/a.mp4 -> out/a.mp4, clips/sub/b.mov -> out/sub/b.mov (`output.plan_output(relative=)`)
+
+A manifest is CSV (a header row) or JSON Lines (one object a line), by its extension; its columns
+are `MANIFEST_COLUMNS`, only `video` required; relative paths are relative to the manifest's
+folder. An output named in a row is used as it is; any other goes into the output folder, named
+after its input (its path below the folder searched or the manifest's folder, else its name).
+
+Refused before anything runs: two items that would write the same file (exit 5), a batch with
+nowhere to write (exit 2), a manifest that cannot be read (exit 2). An item whose own output
+cannot be planned (a codec its container cannot hold, say) fails alone, with exit code 5 in its row.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .batch import Item
+from .errors import OutputError, VssflowError, VssflowInputError
+from .output import VIDEO_EXTENSIONS, OutputPlan, plan_output
+
+# Files a folder is searched for: every container written here, and common ones only read.
+INPUT_EXTENSIONS = VIDEO_EXTENSIONS + (".mpg", ".mpeg", ".m2ts", ".mts", ".wmv", ".flv", ".3gp", ".ogv", ".gif")
+MANIFEST_COLUMNS = ("video", "transcript", "speech_start", "speech_end", "ref_audio", "seed", "output")
+MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Planned:
+    """One item of a batch with its output: `plan`, or the `error` that item alone fails with."""
+
+    index: int
+    item: Item
+    name: Path                                 # how the item is shown: its path as given or found
+    plan: OutputPlan | None = None
+    error: VssflowError | None = None
+
+    @property
+    def input(self) -> str:
+        return os.fspath(self.item.video)
+
+    @property
+    def output(self) -> str | None:
+        return None if self.plan is None else os.fspath(self.plan.path)
+
+
+def find_videos(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """Video files below `folder` (by extension, any case), sorted; hidden files and folders
+    (an interrupted write's `.NAME.partial.EXT`) and everything under `exclude` (the output
+    folder, so that a rerun does not take its outputs for inputs) are left out."""
+    exclude = exclude.resolve() if exclude is not None else None
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (exclude is None or Path(root, d).resolve() != exclude))
+        found += [Path(root, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in INPUT_EXTENSIONS]
+    return sorted(found, key=lambda p: p.relative_to(folder).parts)
+
+
+def read_manifest(path: Path) -> list[tuple[Item, Path | None]]:
+    """(item, output named by the row or None) per row of a CSV or JSON Lines manifest."""
+    kind = MANIFEST_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
+        raise VssflowInputError(f"{path}: a manifest is .csv or .jsonl, got {path.suffix or 'no extension'}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise VssflowInputError(f"{path}: cannot read the manifest ({getattr(e, 'strerror', None) or e})") from None
+    if kind == "csv":
+        reader = csv.DictReader(text.splitlines())
+        rows = [(n + 2, row) for n, row in enumerate(reader)]             # line numbers: the header is 1
+        if reader.fieldnames is None:
+            raise VssflowInputError(f"{path}: the manifest is empty")
+        _check_columns(path, reader.fieldnames)
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise VssflowInputError(f"{path}:{n}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise VssflowInputError(f"{path}:{n}: a row is a JSON object, got {type(row).__name__}")
+                _check_columns(path, row, n)
+                rows.append((n, row))
+    if not rows:
+        raise VssflowInputError(f"{path}: the manifest has no rows")
+    return [_manifest_item(path, n, row) for n, row in rows]
+
+
+def _check_columns(path: Path, columns, line: int | None = None) -> None:
+    where = f"{path}:{line}" if line else str(path)
+    unknown = [c for c in columns if c not in MANIFEST_COLUMNS]
+    if unknown:
+        raise VssflowInputError(f"{where}: unknown column {unknown[0]!r}: the columns are {', '.join(MANIFEST_COLUMNS)}")
+    if "video" not in columns:
+        raise VssflowInputError(f"{where}: no 'video' column")
+
+
+def _manifest_item(path: Path, line: int, row: dict) -> tuple[Item, Path | None]:
+    """One row: empty cells are absent; paths relative to the manifest's folder."""
+    row = {k: v for k, v in row.items() if v is not None and (not isinstance(v, str) or v.strip() != "")}
+    where = f"{path}:{line}"
+
+    def as_path(key: str) -> Path | None:
+        if key not in row:
+            return None
+        p = Path(os.path.expanduser(str(row[key])))
+        return p if p.is_absolute() else path.parent / p
+
+    def as_number(key: str, kind):
+        if key not in row:
+            return None
+        value = row[key]
+        try:
+            if kind is int and (isinstance(value, float) or isinstance(value, bool)):
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            raise VssflowInputError(f"{where}: {key} must be {'an integer' if kind is int else 'a number'}, "
+                                    f"got {value!r}") from None
+
+    video = as_path("video")
+    if video is None:
+        raise VssflowInputError(f"{where}: no video")
+    transcript = row.get("transcript")
+    item = Item(video, transcript=None if transcript is None else str(transcript),
+                speech_start=as_number("speech_start", float), speech_end=as_number("speech_end", float),
+                seed=as_number("seed", int), ref_audio=as_path("ref_audio"))
+    return item, as_path("output")
+
+
+def plan_items(inputs: Sequence[Path], *, manifest: Path | None = None, output_dir: Path | None = None,
+               format: str | None = None, fields: dict | None = None) -> list[Planned]:
+    """The batch's items in order (the inputs, each folder's videos, then the manifest's rows),
+    each with its output planned. `fields` (the command line's transcript, seed, ...) go to every
+    item; a manifest row's own values win. Raises before anything runs for a batch that cannot run."""
+    entries: list[tuple[Item, Path, Path | None, Path | None]] = []     # (item, shown as, output, name below dir)
+    fields = {k: v for k, v in (fields or {}).items() if v is not None}
+    for p in inputs:
+        if p.is_dir():
+            videos = find_videos(p, exclude=output_dir)
+            if not videos:
+                raise VssflowInputError(f"{p}: no video files in this folder (looked for {', '.join(INPUT_EXTENSIONS)})")
+            entries += [(Item(v, **fields), v, None, v.relative_to(p)) for v in videos]
+        else:                                   # a missing or unreadable file fails as its own item
+            entries.append((Item(p, **fields), p, None, Path(p.name)))
+    if manifest is not None:
+        for item, output in read_manifest(manifest):
+            item = dataclasses.replace(item, **{k: v for k, v in fields.items() if getattr(item, k) is None})
+            video = Path(item.video)
+            below = _below(video, manifest.parent)
+            entries.append((item, video, output, below))
+    if not entries:
+        raise VssflowInputError("no input: give videos, folders or --manifest FILE")
+    if output_dir is None and any(output is None for _, _, output, _ in entries):
+        raise VssflowInputError("several inputs: --output-dir DIR says where their results go "
+                                "(-o names the output of one input)")
+    if output_dir is not None and output_dir.exists() and not output_dir.is_dir():
+        raise OutputError(f"{output_dir}: not a folder")
+    planned = []
+    for k, (item, name, output, below) in enumerate(entries):
+        try:
+            plan = plan_output(item.video, output, format=format, folder=output_dir, relative=below)
+        except VssflowError as e:
+            planned.append(Planned(k, item, name, error=e))
+        else:
+            planned.append(Planned(k, item, name, plan))
+    _refuse_duplicates(planned)
+    if output_dir is not None:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputError(f"{output_dir}: cannot make the output folder ({e.strerror or e})") from None
+    return planned
+
+
+def _below(video: Path, folder: Path) -> Path:
+    """`video`'s path below `folder` when it is there, else its name."""
+    try:
+        return video.resolve().relative_to(folder.resolve())
+    except ValueError:
+        return Path(video.name)
+
+
+def _refuse_duplicates(planned: list[Planned]) -> None:
+    seen: dict[Path, Planned] = {}
+    for p in planned:
+        if p.plan is None:
+            continue
+        key = p.plan.path.resolve()
+        if key in seen:
+            raise OutputError(f"{p.plan.path}: both {seen[key].name} and {p.name} would be written there; "
+                              "rename one, or give their outputs in a manifest")
+        seen[key] = p

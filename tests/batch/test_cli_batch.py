@@ -1,0 +1,190 @@
+"""`vssflow-run` with many clips, as a user runs it (a subprocess each): the folder of two good
+clips and a broken file, a rerun with --skip-existing, the same through --ray; duplicate outputs,
+manifests, Ctrl-C."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.batch.conftest import STEPS
+from tests.reliability.conftest import CLI_TIMEOUT, run_cli
+from vssflow.runtime.errors import VideoError
+from vssflow.runtime.runner import EXIT_SOME_FAILED
+
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                               reason="Ray is not installed (pip install 'vssflow[ray]')")
+
+
+def _lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _partials(folder):
+    return [p for p in folder.rglob(".*") if ".partial" in p.name]
+
+
+def _check_outputs(out, singles):
+    for name, path in (("a", out / "a.wav"), ("b", out / "sub" / "b.wav")):
+        written, sr = sf.read(path, dtype="float32")
+        assert sr == 16000 and written.shape == singles[name].audio.shape
+        assert np.abs(written - singles[name].audio).max() <= 1e-5
+
+
+def _done_when(clips, out, tiny_model, singles, *extra):
+    """The folder: two outputs equal to their single runs, the broken file reported with exit 10,
+    the batch exit 20; then a rerun with --skip-existing skips both good ones."""
+    r = run_cli("vssflow.runtime.cli", clips, "--model", tiny_model, "--output-dir", out, "--format", "wav",
+                "--steps", STEPS, "--report", out.parent / "report.jsonl", "--json", *extra)
+    assert r.returncode == EXIT_SOME_FAILED and "Traceback" not in r.stderr, r.stderr
+    rows = _lines(r.stdout)
+    assert rows == _lines((out.parent / "report.jsonl").read_text())
+    *items, summary = rows
+    assert [(row["input"], row["status"]) for row in items] == [
+        (str(clips / "a.mp4"), "ok"), (str(clips / "broken.mp4"), "failed"), (str(clips / "sub" / "b.mp4"), "ok")]
+    assert items[1]["exit_code"] == VideoError.exit_code and "broken.mp4" in items[1]["error"]
+    assert items[0]["seconds"] == 4.0 and items[0]["nfe"] == STEPS and items[0]["wall"] > 0
+    assert summary == {**summary, "summary": True, "ok": 2, "failed": 1, "skipped": 0, "exit_code": EXIT_SOME_FAILED}
+    _check_outputs(out, singles)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.wav", "sub", "sub/b.wav"]
+
+    again = run_cli("vssflow.runtime.cli", clips, "--model", tiny_model, "--output-dir", out, "--format", "wav",
+                    "--steps", STEPS, "--skip-existing", "--json", *extra)
+    assert again.returncode == EXIT_SOME_FAILED, again.stderr
+    assert [row["status"] for row in _lines(again.stdout)[:-1]] == ["skipped", "failed", "skipped"]
+    assert "skipped" in again.stderr
+
+
+def test_folder_with_a_broken_file(clips, tmp_path, tiny_model, singles):
+    _done_when(clips, tmp_path / "out", tiny_model, singles)
+
+
+@needs_ray
+def test_folder_with_a_broken_file_through_ray(clips, tmp_path, tiny_model, singles):
+    """The same on a local Ray instance (2 CPUs in CI); none of its processes or files is left."""
+    before = set(os.listdir("/tmp"))
+    _done_when(clips, tmp_path / "out", tiny_model, singles, "--ray")
+    assert {n for n in set(os.listdir("/tmp")) - before if n.startswith("vssflow-ray-")} == set()
+
+
+def test_without_ray_the_error_names_the_install_line(clips, tmp_path, tiny_model):
+    code = ("import sys; sys.modules['ray'] = None; import importlib.util as u; f = u.find_spec; "
+            "u.find_spec = lambda n, *a: None if n == 'ray' else f(n, *a); "
+            "from vssflow.runtime import cli; sys.argv[0] = 'vssflow-run'; cli.main()")
+    r = subprocess.run([sys.executable, "-c", code, str(clips), "--model", str(tiny_model), "--output-dir",
+                        str(tmp_path / "out"), "--ray"], capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 4 and "pip install 'vssflow[ray]'" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_duplicate_outputs_are_refused_before_anything_runs(clips, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    r = run_cli("vssflow.runtime.cli", clips / "a.mp4", clips, "--model", tiny_model, "--output-dir", out)
+    assert r.returncode == 5 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"vssflow-run: error: {out / 'a.mp4'}: both {clips / 'a.mp4'} and {clips / 'a.mp4'} would be written "
+        "there; rename one, or give their outputs in a manifest")
+    assert not out.exists()                                       # refused before anything, the folder too
+    r = run_cli("vssflow.runtime.cli", clips / "a.mp4", clips / "sub" / "b.mp4", "--model", tiny_model)
+    assert r.returncode == 2 and "--output-dir" in r.stderr
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_manifest_with_relative_paths_and_per_row_options(kind, clips, tmp_path, tiny_model, singles, ort_session):
+    """Paths relative to the manifest; a row's seed, transcript and output win over the command line's."""
+    rows = [{"video": "clips/sub/b.mp4", "seed": 7, "output": "named/b7.wav"},
+            {"video": "clips/sub/b.mp4", "transcript": "hello there", "speech_start": 0.5},
+            {"video": "clips/a.mp4"}]
+    shutil.copytree(clips, tmp_path / "clips")
+    (tmp_path / "named").mkdir()
+    manifest = tmp_path / f"list.{kind}"
+    if kind == "csv":
+        cols = ["video", "transcript", "speech_start", "seed", "output"]
+        manifest.write_text(",".join(cols) + "\n" + "".join(
+            ",".join(str(row.get(c, "")) for c in cols) + "\n" for row in rows))
+    else:
+        manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    r = run_cli("vssflow.runtime.cli", "--manifest", manifest, "--model", tiny_model, "--output-dir", out,
+                "--format", "wav", "--steps", STEPS, "--json", "-q")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert [row["output"] for row in _lines(r.stdout)[:-1]] == [
+        str(tmp_path / "named" / "b7.wav"), str(out / "clips" / "sub" / "b.wav"), str(out / "clips" / "a.wav")]
+    speech = ort_session.generate(clips / "sub" / "b.mp4", steps=STEPS, transcript="hello there", speech_start=0.5)
+    for path, ref in ((tmp_path / "named" / "b7.wav", singles["b7"].audio), (out / "clips" / "sub" / "b.wav", speech.audio),
+                      (out / "clips" / "a.wav", singles["a"].audio)):
+        written, _ = sf.read(path, dtype="float32")
+        assert written.shape == ref.shape and np.abs(written - ref).max() <= 1e-5
+
+
+def test_a_bad_manifest_is_refused_with_its_line(tmp_path, tiny_model):
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text('{"video": "a.mp4"}\n{"video": "b.mp4", "seed": "x"}\n')
+    r = run_cli("vssflow.runtime.cli", "--manifest", manifest, "--model", tiny_model, "--output-dir", tmp_path / "o")
+    assert r.returncode == 2 and f"{manifest}:2: seed must be an integer, got 'x'" in r.stderr, r.stderr
+    manifest.write_text("video,voice\na.mp4,x.wav\n")
+    manifest = manifest.rename(tmp_path / "list.csv")
+    r = run_cli("vssflow.runtime.cli", "--manifest", manifest, "--model", tiny_model, "--output-dir", tmp_path / "o")
+    assert r.returncode == 2 and "unknown column 'voice'" in r.stderr, r.stderr
+
+
+# vssflow-run as users run it, except that it stops itself (SIGSTOP) as the second item's output
+# starts to be written: the first is complete, the second's temporary file open. No sleeps.
+_PAUSING_CLI = textwrap.dedent("""
+    import inspect, os, signal, sys
+    from vssflow.runtime import output
+    calls = []
+
+    def paused(chunks):
+        for chunk in chunks:
+            yield chunk
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGSTOP)              # the test signals us here
+
+    def pausing(write):
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            call = inspect.signature(write).bind(*args, **kwargs)
+            call.arguments["chunks"] = paused(call.arguments["chunks"])
+            return write(*call.args, **call.kwargs)
+        return wrapped
+
+    output.write_output = pausing(output.write_output)            # before the runner imports it
+    from vssflow.runtime import cli
+    sys.argv[0] = "vssflow-run"
+    cli.main()
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_batch_keeps_finished_outputs_and_leaves_no_partial(sig, clips, tmp_path, tiny_model):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSING_CLI, str(clips), "--model", str(tiny_model),
+                             "--output-dir", str(out), "--format", "mp4", "--steps", "1", "-q"],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"the batch ended before its second output: {proc.stderr.read()}"
+        assert (out / "a.mp4").is_file() and len(_partials(out)) == 1
+        proc.send_signal(sig)
+        os.kill(proc.pid, signal.SIGCONT)
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=CLI_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 130 and "Traceback" not in rest, rest
+    assert rest.strip().splitlines()[-1] == ("vssflow-run: interrupted; finished outputs were kept, none was left "
+                                             "half-written")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.mp4", "sub"]
