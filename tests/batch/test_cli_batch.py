@@ -11,14 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from tests.batch.conftest import STEPS
-from tests.reliability.conftest import CLI_TIMEOUT, run_cli
+from tests.reliability.conftest import CLI_TIMEOUT, pausing_cli, run_cli
 from vssflow.runtime.errors import VideoError
 from vssflow.runtime.runner import EXIT_SOME_FAILED
 
@@ -138,38 +137,10 @@ def test_a_bad_manifest_is_refused_with_its_line(tmp_path, tiny_model):
     assert r.returncode == 2 and "unknown column 'voice'" in r.stderr, r.stderr
 
 
-# vssflow-run as users run it, except that it stops itself (SIGSTOP) as the second item's output
-# starts to be written: the first is complete, the second's temporary file open. No sleeps.
-_PAUSING_CLI = textwrap.dedent("""
-    import inspect, os, signal, sys
-    from vssflow.runtime import output
-    calls = []
-
-    def paused(chunks):
-        for chunk in chunks:
-            yield chunk
-            if len(calls) == 2:
-                os.kill(os.getpid(), signal.SIGSTOP)              # the test signals us here
-
-    def pausing(write):
-        def wrapped(*args, **kwargs):
-            calls.append(1)
-            call = inspect.signature(write).bind(*args, **kwargs)
-            call.arguments["chunks"] = paused(call.arguments["chunks"])
-            return write(*call.args, **call.kwargs)
-        return wrapped
-
-    output.write_output = pausing(output.write_output)            # before the runner imports it
-    from vssflow.runtime import cli
-    sys.argv[0] = "vssflow-run"
-    cli.main()
-""")
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_batch_keeps_finished_outputs_and_leaves_no_partial(sig, clips, tmp_path, tiny_model):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSING_CLI, str(clips), "--model", str(tiny_model),
+    proc = subprocess.Popen([sys.executable, "-c", pausing_cli(output=2), str(clips), "--model", str(tiny_model),
                              "--output-dir", str(out), "--format", "mp4", "--steps", "1", "-q"],
                             stderr=subprocess.PIPE, text=True)
     try:

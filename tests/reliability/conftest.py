@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,38 @@ def assert_one_line_error(r: subprocess.CompletedProcess, code: int, *needles: s
     assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
     for needle in needles:
         assert needle in errors[0], (needle, errors[0])
+
+
+def pausing_cli(output: int = 1) -> str:
+    """Python code that runs vssflow-run as users run it, except that it stops itself (SIGSTOP)
+    once the first chunk of audio of its `output`-th result has gone to the writer (that file's
+    temporary name open, every earlier result complete), so a test signals it at a known point
+    of the run whatever the load of the machine: no sleeps, no race with the run finishing first.
+    Run it as `python -c CODE ARGS...` and wait for the stop with `os.waitpid(pid, os.WUNTRACED)`."""
+    return textwrap.dedent(f"""
+        import inspect, os, signal, sys
+        from vssflow.runtime import output
+        calls = []
+
+        def paused(chunks):
+            for i, chunk in enumerate(chunks):
+                yield chunk
+                if i == 0 and len(calls) == {output}:
+                    os.kill(os.getpid(), signal.SIGSTOP)              # the test signals us here
+
+        def pausing(write):
+            def wrapped(*args, **kwargs):
+                calls.append(1)
+                call = inspect.signature(write).bind(*args, **kwargs)
+                call.arguments["chunks"] = paused(call.arguments["chunks"])
+                return write(*call.args, **call.kwargs)
+            return wrapped
+
+        output.write_output = pausing(output.write_output)            # before the CLI imports it
+        from vssflow.runtime import cli
+        sys.argv[0] = "vssflow-run"
+        cli.main()
+    """)
 
 
 def listing(folder: Path) -> list[str]:

@@ -19,7 +19,7 @@ import soundfile as sf
 
 from vssflow.benchmarks.media import make_video
 from tests.reliability import hostile
-from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, listing, run_cli
+from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, listing, pausing_cli, run_cli
 from vssflow.runtime.output import plan_output, write_output
 
 SR = 16000
@@ -138,33 +138,6 @@ def test_error_after_the_first_window_leaves_the_old_output(media, tiny_model, t
     assert out.read_bytes() == OLD and listing(tmp_path) == ["out.wav"]
 
 
-# vssflow-run as users run it, except that it stops itself (SIGSTOP) once the first chunk of audio
-# has gone to the writer, so the test signals it at a known point of the run whatever the load
-# of the machine: no timing, no race with the run finishing first.
-_PAUSING_CLI = textwrap.dedent("""
-    import inspect, os, signal, sys
-    from vssflow.runtime import output
-
-    def paused(chunks):
-        for i, chunk in enumerate(chunks):
-            yield chunk
-            if i == 0:
-                os.kill(os.getpid(), signal.SIGSTOP)              # the test signals us here
-
-    def pausing(write):
-        def wrapped(*args, **kwargs):
-            call = inspect.signature(write).bind(*args, **kwargs)
-            call.arguments["chunks"] = paused(call.arguments["chunks"])
-            return write(*call.args, **call.kwargs)
-        return wrapped
-
-    output.write_output = pausing(output.write_output)            # before the CLI imports it
-    from vssflow.runtime import cli
-    sys.argv[0] = "vssflow-run"
-    cli.main()
-""")
-
-
 @pytest.mark.parametrize("sig,name", [(signal.SIGINT, "out.wav"), (signal.SIGTERM, "out.mp4")],
                          ids=["SIGINT", "SIGTERM"])
 def test_interrupted_run_leaves_nothing(sig, name, clip12, tiny_model, tmp_path):
@@ -175,7 +148,7 @@ def test_interrupted_run_leaves_nothing(sig, name, clip12, tiny_model, tmp_path)
     out = tmp_path / name
     out.write_bytes(OLD)
     before, sha = listing(tmp_path), _sha(video)
-    proc = subprocess.Popen([sys.executable, "-c", _PAUSING_CLI, str(video), "--model", str(tiny_model),
+    proc = subprocess.Popen([sys.executable, "-c", pausing_cli(), str(video), "--model", str(tiny_model),
                              "-o", str(out), "--steps", "1"], stderr=subprocess.PIPE, text=True)
     try:
         _, status = os.waitpid(proc.pid, os.WUNTRACED)             # returns once it has stopped itself
