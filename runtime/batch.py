@@ -37,6 +37,7 @@ import numpy as np
 from . import contracts as C
 from . import window
 from .errors import VssflowInputError
+from .precision import nonfinite
 from .session import Result, crossfade_windows, cut_audio, window_phone_ids
 from .window import Run, Runs
 
@@ -294,6 +295,7 @@ class _Model:
                 p.speaker = session._speaker(p.prepared.crops, p.run)
             if w.last:
                 p.length.append(session._length(p.prepared, w, p.run))
+        marks = {id(p.run): (p.run, p.run.mark()) for p in rows}             # for the guard's redo
         runs = Runs([p.run for p in rows], [w.index for _, w in group])
         options = rows[0].prepared.info.options
         cond = window.conditions_rows(backend, runs, [w for _, w in group],
@@ -305,6 +307,20 @@ class _Model:
         for chunk in window.decode_rows(backend, runs, z):
             for row, audio in zip(pieces, chunk):
                 row.append(audio)
+        if backend.precision != "fp32" and any(nonfinite(latent=z[i], audio=np.concatenate(row))
+                                               for i, row in enumerate(pieces)):
+            # The guard, as for one window: at half precision a window whose latent, mel or audio
+            # is not finite is generated again in FP32. Rare, so simply: the batch's windows again,
+            # one by one, through `window.generate` (which checks each before anything goes out,
+            # and redoes only the ones that fail); their records rewound to before the batch.
+            for run, mark in marks.values():
+                run.rewind(mark)
+            pieces = []
+            for p, (_, w), n in zip(rows, group, noise):
+                p.run.window = w.index
+                pieces.append(list(window.generate(backend, p.run, w, _phone_ids(p, w), p.speaker, n,
+                                                   solver=options.solver, steps=options.steps, cfg=options.cfg,
+                                                   encoders=session.encoders, fp32_encoders=session.fp32_encoders)))
         for p, row in zip(rows, pieces):
             p.windows.append(row)
 
@@ -318,7 +334,7 @@ class _Model:
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         run = p.run
         self.outcomes[k] = Result(audio, C.SAMPLE_RATE, p.prepared.info, dict(run.timings), run.nfe, run.kept(),
-                                  tuple(run.notes))
+                                  tuple(run.notes), tuple(run.fallbacks))
 
     def _fail(self, items: list[int], error: Exception) -> None:
         for k in items:

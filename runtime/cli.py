@@ -210,10 +210,14 @@ class _Model:
         _ensure_demo(demo_model_dir(), say)
         return demo_model_dir()
 
+    def settings(self) -> dict:
+        """The `Session` keywords: here, and for each actor of a `--ray` batch."""
+        return dict(backend=self.backend, device=self.device, preprocess=self.preprocess, verify_hashes=self.verify,
+                    precision=self.precision)
+
     def session(self, say):
         from .session import Session
-        session = Session(self.path(say), backend=self.backend, device=self.device, preprocess=self.preprocess,
-                          verify_hashes=self.verify, precision=self.precision)
+        session = Session(self.path(say), **self.settings())
         for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
             say(f"backend auto: {reason}")
         if session.folder.is_demo:
@@ -323,8 +327,8 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
     try:
         if use_ray:
             from . import ray_batch
-            stream = ray_batch.run_ray(planned, known, todo, model.path(tell), options, address=ray_address,
-                                       workers=ray_workers, backend=model.backend, device=model.device, batch=batch)
+            stream = ray_batch.run_ray(planned, known, todo, model.path(tell), options, session=model.settings(),
+                                       address=ray_address, workers=ray_workers, batch=batch)
         else:
             session = model.session(tell)
             stream = runner.merge(planned, known, runner.run_local(

@@ -69,10 +69,9 @@ class SessionWorker:
     """A Ray Data actor: one `Session` for its life; each call runs a block of items through
     `Session.generate_many` and writes their outputs. Takes and gives column batches."""
 
-    def __init__(self, model_dir: str, options, backend: str = "auto", device: str | None = None,
-                 preprocess: str = "auto", batch: int | None = None):
+    def __init__(self, model_dir: str, options, session: dict, batch: int | None = None):
         from .session import Session
-        self.session = Session(model_dir, backend=backend, device=device, preprocess=preprocess)
+        self.session = Session(model_dir, **session)
         self.options, self.batch = options, batch
 
     def __call__(self, block: dict) -> dict:
@@ -84,11 +83,13 @@ class SessionWorker:
 
 # --- the batch -----------------------------------------------------------------------------------
 def run_ray(planned: list[Planned], known: dict[int, dict], todo: list[Planned], model_dir: Path, options, *,
-            address: str | None = None, workers: int | None = None, backend: str = "auto",
-            device: str | None = None, batch: int | None = None, num_cpus: int | None = None) -> Iterator[dict]:
+            session: dict | None = None, address: str | None = None, workers: int | None = None,
+            batch: int | None = None, num_cpus: int | None = None) -> Iterator[dict]:
     """Every item's row, in item order: `known` ones (planning failures, skipped) in place, the
-    others from the actors as they finish. Starts (or connects to) Ray, and ends it, itself."""
-    ModelFolder.open(model_dir)                        # a bad folder: exit 3 here, not a lost class in an actor
+    others from the actors as they finish. `session`: each actor's `Session` keywords (backend,
+    device, preprocess, precision). Starts (or connects to) Ray, and ends it, itself."""
+    session = dict(session or {})
+    ModelFolder.open(model_dir, verify_hashes=session.pop("verify_hashes", False))   # exit 3 here, not in an actor
     if not todo:
         yield from runner.merge(planned, known, iter(()))
         return
@@ -96,7 +97,7 @@ def run_ray(planned: list[Planned], known: dict[int, dict], todo: list[Planned],
         gpus = int(ray.cluster_resources().get("GPU", 0))
         workers = workers or max(1, gpus)
         rows = _rows(ray, todo, model_dir, options, workers=workers, gpus_per_worker=1 if gpus else 0,
-                     backend=backend, device=device, batch=batch)
+                     session=session, batch=batch)
         by_index = {p.index: p for p in todo}
         yield from runner.merge(planned, known, in_order(rows, [p.index for p in todo], by_index))
 
@@ -117,7 +118,7 @@ def in_order(rows: Iterator[dict], order: Sequence[int], planned: dict[int, Plan
 
 
 def _rows(ray, todo: list[Planned], model_dir: Path, options, *, workers: int, gpus_per_worker: int,
-          backend: str, device: str | None, batch: int | None) -> Iterator[dict]:
+          session: dict, batch: int | None) -> Iterator[dict]:
     from ray.data import ActorPoolStrategy
     per_call = batch or 1                                # items per actor call: their windows may share calls
     blocks = [todo[a:a + per_call] for a in range(0, len(todo), per_call)]
@@ -131,8 +132,8 @@ def _rows(ray, todo: list[Planned], model_dir: Path, options, *, workers: int, g
             ds = ds.map_batches(
                 SessionWorker, batch_size=1, compute=ActorPoolStrategy(size=min(workers, len(blocks))),
                 num_cpus=1, num_gpus=gpus_per_worker, max_task_retries=1,
-                fn_constructor_kwargs={"model_dir": str(model_dir), "options": options, "backend": backend,
-                                       "device": device, "batch": batch},
+                fn_constructor_kwargs={"model_dir": str(model_dir), "options": options, "session": session,
+                                       "batch": batch},
                 batch_format="numpy")
         # iter_batches with no prefetch: a block's rows come as soon as it is done (iter_rows
         # would wait for the next block too).

@@ -159,6 +159,21 @@ def test_guard_in_the_cli_json(flow_overflow, clip12, tmp_path):
     assert out.is_file()
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_batched_windows_are_guarded_too(flow_overflow, clip12, clip4, batch):
+    """generate_many at FP16 with every window overflowing: each item's result is its FP32 run's,
+    whether the windows went through the stages alone or two at a time, and says what fell back."""
+    from vssflow.runtime.batch import Item
+    items = [Item(clip12, seed=1), Item(clip4, seed=2)]
+    fp32 = list(Session(flow_overflow, backend="ort", precision="fp32").generate_many(items, steps=STEPS, batch=batch))
+    got = list(Session(flow_overflow, backend="ort", precision="fp16").generate_many(items, steps=STEPS, batch=batch))
+    for ref, r, windows in zip(fp32, got, (2, 1)):
+        assert not isinstance(r, BaseException), r
+        assert ref.fallbacks == () and np.isfinite(r.audio).all()
+        np.testing.assert_allclose(r.audio, ref.audio, atol=1e-5)
+        assert [f["window"] for f in r.fallbacks] == list(range(windows))
+
+
 def test_torch_half_mode_overflows_and_its_fp32_twin_does_not(flow_overflow):
     """The torch backend at fp16 runs the same policy: the same overflow, and `fp32()` (loaded only
     then) is finite."""
