@@ -79,6 +79,10 @@ class Backend:
     frames_device: str | None = None
     # Set by `create_backend("auto")`: why each backend tried before this one could not run.
     passed_over: tuple[str, ...] = ()
+    # Whether precision "auto" means fp16 on a GPU: for the graph runtimes, whose FP16 graphs run
+    # fused; not for the torch modules, whose eager half mode was slower end to end on an H200
+    # (4.2 s against 2.0 s for a 10-second clip at full size: README, "On a GPU").
+    half_by_default = True
     # The precisions this kind of backend runs, and why not the others.
     precisions: tuple[str, ...] = ("fp32", "fp16")
     precision_note = "bf16 is the torch backend's (FP16 and FP32 graphs only)"
@@ -92,11 +96,13 @@ class Backend:
         self._fp32: Backend | None = None
 
     def _set_precision(self, precision: str | None, on_gpu: bool) -> None:
-        """`precision`, or by default fp16 on a GPU where the folder has FP16 graphs, else fp32.
+        """`precision`, or by default fp16 on a GPU where the folder has FP16 graphs and this backend
+        gains by them (`half_by_default`), else fp32.
         Raises BackendError (exit 4) for a precision this backend cannot run, ModelFolderError
         (exit 3) for one the folder was exported without."""
         if precision is None:
-            precision = "fp16" if on_gpu and "fp16" in self._folder_precisions() else "fp32"
+            half = on_gpu and self.half_by_default and "fp16" in self._folder_precisions()
+            precision = "fp16" if half else "fp32"
         if precision not in PRECISIONS:
             raise BackendError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
         if precision not in self.precisions:
@@ -279,6 +285,7 @@ class TorchBackend(Backend):
     """The export-side PyTorch modules on CPU or CUDA: the reference, and the GPU path without TensorRT."""
 
     name = "torch"
+    half_by_default = False
     # The policy of `export/precision.py` on the modules themselves: no graphs needed.
     precisions = PRECISIONS
 

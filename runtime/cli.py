@@ -84,8 +84,8 @@ def _raise_on_sigterm() -> None:
               help="auto: TensorRT if its engines fit this GPU, else ONNX Runtime, else PyTorch.")
 @click.option("--device", default=None, help="cpu or cuda[:N] (default: the best available).")
 @click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
-              help="auto: fp16 where the backend runs on a GPU (and the model folder has FP16 graphs or "
-                   "engines), else fp32. fp16: the FP16 graphs (ort; on a CPU through casts: slow, for checking "
+              help="auto: fp16 where ort or trt runs on a GPU (and the model folder has FP16 graphs or "
+                   "engines), else fp32 (the torch backend's eager half mode is slower on a GPU). fp16: the FP16 graphs (ort; on a CPU through casts: slow, for checking "
                    "accuracy), the FP16 engines (trt) or the torch modules in half; bf16: torch only. A window "
                    "whose FP16 values are not finite is generated again in FP32, and the summary says so.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS), default="auto", show_default=True,

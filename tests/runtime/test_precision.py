@@ -84,6 +84,15 @@ def test_cpu_defaults_to_fp32(tiny_model):
         assert create_backend(ModelFolder.open(tiny_model), backend, "cpu").precision == "fp32"
 
 
+def test_gpu_default_is_fp16_for_the_graph_runtimes_only(tiny_model):
+    """On a GPU `auto` takes the FP16 graphs (ORT, TensorRT), but not the torch backend's eager
+    half mode, measured slower there. (The choice itself, as a GPU would make it.)"""
+    for name, want in (("ort", "fp16"), ("torch", "fp32")):
+        backend = create_backend(ModelFolder.open(tiny_model), name, "cpu")
+        backend._set_precision(None, on_gpu=True)
+        assert backend.precision == want, name
+
+
 # --- refusals ---------------------------------------------------------------------------------------
 
 def test_fp16_without_fp16_graphs_says_how_to_reexport(fp32_only):
