@@ -9,7 +9,6 @@ import click
 
 from vssflow.runtime import extras
 from vssflow.runtime.errors import VssflowError
-from vssflow.runtime.precision import EXPORT_PRECISIONS
 
 from .options import EXPORT_BACKENDS, PRECISIONS, ExportOptions
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from vssflow.runtime.precision import EXPORT_PRECISIONS as PRECISIONS   # fp16 (FP32 + FP16 graphs), fp32
+from vssflow.runtime.precision import EXPORT_PRECISIONS
+
+PRECISIONS = EXPORT_PRECISIONS               # fp16 (FP32 + FP16 graphs), fp32: the runtime's list, read here
 
 EXPORT_BACKENDS = ("onnx", "trt", "all")     # trt/all: TensorRT engines too, where TensorRT and a GPU exist
 

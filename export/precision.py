@@ -1,4 +1,4 @@
-"""Half precision as one policy (DESIGN.md §7), for the FP16 ONNX graphs and the torch half mode.
+"""Half precision as one policy, for the FP16 ONNX graphs and the torch half mode.
 
 The policy, written once (`FP32_OPS`, `HALF_OPS`, `PROMOTE_OPS`, `FP32_MODULES`, `FP32_PARAMS`):
 
@@ -37,8 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
-
-from vssflow.runtime.precision import FP16_STAGES, graph_name  # noqa: F401  (the runtime owns the names)
 
 from .errors import ExportError
 

@@ -1,4 +1,4 @@
-"""TensorRT engines through Polygraphy, strongly typed (DESIGN.md §7). TensorRT and Polygraphy
+"""TensorRT engines through Polygraphy, strongly typed. TensorRT and Polygraphy
 are optional and imported only when an engine is built.
 
 The precision of an engine is the precision of its graph: an FP16 engine is built from

@@ -7,7 +7,7 @@ a function needs them, so the runtime imports this on any machine.
 An engine's file name says what makes it valid:
 `{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`, the hash
 being that of the graph it was built from: `<stage>.fp16.onnx` for an FP16 engine, `<stage>.onnx`
-for an FP32 one (engines are strongly typed: their precision is their graph's, DESIGN.md §7).
+for an FP32 one (engines are strongly typed: their precision is their graph's).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Precision: which graphs a model folder holds, which a backend runs, and the finite-value guard.
 
-Half precision lives in the graphs (DESIGN.md §7): `vssflow-export --precision fp16` writes a
+Half precision lives in the graphs: `vssflow-export --precision fp16` writes a
 mixed-precision `<stage>.fp16.onnx` beside every `<stage>.onnx` of `FP16_STAGES` (the policy is
 `vssflow.export.precision`); inputs and outputs stay float32, so the stage contracts are the same
 at every precision. A backend at fp16 runs those graphs (or engines built from them, or the torch

@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from tests.batch.conftest import STEPS
-from tests.reliability.conftest import CLI_TIMEOUT, pausing_cli, run_cli
+from tests.reliability.conftest import CLI_TIMEOUT, interrupt_when_paused, run_cli
 from vssflow.runtime.errors import VideoError
 from vssflow.runtime.runner import EXIT_SOME_FAILED
 
@@ -140,21 +140,10 @@ def test_a_bad_manifest_is_refused_with_its_line(tmp_path, tiny_model):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_batch_keeps_finished_outputs_and_leaves_no_partial(sig, clips, tmp_path, tiny_model):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-c", pausing_cli(output=2), str(clips), "--model", str(tiny_model),
-                             "--output-dir", str(out), "--format", "mp4", "--steps", "1", "-q"],
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        _, status = os.waitpid(proc.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), f"the batch ended before its second output: {proc.stderr.read()}"
+    def stopped():                      # the first item complete, the second's partial file open
         assert (out / "a.mp4").is_file() and len(_partials(out)) == 1
-        proc.send_signal(sig)
-        os.kill(proc.pid, signal.SIGCONT)
-        rest = proc.stderr.read()
-        rc = proc.wait(timeout=CLI_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    rc, rest = interrupt_when_paused([clips, "--model", tiny_model, "--output-dir", out, "--format", "mp4",
+                                      "--steps", "1", "-q"], sig, output=2, while_stopped=stopped)
     assert rc == 130 and "Traceback" not in rest, rest
     assert rest.strip().splitlines()[-1] == ("vssflow-run: interrupted; finished outputs were kept, none was left "
                                              "half-written")

@@ -6,6 +6,7 @@ import torch
 
 from vssflow.export import onnx_export as E
 from vssflow.export import precision as P
+from vssflow.runtime.precision import FP16_STAGES, graph_name
 from vssflow.export.checkpoint import SYNCHFORMER, atomic_torch_save, read_aux, read_checkpoint, safe_load
 from vssflow.export.synchformer import load_synchformer
 from vssflow.runtime.contracts import stage_contracts
@@ -33,17 +34,17 @@ def graphs(tiny, tmp_path_factory):
     """fp32 and fp16 graphs of every FP16 stage of the tiny model."""
     modules, contracts = tiny
     folder = tmp_path_factory.mktemp("fp16")
-    for name in P.FP16_STAGES:
-        E.export_onnx(modules[name], contracts[name], folder / P.graph_name(name))
-        E.export_onnx(P.half_stage(modules[name]), contracts[name], folder / P.graph_name(name, "fp16"))
+    for name in FP16_STAGES:
+        E.export_onnx(modules[name], contracts[name], folder / graph_name(name))
+        E.export_onnx(P.half_stage(modules[name]), contracts[name], folder / graph_name(name, "fp16"))
     return folder
 
 
-@pytest.mark.parametrize("stage", P.FP16_STAGES)
+@pytest.mark.parametrize("stage", FP16_STAGES)
 def test_fp16_graph_follows_the_policy_and_matches_fp32(stage, tiny, graphs):
     import onnx
     contract = tiny[1][stage]
-    p32, p16 = graphs / P.graph_name(stage), graphs / P.graph_name(stage, "fp16")
+    p32, p16 = graphs / graph_name(stage), graphs / graph_name(stage, "fp16")
     assert P.policy_violations(p16) == []
     m32, m16 = onnx.load(str(p32), load_external_data=False), onnx.load(str(p16), load_external_data=False)
     io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in list(m.graph.input) + list(m.graph.output)]  # noqa: E731
@@ -57,7 +58,7 @@ def test_fp16_graph_follows_the_policy_and_matches_fp32(stage, tiny, graphs):
 
 
 def test_flow_step_keeps_its_fp32_islands(graphs):
-    ops = P.op_precisions(graphs / P.graph_name("flow_step", "fp16"))
+    ops = P.op_precisions(graphs / graph_name("flow_step", "fp16"))
     assert set(ops["MatMul"]) == {"float16"}
     for op in ("LayerNormalization", "Softmax", "Sin", "Cos", "Sub"):   # Sub: the guidance mix
         assert set(ops[op]) == {"float32"}, (op, ops[op])
@@ -136,7 +137,7 @@ def test_summary_shows_the_fp16_snr_per_stage(tiny_model):
     assert lines[0].split() == ["stage", "file", "MB", "export", "s", "ORT", "vs", "torch", "FP16", "MB", "FP16", "s",
                                 "FP16", "vs", "FP32"]
     rows = {line.split()[0]: line for line in lines[1:8]}
-    for stage in P.FP16_STAGES:
+    for stage in FP16_STAGES:
         snrs = [float(x) for x in rows[stage].split("SNR ")[1].removesuffix(" dB").split(" / ")]
         assert min(snrs) > 40 and f"{stage}.fp16.onnx" in manifest["files"], rows[stage]
     assert rows["speaker_encoder"].split()[-3:] == ["-", "-", "-"]             # stays FP32

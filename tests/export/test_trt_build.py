@@ -89,7 +89,7 @@ def test_no_engines_without_tensorrt(monkeypatch, tmp_path):
     assert "skipped" in report and list(tmp_path.iterdir()) == []
 
 
-# The weak-typing switches and the build calls TensorRT 11 removed (DESIGN.md §7), as attribute names.
+# The weak-typing switches and the build calls TensorRT 11 removed (NVIDIA's 10.x -> 11.x migration guide), as attribute names.
 REMOVED = {"FP16", "BF16", "INT8", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS", "set_output_type",
            "build_engine", "build_cuda_engine", "max_workspace_size", "EXPLICIT_BATCH", "create_network"}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -97,6 +98,27 @@ def pausing_cli(output: int = 1) -> str:
         sys.argv[0] = "vssflow-run"
         cli.main()
     """)
+
+
+def interrupt_when_paused(args: list[str], sig: int, output: int = 1, while_stopped=lambda: None
+                          ) -> tuple[int, str]:
+    """Run `vssflow-run ARGS` as `pausing_cli(output)`, wait for it to stop itself, call
+    `while_stopped()` (the checks of that moment), send `sig` and let it run on: its exit code and
+    stderr. A run that ends before it pauses fails the test with its stderr."""
+    proc = subprocess.Popen([sys.executable, "-c", pausing_cli(output), *map(str, args)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)             # returns once it has stopped itself
+        assert os.WIFSTOPPED(status), f"the run ended before it paused: {proc.stderr.read()}"
+        while_stopped()
+        proc.send_signal(sig)                                      # pending until it runs again
+        os.kill(proc.pid, signal.SIGCONT)
+        err = proc.stderr.read()
+        return proc.wait(timeout=CLI_TIMEOUT), err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def listing(folder: Path) -> list[str]:

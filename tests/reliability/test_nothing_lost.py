@@ -5,7 +5,6 @@ output survives a failed run, the input video is never written, and an interrupt
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import signal
 import subprocess
@@ -19,7 +18,8 @@ import soundfile as sf
 
 from vssflow.benchmarks.media import make_video
 from tests.reliability import hostile
-from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, listing, pausing_cli, run_cli
+from tests.reliability.conftest import (CLI_TIMEOUT, assert_one_line_error, interrupt_when_paused, listing,
+                                       run_cli)
 from vssflow.runtime.output import plan_output, write_output
 
 SR = 16000
@@ -148,20 +148,10 @@ def test_interrupted_run_leaves_nothing(sig, name, clip12, tiny_model, tmp_path)
     out = tmp_path / name
     out.write_bytes(OLD)
     before, sha = listing(tmp_path), _sha(video)
-    proc = subprocess.Popen([sys.executable, "-c", pausing_cli(), str(video), "--model", str(tiny_model),
-                             "-o", str(out), "--steps", "1"], stderr=subprocess.PIPE, text=True)
-    try:
-        _, status = os.waitpid(proc.pid, os.WUNTRACED)             # returns once it has stopped itself
-        assert os.WIFSTOPPED(status), f"the run ended before its first chunk: {proc.stderr.read()}"
-        assert len(_partials(tmp_path)) == 1, listing(tmp_path)    # the first chunk is in the partial file
-        proc.send_signal(sig)                                      # pending until it runs again
-        os.kill(proc.pid, signal.SIGCONT)
-        rest = proc.stderr.read()
-        rc = proc.wait(timeout=CLI_TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    def stopped():                                                 # the first chunk is in the partial file
+        assert len(_partials(tmp_path)) == 1, listing(tmp_path)
+    rc, rest = interrupt_when_paused([video, "--model", tiny_model, "-o", out, "--steps", "1"], sig,
+                                     while_stopped=stopped)
     assert rc == 130 and "Traceback" not in rest, rest
     assert rest.strip().splitlines()[-1] == "vssflow-run: interrupted; no output was written"
     assert listing(tmp_path) == before and out.read_bytes() == OLD and _sha(video) == sha
