@@ -25,6 +25,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from vssflow.runtime import solvers
+from vssflow.runtime.files import write_atomic
 from vssflow.runtime.precision import FP16_STAGES, graph_name
 
 CHECK = {"N": 3, "S": 2, "B": 1, "T": 40, "T1": 41, "M": 80}        # the export check's sizes
@@ -51,6 +53,20 @@ def _torch_run(module, contract, feed) -> list[np.ndarray]:
     return [x.float().numpy() for x in (o if isinstance(o, tuple) else (o,))]
 
 
+def _one_stage_at_a_time(load, call):
+    """`run(stage, feed)`: `call(runner, stage, feed)` with `load(stage)`'s runner, only one stage
+    loaded at a time (the full model's FP32 and FP16 graphs do not fit side by side in 24 GB)."""
+    loaded: dict = {}
+
+    def run(stage, feed):
+        if stage not in loaded:
+            loaded.clear()
+            gc.collect()
+            loaded[stage] = load(stage)
+        return call(loaded[stage], stage, feed)
+    return run
+
+
 def measure(size: str, out: Path, steps: int = 25, threads: int = 2, torch_e2e: bool = True) -> dict:
     import torch
 
@@ -65,7 +81,7 @@ def measure(size: str, out: Path, steps: int = 25, threads: int = 2, torch_e2e: 
     results = json.loads(path.read_text()) if path.exists() else {}
 
     def save():
-        path.write_text(json.dumps(results, indent=1))
+        write_atomic(path, json.dumps(results, indent=1))
 
     if not (out / "assets" / "model.ckpt").exists():
         write_random_assets(out / "assets", size, 0)
@@ -117,36 +133,22 @@ def measure(size: str, out: Path, steps: int = 25, threads: int = 2, torch_e2e: 
     def e2e(run) -> dict:
         cond_bias, keys, values, _ = run("condition", cond_feed)
         const = {"cond_bias": cond_bias, "keys": keys, "values": values, "cfg": np.array([3.0], np.float32)}
-        z, ts = z0.copy(), np.linspace(0.0, 1.0, steps + 1)
+
+        def velocity(t: float, z: np.ndarray) -> np.ndarray:
+            return run("flow_step", {"z": z, "t": np.array([t], np.float32), **const})[0]
         t0 = time.perf_counter()
-        for a, b in zip(ts[:-1], ts[1:]):
-            v = run("flow_step", {"z": z, "t": np.array([a], np.float32), **const})[0]
-            z = (z + (b - a) * v).astype(np.float32)
+        z = solvers.solve("euler", velocity, z0, steps)
         loop_s = time.perf_counter() - t0
         mel = run("vae_decoder", {"z": z})[0]
         return {"latent": z, "mel": mel, "audio": run("vocoder", {"mel": mel})[0], "loop_s": loop_s}
 
     def ort_runner(prec):
-        sessions = {}
-
-        def run(stage, feed):
-            if stage not in sessions:
-                sessions.clear()
-                gc.collect()
-                sessions[stage] = _ort_session(out / graph_name(stage, prec), threads)
-            return sessions[stage].run(None, feed)
-        return run
+        return _one_stage_at_a_time(lambda stage: _ort_session(out / graph_name(stage, prec), threads).run,
+                                    lambda runner, stage, feed: runner(None, feed))
 
     def torch_runner(prec):
-        cache = {}
-
-        def run(stage, feed):
-            if stage not in cache:
-                cache.clear()
-                gc.collect()
-                cache[stage] = P.half_stage(modules[stage], prec)
-            return _torch_run(cache[stage], contracts[stage], feed)
-        return run
+        return _one_stage_at_a_time(lambda stage: P.half_stage(modules[stage], prec),
+                                    lambda module, stage, feed: _torch_run(module, contracts[stage], feed))
 
     def compare(ref, got):
         return {k: P.agreement(ref[k], got[k]).to_json() for k in ("latent", "mel", "audio")}
