@@ -95,13 +95,13 @@ class Backend:
         self.precision = "fp32"
         self._fp32: Backend | None = None
 
-    def _set_precision(self, precision: str | None, on_gpu: bool) -> None:
+    def _set_precision(self, precision: str | None) -> None:
         """`precision`, or by default fp16 on a GPU where the folder has FP16 graphs and this backend
         gains by them (`half_by_default`), else fp32.
         Raises BackendError (exit 4) for a precision this backend cannot run, ModelFolderError
         (exit 3) for one the folder was exported without."""
         if precision is None:
-            half = on_gpu and self.half_by_default and "fp16" in self._folder_precisions()
+            half = self.on_gpu and self.half_by_default and "fp16" in self._folder_precisions()
             precision = "fp16" if half else "fp32"
         if precision not in PRECISIONS:
             raise BackendError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -232,7 +232,7 @@ class OrtBackend(Backend):
             self.arrays = TorchArrays("cuda")
         # On the CPU provider an FP16 graph runs through casts (FP32 arithmetic between
         # FP16-rounded tensors): slow, but how FP16's accuracy is checked without a GPU.
-        self._set_precision(precision, self.providers[0] == "CUDAExecutionProvider")
+        self._set_precision(precision)
 
     def _load(self, name: str):
         opts = self._ort.SessionOptions()
@@ -300,7 +300,7 @@ class TorchBackend(Backend):
                                "re-export with vssflow-export --torch-weights")
         self.arrays = TorchArrays(self.device)
         self._modules = None
-        self._set_precision(precision, torch.device(self.device).type == "cuda")
+        self._set_precision(precision)
 
     def _folder_precisions(self) -> tuple[str, ...]:
         return PRECISIONS
@@ -368,7 +368,7 @@ class TrtBackend(Backend):
                 precision = "fp16"
             except BackendError:
                 precision = "fp32"
-        self._set_precision(precision, True)
+        self._set_precision(precision)
         self.engines = engines.match_engines(self.folder, gpu, trt.__version__, self.precision)
         self.arrays = TorchArrays("cuda")
 

@@ -5,10 +5,13 @@ batch runs call them one by one. Each takes the backend that runs the stages and
 records what a generation did (seconds per stage, flow evaluations, intermediates, progress,
 FP32 fallbacks), so a result carries its own record:
 
-    run = Run()
+    run = Run.new()
     cond = conditions(backend, run, window, phone_ids, speaker)     # once per window
     z = sample(backend, run, cond, noise, solver="euler", steps=25, cfg=3.0)
-    for chunk in decode(backend, run, z): ...                       # the VAE once, the vocoder in chunks
+    mel = mel_of(backend, run, z)                                   # the VAE once
+    for chunk in vocode(backend, run, mel): ...                     # the vocoder in chunks
+
+or all of it, with the guard, as `generate(backend, run, window, phone_ids, speaker, noise)`.
 
 The guard (`generate`): in half precision a value can pass FP16's 65504 and become inf or NaN.
 The window's latent and mel are checked before any of its audio is given out; a window where
@@ -327,15 +330,9 @@ def vocode(backend, run: Run, mel: np.ndarray) -> Iterator[np.ndarray]:
         yield audio[s0:s1]
 
 
-def decode(backend, run: Run, z: np.ndarray) -> Iterator[np.ndarray]:
-    """Latent `[1, 128, T]` -> audio chunks: the VAE once (its GroupNorm and attention see the
-    whole window), the vocoder in overlapping chunks (convolutions only: exact)."""
-    for rows in decode_rows(backend, run, z):
-        yield rows[0]
-
-
 def decode_rows(backend, run: Run | Runs, z: np.ndarray) -> Iterator[np.ndarray]:
-    """`decode` of a batch of windows: latents `[B, 128, T]` -> audio chunks `[B, n]`."""
+    """A batch of windows decoded: latents `[B, 128, T]` -> audio chunks `[B, n]` (the VAE once, the
+    vocoder in overlapping chunks, as `mel_of` and `vocode` for one)."""
     mel = run.call(backend, "vae_decoder", {"z": z})["mel"]                          # [B, 4T, 64]
     run.keep_rows("mel", mel)
     for a0, b0, s0, s1 in vocoder_chunks(mel.shape[1]):

@@ -87,10 +87,14 @@ def test_cpu_defaults_to_fp32(tiny_model):
 def test_gpu_default_is_fp16_for_the_graph_runtimes_only(tiny_model):
     """On a GPU `auto` takes the FP16 graphs (ORT, TensorRT), but not the torch backend's eager
     half mode, measured slower there. (The choice itself, as a GPU would make it.)"""
-    for name, want in (("ort", "fp16"), ("torch", "fp32")):
-        backend = create_backend(ModelFolder.open(tiny_model), name, "cpu")
-        backend._set_precision(None, on_gpu=True)
-        assert backend.precision == want, name
+    ort = create_backend(ModelFolder.open(tiny_model), "ort", "cpu")
+    ort.providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]       # as on a GPU
+    torch = create_backend(ModelFolder.open(tiny_model), "torch", "cpu")
+    torch.device = "cuda"
+    for backend, want in ((ort, "fp16"), (torch, "fp32")):
+        assert backend.on_gpu
+        backend._set_precision(None)
+        assert backend.precision == want, backend.name
 
 
 # --- refusals ---------------------------------------------------------------------------------------
