@@ -14,7 +14,7 @@ import numpy as np
 
 from . import extras
 from .backends import BACKENDS, PREPROCESS
-from .errors import OutputError, VssflowError, VssflowInputError
+from .errors import OutputError, VssflowError, VssflowInputError, describe
 from .files import atomic_output
 from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
@@ -22,7 +22,6 @@ from .session import GenerateOptions
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
-EXIT_INTERNAL = 1
 DEBUG_ENV = "VSSFLOW_DEBUG"          # "1": let unexpected errors end in their traceback
 
 
@@ -31,13 +30,13 @@ def exit_on_internal_error(tool: str, e: Exception, outcome: str) -> None:
     its traceback with ``VSSFLOW_DEBUG=1``. ``outcome`` says what became of the output."""
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
         raise e
+    message, code = describe(e)
     if isinstance(e, MemoryError):
-        line = f"{tool}: error: out of memory (try a shorter video, --backend ort, or a smaller model)"
+        line = f"{tool}: error: {message}"
     else:
-        line = (f"{tool}: internal error: {type(e).__name__}: {e} (a bug; {DEBUG_ENV}=1 shows the traceback, "
-                "please report it)")
+        line = f"{tool}: {message} (a bug; {DEBUG_ENV}=1 shows the traceback, please report it)"
     click.echo(f"{line}; {outcome}", err=True)
-    sys.exit(EXIT_INTERNAL)
+    sys.exit(code)
 
 
 def _ensure_demo(model_dir: Path, say) -> None:

@@ -5,10 +5,24 @@ with its `exit_code`. The export's errors (`vssflow.export.errors`) derive from 
 """
 
 
+EXIT_INTERNAL = 1          # an error no check foresaw: a bug, or the machine out of memory
+
+
 class VssflowError(Exception):
     """Base of every error meant for a user."""
 
-    exit_code = 1
+    exit_code = EXIT_INTERNAL
+
+
+def describe(e: BaseException) -> tuple[str, int]:
+    """Any error as one line and the exit code a run ends with: ours say themselves; memory
+    running out and errors no check foresaw (bugs) exit `EXIT_INTERNAL`."""
+    message = " ".join(str(e).split())
+    if isinstance(e, VssflowError):
+        return message, e.exit_code
+    if isinstance(e, MemoryError):
+        return "out of memory (try a shorter video, --backend ort, or a smaller model)", EXIT_INTERNAL
+    return f"internal error: {type(e).__name__}: {message}", EXIT_INTERNAL
 
 
 class VssflowInputError(VssflowError):

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import extras, runner
-from .errors import BackendError
+from .errors import EXIT_INTERNAL, BackendError
 from .items import Planned
 from .model_folder import ModelFolder
 
@@ -114,7 +114,7 @@ def in_order(rows: Iterator[dict], order: Sequence[int], planned: dict[int, Plan
             position += 1
     for k in order[position:]:
         yield pending.pop(k) if k in pending else runner.row(planned[k], "failed", error=NO_RESULT,
-                                                              exit_code=runner.EXIT_INTERNAL)
+                                                              exit_code=EXIT_INTERNAL)
 
 
 def _rows(ray, todo: list[Planned], model_dir: Path, options, *, workers: int, gpus_per_worker: int,

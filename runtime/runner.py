@@ -17,14 +17,13 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-from .errors import VssflowError
+from .errors import describe
 from .items import Planned
 from .output import make_folder, write_output
 
 # The exit code of a batch in which some items failed (every other item ok or skipped); each
 # failed row holds the code a single run of it would have given. Not one a single run gives.
 EXIT_SOME_FAILED = 20
-EXIT_INTERNAL = 1               # as vssflow-run exits on an error no check foresaw
 
 # Every row has every key (None where it does not apply), in this order.
 ROW_KEYS = ("index", "input", "output", "status", "error", "exit_code", "seconds", "nfe", "wall")
@@ -37,13 +36,8 @@ def row(p: Planned, status: str, **fields) -> dict:
 
 def failed(p: Planned, e: BaseException, wall: float | None = None) -> dict:
     """The row of an item that raised `e`: its one-line message and the exit code it would give alone."""
-    message = " ".join(str(e).split())
-    if isinstance(e, VssflowError):
-        return row(p, "failed", error=message, exit_code=e.exit_code, wall=wall)
-    if isinstance(e, MemoryError):
-        return row(p, "failed", error="out of memory", exit_code=EXIT_INTERNAL, wall=wall)
-    return row(p, "failed", error=f"internal error: {type(e).__name__}: {message}", exit_code=EXIT_INTERNAL,
-               wall=wall)
+    message, code = describe(e)
+    return row(p, "failed", error=message, exit_code=code, wall=wall)
 
 
 def finish(p: Planned, outcome, wall: float) -> dict:

@@ -230,9 +230,9 @@ class Session:
     device memory.
 
     `precision`: fp32, fp16 (FP16 graphs on ort, FP16 engines on trt, the torch modules under the
-    same policy), bf16 (torch only); None: fp16 where the backend runs on a GPU and the folder has
-    what it needs, else fp32. A window whose half-precision values are not finite is generated
-    again in FP32 (`window.generate`; single streams, not yet `generate_many`'s batches).
+    same policy), bf16 (torch only); None: fp16 where ort or trt runs on a GPU and the folder has
+    what it needs, else fp32 (`Backend.half_by_default`). A window whose half-precision values are
+    not finite is generated again in FP32 (`window.generate`; `generate_many`'s batches too).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,

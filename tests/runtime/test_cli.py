@@ -13,6 +13,7 @@ import pytest
 import soundfile as sf
 
 from vssflow.benchmarks.media import make_video
+from vssflow.runtime.errors import EXIT_INTERNAL
 
 
 def run(*args, timeout=600, **kw):
@@ -176,7 +177,7 @@ def test_unexpected_error_is_one_line_and_exit_1(tiny_model, clip4, tmp_path, mo
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
     out = tmp_path / "out.wav"
     r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(out)])
-    assert r.exit_code == cli.EXIT_INTERNAL, r.output
+    assert r.exit_code == EXIT_INTERNAL, r.output
     assert message in r.output.lower() and "Traceback" not in r.output and not out.exists()
     monkeypatch.setenv(cli.DEBUG_ENV, "1")                     # debugging: the traceback comes back
     r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(out)])
@@ -194,7 +195,7 @@ def test_export_unexpected_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
     monkeypatch.setattr(export_cli, "export_demo", fail)
     monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
     r = CliRunner().invoke(export_cli.main, ["--demo", "--out", str(tmp_path / "m")])
-    assert r.exit_code == cli.EXIT_INTERNAL, r.output
+    assert r.exit_code == EXIT_INTERNAL, r.output
     assert "internal error: runtimeerror: boom" in r.output.lower() and "nothing was written" in r.output
     assert "Traceback" not in r.output and not (tmp_path / "m").exists()
 
