@@ -2,13 +2,14 @@
 # Sets up .venv with everything the tests need (CPU only) and runs them. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh export,cpu,dev,ray   # ray: the --ray batch test (ray[data], ~15-30 s, ~500 MB)
+bash scripts/setup.sh export,cpu,dev,ray,kernels   # ray: the --ray batch test (ray[data], ~15-30 s, ~500 MB)
 . .venv/bin/activate
-# Triton for the kernel tests, run on the CPU through its interpreter (TRITON_INTERPRET=1); pinned
-# because the ahead-of-time compile test uses triton 3.9's ASTSource API.
-python -m pip install -q --disable-pip-version-check "triton==3.9.0"
+# The `pytest` script, not `python -m pytest`: -m would put the repository root on sys.path. With
+# --import-mode=importlib (pyproject.toml) the tests import only the installed vssflow.* packages.
+# Triton (the kernels extra, pinned by the constraints) runs the kernel tests on the CPU through its
+# interpreter (TRITON_INTERPRET=1).
 set +e
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} python -m pytest -q -p no:cacheprovider "$@"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} pytest -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
