@@ -57,13 +57,80 @@ def test_tensorrt_10_and_11_are_accepted(monkeypatch, version):
         assert ok and reason == ""
 
 
-@pytest.mark.parametrize("version,ok", [("0.49.8", False), ("0.49.9", True), ("0.50.1", True)])
+@pytest.mark.parametrize("version,ok", [("0.49.9", False), ("0.50.2", False), ("0.50.3", True), ("0.53.6", True)])
 def test_polygraphy_version(monkeypatch, version, ok):
+    """0.50.3 is the first Polygraphy that guards `precision_is_set` and `int8_calibrator` (gone in TensorRT 11)."""
     monkeypatch.setitem(sys.modules, "tensorrt", _tensorrt("11.4.0.106"))
     monkeypatch.setitem(sys.modules, "polygraphy", types.SimpleNamespace(__version__=version))
     monkeypatch.setattr(engines, "availability", lambda: (True, ""))
     got, reason = trt_build.support()
-    assert got == ok and (ok or "0.49.9 or later needed" in reason)
+    assert got == ok and (ok or "0.50.3 or later needed" in reason)
+
+
+def test_gpu_extra_has_the_polygraphy_floor_the_build_checks():
+    """`pip install 'vssflow[gpu]'` cannot resolve a Polygraphy that `support()` refuses."""
+    import tomllib
+    gpu = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    assert f"polygraphy>={'.'.join(map(str, trt_build.MIN_POLYGRAPHY))}" in gpu
+    assert trt_build.MIN_POLYGRAPHY >= (0, 50, 3)
+
+
+def polygraphy(monkeypatch, build=lambda network, config, save_timing_cache: b"engine",
+               version: str = "0.53.6") -> types.SimpleNamespace:
+    """Stand-in `polygraphy` modules, as far as `trt_build` calls them; `build` plays
+    `engine_bytes_from_network`. Returns a record of the calls."""
+    import contextlib
+    calls = types.SimpleNamespace(networks=[], profiles=[])
+
+    class Profile(dict):
+        def add(self, name, min, opt, max):
+            self[name] = (min, opt, max)
+            return self
+
+    def network_from_onnx_path(path, strongly_typed=False):
+        assert strongly_typed
+        calls.networks.append(Path(path).name)
+        return ("network", path)
+
+    def create_config(profiles, load_timing_cache=None):
+        calls.profiles += profiles
+        return "config"
+
+    modules = {"polygraphy": types.SimpleNamespace(__version__=version),
+               "polygraphy.backend": types.ModuleType("polygraphy.backend"),
+               "polygraphy.backend.trt": types.SimpleNamespace(
+                   Profile=Profile, CreateConfig=create_config, network_from_onnx_path=network_from_onnx_path,
+                   engine_bytes_from_network=build),
+               "polygraphy.logger": types.SimpleNamespace(G_LOGGER=types.SimpleNamespace(
+                   WARNING=2, verbosity=lambda level: contextlib.nullcontext()))}
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    return calls
+
+
+def _removed_in_trt11(network, config, save_timing_cache):
+    raise AttributeError("'tensorrt_bindings.tensorrt.ILayer' object has no attribute 'precision_is_set'")
+
+
+def test_any_build_failure_is_one_line_naming_the_stage(monkeypatch, tmp_path):
+    """An old Polygraphy on TensorRT 11 raises AttributeError mid-build: exit 4 naming the stage, not a traceback."""
+    from vssflow.runtime.errors import BackendError
+    polygraphy(monkeypatch, build=_removed_in_trt11)
+    c = stage_contracts(ModelSizes())["flow_step"]
+    (tmp_path / "flow_step.fp16.onnx").write_bytes(b"graph")
+    with pytest.raises(BackendError) as e:
+        trt_build.engine_bytes(tmp_path / "flow_step.fp16.onnx", c)
+    assert e.value.exit_code == 4 and "\n" not in str(e.value)
+    assert str(e.value).startswith("flow_step: TensorRT could not build an engine from flow_step.fp16.onnx")
+    assert "AttributeError" in str(e.value) and "precision_is_set" in str(e.value)
+
+
+def test_an_interrupt_during_a_build_stays_an_interrupt(monkeypatch, tmp_path):
+    def interrupted(network, config, save_timing_cache):
+        raise KeyboardInterrupt
+    polygraphy(monkeypatch, build=interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trt_build.engine_bytes(tmp_path / "vocoder.onnx", stage_contracts(ModelSizes())["vocoder"])
 
 
 def test_missing_polygraphy(monkeypatch):

@@ -10,7 +10,9 @@ them, and TensorRT 10.x (JetPack 6: 10.3) builds strongly typed networks behind
 
 Polygraphy calls used, checked against its source:
 * `network_from_onnx_path(path, strongly_typed=True)`: since 0.49.0; 0.49.9 and later no longer
-  set `EXPLICIT_BATCH` on TensorRT >= 10 (that flag is gone in 11), hence `MIN_POLYGRAPHY`.
+  set `EXPLICIT_BATCH` on TensorRT >= 10 (that flag is gone in 11). 0.50.3 is the first release that
+  guards `layer.precision_is_set` (`backend/trt/config.py`) and `config.int8_calibrator`
+  (`backend/trt/util.py`), both removed in TensorRT 11, hence `MIN_POLYGRAPHY` (and the `gpu` extra's floor).
 * `CreateConfig(profiles=[Profile], load_timing_cache=path)`: a missing cache file is a warning,
   not an error. It clears TF32 by default, so FP32 engines are true FP32 (the reference).
 * `engine_bytes_from_network(network, config, save_timing_cache=path)`: the serialized engine
@@ -27,10 +29,11 @@ from pathlib import Path
 
 from vssflow.runtime import engines
 from vssflow.runtime.contracts import StageContract
+from vssflow.runtime.errors import BackendError
 from vssflow.runtime.model_folder import sha256
 from vssflow.runtime.precision import graph_name, stage_precision
 
-MIN_POLYGRAPHY = (0, 49, 9)
+MIN_POLYGRAPHY = (0, 50, 3)
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -70,10 +73,11 @@ def engine_bytes(onnx_path: Path, contract: StageContract, timing_cache: Path | 
     """Build a strongly typed engine from `onnx_path` with the contract's optimization profile.
 
     `timing_cache`: read if present, and written back (merged) after the build.
-    Raises RuntimeError naming the stage if TensorRT cannot parse or build it.
+    Raises BackendError (exit 4), one line naming the stage, for any failure of the parse or the
+    build: Polygraphy's own errors, and whatever a Polygraphy/TensorRT mismatch raises (an
+    AttributeError for an API the TensorRT here no longer has).
     """
     from polygraphy.backend.trt import CreateConfig, Profile, engine_bytes_from_network, network_from_onnx_path
-    from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
     profile = Profile()
@@ -86,9 +90,10 @@ def engine_bytes(onnx_path: Path, contract: StageContract, timing_cache: Path | 
             config = CreateConfig(profiles=[profile],
                                   load_timing_cache=cache if timing_cache and timing_cache.exists() else None)
             return engine_bytes_from_network(network, config=config, save_timing_cache=cache)
-    except PolygraphyException as e:
-        raise RuntimeError(f"{contract.name}: TensorRT could not build an engine from {Path(onnx_path).name}: "
-                           f"{' '.join(str(e).split())[:300]}") from None
+    except Exception as e:           # never KeyboardInterrupt: an interrupt stays one
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise BackendError(f"{contract.name}: TensorRT could not build an engine from {Path(onnx_path).name} "
+                           f"({reason})") from None
 
 
 def write_engine(onnx_path: Path, contract: StageContract, path: Path, timing_cache: Path | None = None) -> Path:
