@@ -143,3 +143,22 @@ def test_run_without_model_or_export_extra_says_which_extra(clip4, tmp_path):
     assert r.stderr.strip() == ("vssflow-run: error: no --model given, and exporting the demo model needs the "
                                 "export extra: pip install 'vssflow[export]' (missing: torch)")
     assert not (tmp_path / "out.wav").exists()
+
+
+def test_engines_for_without_tensorrt_or_torch_changes_nothing(tmp_path):
+    """`vssflow-export --engines-for` in a venv with the cpu extra only: one line naming TensorRT,
+    exit 4, the folder byte for byte as it was (nothing opened, stamped or staged)."""
+    from tests.export import fake_trt
+    folder = fake_trt.model_folder(tmp_path / "m")
+    before = fake_trt.snapshot(folder)
+    r = run_blocked(("torch", "tensorrt", "polygraphy"), "vssflow.export.cli", "--engines-for", folder, cwd=tmp_path)
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        "vssflow-export: error: cannot build TensorRT engines here: TensorRT is not installed: `pip install "
+        "tensorrt` (x86-64), or on a Jetson use the one JetPack ships; ONNX files were written and run on ONNX Runtime"]
+    assert fake_trt.snapshot(folder) == before
+
+
+def test_engines_for_takes_no_checkpoint(tmp_path):
+    r = run_blocked(("torch",), "vssflow.export.cli", "--engines-for", tmp_path, "--demo", cwd=tmp_path)
+    assert r.returncode == 2 and "--engines-for builds engines from the folder's own graphs" in r.stderr

@@ -22,7 +22,10 @@ Polygraphy calls used, checked against its source:
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -30,8 +33,8 @@ from pathlib import Path
 from vssflow.runtime import engines
 from vssflow.runtime.contracts import StageContract
 from vssflow.runtime.errors import BackendError
-from vssflow.runtime.model_folder import sha256
-from vssflow.runtime.precision import graph_name, stage_precision
+from vssflow.runtime.model_folder import ModelFolder, sha256, update_manifest
+from vssflow.runtime.precision import folder_precisions, graph_name, require_graphs, stage_precision
 
 MIN_POLYGRAPHY = (0, 50, 3)
 
@@ -40,12 +43,12 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
 
-def support() -> tuple[bool, str]:
-    """(usable, one line saying why not): what the runtime needs to run engines (TensorRT >= 10 with
-    strongly typed networks, PyTorch with a CUDA GPU: `runtime.engines.availability`), and Polygraphy."""
-    ok, reason = engines.availability()
-    if not ok:
-        return False, reason
+def support(device: int = 0) -> tuple[bool, str]:
+    """(usable, one line saying why not): what building engines needs: TensorRT >= 10 with strongly
+    typed networks and a CUDA GPU (`runtime.engines.build_problem`; no PyTorch), and Polygraphy."""
+    problem = engines.build_problem(device)
+    if problem is not None:
+        return False, problem
     import tensorrt as trt
     try:
         import polygraphy
@@ -57,10 +60,10 @@ def support() -> tuple[bool, str]:
     return True, ""
 
 
-def engine_name(stage: str, onnx_path: Path, precision: str, contract: StageContract) -> str:
+def engine_name(stage: str, onnx_path: Path, precision: str, contract: StageContract, device: int = 0) -> str:
     """The name the runtime looks for (`runtime.engines`): this GPU, this TensorRT, this graph."""
     import tensorrt as trt
-    return engines.engine_name(stage, sha256(onnx_path), engines.gpu_tag(), trt.__version__, precision,
+    return engines.engine_name(stage, sha256(onnx_path), engines.gpu_tag(device), trt.__version__, precision,
                                engines.profile_key(contract))
 
 
@@ -103,16 +106,19 @@ def write_engine(onnx_path: Path, contract: StageContract, path: Path, timing_ca
 
 
 def build_engines(folder: Path, contracts: Mapping[str, StageContract], precision: str,
-                  progress: Callable[[str], None] = lambda m: None) -> dict:
+                  progress: Callable[[str], None] = lambda m: None, *, out: Path | None = None,
+                  timing_cache: bool = True, skip: frozenset[str] = frozenset()) -> dict:
     """One engine per stage, from the stage's graph at `precision` in `folder` (a stage without a
     half graph, the speaker encoder, gets an FP32 engine from its FP32 graph), named as the runtime
-    matches them. Returns the report for the manifest; `{"skipped": reason}` where TensorRT cannot
-    build here."""
+    matches them, written into `out` (default `folder`, with its `timing.cache`). An engine whose
+    name is in `skip` (already there) is not built again. Returns the report for the manifest;
+    `{"skipped": reason}` where TensorRT cannot build here."""
     ok, reason = support()
     if not ok:
         progress(f"TensorRT: skipped: {reason}")
         return {"skipped": reason}
-    cache = folder / "timing.cache"
+    out = folder if out is None else out
+    cache = out / "timing.cache" if timing_cache else None
     files = {p.name: {} for p in folder.iterdir()}
     report = {}
     for name, contract in contracts.items():
@@ -120,10 +126,65 @@ def build_engines(folder: Path, contracts: Mapping[str, StageContract], precisio
         onnx_path = folder / graph_name(name, built)
         if not onnx_path.exists():
             continue
+        target = engine_name(name, onnx_path, built, contract)
+        if target in skip:
+            progress(f"{name}: {target} is already there")
+            continue
         progress(f"{name}: building a strongly typed {built} TensorRT engine from {onnx_path.name}")
         t0 = time.perf_counter()
-        path = write_engine(onnx_path, contract, folder / engine_name(name, onnx_path, built, contract), cache)
+        path = write_engine(onnx_path, contract, out / target, cache)
         report[name] = {"engine": path.name, "onnx": onnx_path.name, "precision": built,
                         "seconds": round(time.perf_counter() - t0, 1)}
-    Path(str(cache) + ".lock").unlink(missing_ok=True)   # Polygraphy's lock file; this folder is ours alone
+    if cache is not None:
+        Path(str(cache) + ".lock").unlink(missing_ok=True)   # Polygraphy's lock file; this folder is ours alone
     return report
+
+
+def engines_for(path: str | os.PathLike, precision: str | None = None,
+                progress: Callable[[str], None] = lambda m: None) -> dict:
+    """Build this GPU's and this TensorRT's engines from the ONNX graphs of the model folder at
+    `path` and record them in its manifest (`vssflow-export --engines-for`): no checkpoint, no
+    PyTorch, no tracing. `precision`: fp16 (the FP16 graphs) or fp32; None: fp16 where the folder
+    has FP16 graphs. Returns the build report (stage -> engine, graph, precision, seconds).
+
+    The folder changes only once every engine is built: they are built in a hidden folder inside
+    it, moved in under names no manifest lists yet, and then manifest.json is replaced atomically
+    (`model_folder.update_manifest`); on any failure the moved engines are removed again.
+    No timing cache is read or kept: the folder's is from the GPU it was exported on.
+    Raises BackendError (exit 4) where TensorRT cannot build here, or a stage does not build;
+    ModelFolderError (exit 3) for a folder that is damaged or lacks the graphs of `precision`.
+    """
+    ok, reason = support()
+    if not ok:
+        raise BackendError(f"cannot build TensorRT engines here: {reason}")
+    folder = ModelFolder.open(path)                # every listed file checked (size, sha256)
+    if precision is None:
+        precision = "fp16" if "fp16" in folder_precisions(folder.manifest) else "fp32"
+    require_graphs(folder, precision)
+    listed = frozenset(folder.manifest["files"])
+    staging = Path(tempfile.mkdtemp(prefix=".engines.", dir=folder.path))
+    moved: list[Path] = []
+    try:
+        report = build_engines(folder.path, folder.contracts, precision, progress, out=staging,
+                               timing_cache=False, skip=listed)
+        for entry in report.values():
+            moved.append(folder.path / entry["engine"])
+            os.replace(staging / entry["engine"], moved[-1])
+        if report:
+            import tensorrt as trt
+            update_manifest(folder.path, [p.name for p in moved],
+                            {"report": {"tensorrt": {**_built(folder.manifest), **report}},
+                             "versions": {"tensorrt": trt.__version__}})
+    except BaseException:
+        for p in moved:
+            p.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return report
+
+
+def _built(manifest: dict) -> dict:
+    """The engines an earlier build recorded (not an export's "skipped" note)."""
+    old = manifest.get("report", {}).get("tensorrt", {})
+    return {} if "skipped" in old else dict(old)

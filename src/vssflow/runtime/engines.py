@@ -1,8 +1,9 @@
 """TensorRT engines in a model folder: whether they can run here, what they are called, which fit.
 
 Read by the exporter (which builds and names them) and by the trt backend (which picks the ones
-built for this GPU, this TensorRT and this ONNX file). Imports neither TensorRT nor PyTorch until
-a function needs them, so the runtime imports this on any machine.
+built for this GPU, this TensorRT and this ONNX file). Imports TensorRT only when a function needs
+it and PyTorch only in `availability` (the trt backend's buffers); the GPU comes from the CUDA
+driver (`cuda_driver`), so engines are built and named without PyTorch.
 
 An engine's file name says what makes it valid:
 `{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`, the hash
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import re
 
+from . import cuda_driver
 from .contracts import StageContract
 from .errors import BackendError
 from .precision import graph_name, stage_precision
@@ -44,6 +46,21 @@ def tensorrt_problem() -> str | None:
     return None
 
 
+def cuda_problem(device: int = 0) -> str | None:
+    """Why no engine can be built or run on CUDA device `device` here (one line), or None."""
+    count = cuda_driver.device_count()
+    if count == 0:
+        return "no CUDA GPU is visible; TensorRT engines need one (ONNX files were written)"
+    if device >= count:
+        return f"no CUDA device {device}: {count} visible"
+    return None
+
+
+def build_problem(device: int = 0) -> str | None:
+    """Why TensorRT engines cannot be built here (one line), or None: TensorRT and a CUDA GPU, no PyTorch."""
+    return tensorrt_problem() or cuda_problem(device)
+
+
 def availability() -> tuple[bool, str]:
     """(usable, reason): whether TensorRT engines can be built and run here, and what is missing.
 
@@ -65,12 +82,11 @@ def availability() -> tuple[bool, str]:
 
 
 def gpu_tag(device: int = 0) -> str:
-    """`{gpu name}-sm{major}{minor}` of a CUDA device, e.g. `nvidia-h100-80gb-hbm3-sm90`.
-    Call only where `availability()` said yes (it needs PyTorch with CUDA)."""
-    import torch
-    p = torch.cuda.get_device_properties(device)
-    name = "".join(ch if ch.isalnum() else "-" for ch in p.name).strip("-").lower()
-    return f"{name}-sm{p.major}{p.minor}"
+    """`{gpu name}-sm{major}{minor}` of a CUDA device, e.g. `nvidia-h100-80gb-hbm3-sm90`, from the
+    CUDA driver (the same name PyTorch reports, so engines named before keep matching)."""
+    d = cuda_driver.device(device)
+    name = "".join(ch if ch.isalnum() else "-" for ch in d.name).strip("-").lower()
+    return f"{name}-sm{d.major}{d.minor}"
 
 
 def profile_key(contract: StageContract) -> str:
