@@ -20,12 +20,14 @@ Nothing here imports torch, onnxruntime or tensorrt until that backend is chosen
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import engines, extras
+from . import cuda_driver, engines, extras
 from .errors import BackendError, ModelFolderError, VssflowError
 from .model_folder import ModelFolder
 from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, require_graphs, stage_precision
@@ -79,6 +81,8 @@ class Backend:
     frames_device: str | None = None
     # Set by `create_backend("auto")`: why each backend tried before this one could not run.
     passed_over: tuple[str, ...] = ()
+    # What the backend chose on its own that the user should hear of (one line each).
+    notes: tuple[str, ...] = ()
     # Whether precision "auto" means fp16 on a GPU: for the graph runtimes, whose FP16 graphs run
     # fused; not for the torch modules, whose eager half mode was slower end to end on an H200
     # (4.2 s against 2.0 s for a 10-second clip at full size: README, "On a GPU").
@@ -205,13 +209,22 @@ class Backend:
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime with the best provider present: CUDA, then CPU.
+    """ONNX Runtime with the best provider present: CUDA (device `cuda:N`), then CPU.
 
-    On the CUDA provider with PyTorch present, arrays are CUDA tensors bound in place
-    (IOBinding): the ODE state never leaves the GPU. Elsewhere, numpy arrays.
+    On the CUDA provider with a CUDA build of PyTorch, arrays are CUDA tensors bound in place
+    (IOBinding) and ONNX Runtime computes on a stream of torch's (`user_compute_stream`) that
+    waits for torch's current one, so it never reads a tensor torch is still writing. Without
+    one, arrays are numpy on the host, and a window's flow constants are uploaded once as device
+    `OrtValue`s and stay bound through its ODE loop (the state, 128 x T floats, crosses per step).
+
+    ONNX Runtime falls back to the CPU, with one line in its log, when its CUDA provider cannot
+    load (missing CUDA/cuDNN libraries) while still listing it as available; so a session's own
+    providers are checked: under `--device cuda` that is an error (exit 4), otherwise the backend
+    runs on the CPU and says so (`notes`).
     """
 
     name = "ort"
+    _preloaded = False          # `onnxruntime.preload_dlls()`, once per process
 
     def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)
@@ -221,28 +234,75 @@ class OrtBackend(Backend):
             raise BackendError("the ort backend needs onnxruntime: pip install 'vssflow[cpu]' "
                                "(or onnxruntime-gpu; on a Jetson, the wheel that matches JetPack)") from None
         self._ort = ort
-        available = ort.get_available_providers()
-        want_cuda = device in (None, "cuda") or (device or "").startswith("cuda")
-        self.providers = (["CUDAExecutionProvider"] if want_cuda and "CUDAExecutionProvider" in available else []) \
-            + ["CPUExecutionProvider"]
-        if device and device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-            raise BackendError("device cuda asked for, but onnxruntime has no CUDA provider "
+        self.device_id = cuda_driver.ordinal(device)
+        asked = bool(device) and device.startswith("cuda")
+        cuda = (device is None or asked) and "CUDAExecutionProvider" in ort.get_available_providers()
+        if asked and not cuda:
+            raise BackendError(f"device {device} asked for, but onnxruntime has no CUDA provider "
                                "(install onnxruntime-gpu)")
-        if self.providers[0] == "CUDAExecutionProvider" and not extras.missing("torch"):
-            self.arrays = TorchArrays("cuda")
+        self._stream = None
+        if cuda and _torch_cuda():
+            import torch
+            self.arrays = TorchArrays(f"cuda:{self.device_id}")
+            self._stream = torch.cuda.Stream(self.arrays.device)     # ONNX Runtime's, ordered with torch's
+        self.providers = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+        if cuda:
+            problem = self._cuda_problem()
+            if problem is not None and asked:
+                raise BackendError(f"device {device} asked for, but {problem}")
+            if problem is not None:
+                self.notes = (f"{problem}; the ort backend runs on the CPU",)
+                self.providers, self.arrays, self._stream = ["CPUExecutionProvider"], Arrays(), None
         # On the CPU provider an FP16 graph runs through casts (FP32 arithmetic between
         # FP16-rounded tensors): slow, but how FP16's accuracy is checked without a GPU.
         self._set_precision(precision)
 
-    def _load(self, name: str):
+    def _provider_options(self) -> list:
+        if self.providers[0] != "CUDAExecutionProvider":
+            return self.providers
+        # HEURISTIC: the vocoder's and decoder's convolutions change shape with every chunk and
+        # window length; EXHAUSTIVE (the default) would benchmark cuDNN's algorithms at each new one.
+        options = {"device_id": str(self.device_id), "cudnn_conv_algo_search": "HEURISTIC"}
+        if self._stream is not None:
+            options["user_compute_stream"] = str(self._stream.cuda_stream)
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+    def _session(self, path):
+        if self.providers[0] == "CUDAExecutionProvider" and not OrtBackend._preloaded:
+            OrtBackend._preloaded = True
+            preload = getattr(self._ort, "preload_dlls", None)     # onnxruntime-gpu >= 1.21
+            if preload is not None:
+                with contextlib.redirect_stdout(sys.stderr):          # it prints; stdout may be our JSON
+                    try:
+                        preload()
+                    except Exception:             # a layout it does not know: the session says what is missing
+                        pass
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
-        path = self.folder.file(graph_name(name, self.stage_precision(name)))
         try:
-            return self._ort.InferenceSession(str(path), opts, providers=self.providers)
+            return self._ort.InferenceSession(str(path), opts, providers=self._provider_options())
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
             reason = " ".join(str(e).split())[:300]
             raise ModelFolderError(f"{path}: ONNX Runtime cannot load it ({reason}); re-export the model") from None
+
+    def _cuda_problem(self) -> str | None:
+        """Whether a session really gets the CUDA provider (tried on the folder's smallest graph), or
+        why not, in one line."""
+        files = self.folder.manifest["files"]
+        graphs = sorted((n for n in files if n.endswith(".onnx")), key=lambda n: files[n].get("bytes", 0))
+        if not graphs:
+            return None
+        if "CUDAExecutionProvider" in self._session(self.folder.file(graphs[0])).get_providers():
+            return None
+        return ("ONNX Runtime's CUDA provider did not load (its CUDA or cuDNN libraries are missing or of another "
+                "version: pip install 'onnxruntime-gpu[cuda,cudnn]', or on a Jetson the wheel built for its JetPack)")
+
+    def _load(self, name: str):
+        path = self.folder.file(graph_name(name, self.stage_precision(name)))
+        session = self._session(path)
+        if self.providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
+            raise BackendError(f"{name}: ONNX Runtime's CUDA provider did not load for {path.name}")
+        return session
 
     def _infer(self, stage, session, feed):
         if not isinstance(self.arrays, TorchArrays):
@@ -254,24 +314,56 @@ class OrtBackend(Backend):
         fix (the flow velocity) is written in place, any other is allocated by ONNX Runtime."""
         torch = self.arrays.torch
         contract = self.folder.contracts[stage]
-        device_id = torch.cuda.current_device()
         binding = session.io_binding()
         sizes: dict[str, int] = {}
         for spec in contract.inputs:
             t = feed[spec.name]
             sizes.update((a, d) for a, d in zip(spec.shape, t.shape) if isinstance(a, str))
-            binding.bind_input(spec.name, "cuda", device_id, np.dtype(spec.dtype), tuple(t.shape), t.data_ptr())
+            binding.bind_input(spec.name, "cuda", self.device_id, np.dtype(spec.dtype), tuple(t.shape), t.data_ptr())
         outs: list = []
         for spec in contract.outputs:
             if all(isinstance(a, int) or a in sizes for a in spec.shape):
-                o = torch.empty(contract.shape(spec, **sizes), dtype=getattr(torch, spec.dtype), device="cuda")
-                binding.bind_output(spec.name, "cuda", device_id, np.dtype(spec.dtype), tuple(o.shape), o.data_ptr())
+                o = torch.empty(contract.shape(spec, **sizes), dtype=getattr(torch, spec.dtype), device=self.arrays.device)
+                binding.bind_output(spec.name, "cuda", self.device_id, np.dtype(spec.dtype), tuple(o.shape),
+                                    o.data_ptr())
                 outs.append(o)
             else:
-                binding.bind_output(spec.name, "cuda")
+                binding.bind_output(spec.name, "cuda", self.device_id)
                 outs.append(None)
+        current = torch.cuda.current_stream(self.arrays.device)
+        self._stream.wait_stream(current)              # the inputs torch wrote, before ONNX Runtime reads them
         session.run_with_iobinding(binding)
+        current.wait_stream(self._stream)              # and its outputs before torch reads them
         return [self.arrays.upload(v.numpy()) if o is None else o for o, v in zip(outs, binding.get_outputs())]
+
+    def velocity(self, cond: Mapping[str, np.ndarray], cfg: float) -> Callable[[float, object], object]:
+        """On CUDA without torch: the window's constants uploaded once as device OrtValues and bound
+        once; per step only the state and `t` cross (copied in by ONNX Runtime, the velocity out)."""
+        if self.providers[0] != "CUDAExecutionProvider" or isinstance(self.arrays, TorchArrays):
+            return super().velocity(cond, cfg)
+        contract = self.folder.contracts["flow_step"]
+        host = {k: np.ascontiguousarray(cond[k]) for k in FLOW_CONSTANTS}
+        host["cfg"] = self.arrays.scalar(cfg)
+        with self.lock:
+            session = self._stage("flow_step")
+            binding = session.io_binding()
+            on_device = {k: self._ort.OrtValue.ortvalue_from_numpy(host[k], "cuda", self.device_id)
+                         for k in FLOW_CONSTANTS}
+            for k, v in on_device.items():
+                binding.bind_ortvalue_input(k, v)
+            binding.bind_cpu_input("cfg", host["cfg"])
+            binding.bind_output("velocity", "cpu")
+
+        def velocity(t: float, z):
+            z, t_ = np.ascontiguousarray(z), self.arrays.scalar(t)
+            contract.check_feed({**host, "z": z, "t": t_})
+            with self.lock:
+                binding.bind_cpu_input("z", z)
+                binding.bind_cpu_input("t", t_)
+                session.run_with_iobinding(binding)
+                return binding.copy_outputs_to_cpu()[0]
+        velocity.constants = on_device                 # kept alive with the binding that reads them
+        return velocity
 
     def describe(self) -> str:
         return f"ort ({self.providers[0]}, {self.precision})"
@@ -279,6 +371,14 @@ class OrtBackend(Backend):
     @property
     def on_gpu(self) -> bool:
         return self.providers[0] == "CUDAExecutionProvider"
+
+
+def _torch_cuda() -> bool:
+    """Whether a CUDA build of PyTorch with a visible GPU is here (a CPU build is not enough)."""
+    if extras.missing("torch"):
+        return False
+    import torch
+    return torch.cuda.is_available()
 
 
 class TorchBackend(Backend):

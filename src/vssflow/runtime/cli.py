@@ -219,6 +219,8 @@ class _Model:
         session = Session(self.path(say), **self.settings())
         for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
             say(f"backend auto: {reason}")
+        for note in session.backend.notes:                  # e.g. ONNX Runtime's CUDA provider did not load
+            say(f"backend {session.backend.name}: {note}")
         if session.folder.is_demo:
             say("DEMO MODEL: random weights; the sound it makes is noise")
         return session
