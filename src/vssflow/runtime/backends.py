@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import cuda_driver, engines, extras
+from . import cuda_driver, engines, extras, trt_engine
 from .errors import BackendError, ModelFolderError, VssflowError
 from .model_folder import ModelFolder
 from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, require_graphs, stage_precision
@@ -447,12 +447,16 @@ class TorchBackend(Backend):
 
 
 class TrtBackend(Backend):
-    """TensorRT engines built by `vssflow-export --backend trt` for this GPU and TensorRT version.
+    """TensorRT engines built for this GPU and TensorRT version (`vssflow-export --engines-for`).
 
-    Buffers are PyTorch CUDA tensors; engines read and write them in place (tensor addresses)."""
+    Buffers are PyTorch CUDA tensors; engines read and write them in place (tensor addresses),
+    on a stream of the backend's own that waits for torch's current one (and torch's for it), so
+    nothing synchronises with the host until the host reads a result. Each engine's I/O is checked
+    against its stage contract when it is loaded (`trt_engine.check_io`); the engines' contexts
+    own no scratch memory: they share one buffer, the size of the largest (calls take turns).
+    """
 
     name = "trt"
-    frames_device = "cuda"
     on_gpu = True
 
     def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
@@ -461,7 +465,8 @@ class TrtBackend(Backend):
         if not ok:
             raise BackendError(f"the trt backend is unavailable: {reason}")
         import tensorrt as trt
-        gpu = engines.gpu_tag()
+        self.device_id = cuda_driver.ordinal(device)
+        gpu = engines.gpu_tag(self.device_id)
         if precision is None:           # FP16 engines where the export built them, else FP32 ones
             try:
                 engines.match_engines(self.folder, gpu, trt.__version__, "fp16")
@@ -470,43 +475,61 @@ class TrtBackend(Backend):
                 precision = "fp32"
         self._set_precision(precision)
         self.engines = engines.match_engines(self.folder, gpu, trt.__version__, self.precision)
-        self.arrays = TorchArrays("cuda")
+        self.arrays = TorchArrays(f"cuda:{self.device_id}")
+        self.frames_device = str(self.arrays.device)
+        self._stream = self.arrays.torch.cuda.Stream(self.arrays.device)
+        self._runtime = None
+        self._scratch = None            # uint8 CUDA tensor: every context's scratch memory
 
     def _make_fp32(self) -> Backend:
         """FP32 engines where the export built them, else the FP32 graphs on ONNX Runtime."""
         try:
             return TrtBackend(self.folder, self.device, "fp32")
         except BackendError:
-            return OrtBackend(self.folder, "cuda" if _ort_has_cuda() else None, "fp32")
+            return OrtBackend(self.folder, self.device if _ort_has_cuda() else None, "fp32")
 
     def _load(self, name: str):
         import tensorrt as trt
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(self.folder.file(self.engines[name]).read_bytes())
+        if self._runtime is None:
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        path = self.folder.file(self.engines[name])
+        with self.arrays.torch.cuda.device(self.arrays.device):
+            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:  # its name said this GPU and version, its contents disagree
-            raise BackendError(f"{self.folder.file(self.engines[name])}: TensorRT {trt.__version__} cannot load "
-                               "this engine (built for another GPU or TensorRT version?); re-run vssflow-export "
-                               "--backend trt, or use --backend ort")
-        return engine, engine.create_execution_context()
+            raise BackendError(f"{path}: TensorRT {trt.__version__} cannot load this engine (built for another GPU "
+                               "or TensorRT version?); re-run vssflow-export --engines-for, or use --backend ort")
+        trt_engine.check_io(name, engine, self.folder.contracts[name], trt, path.name)
+        ctx = trt_engine.context_without_memory(name, engine, trt)
+        self._give_scratch(ctx, trt_engine.device_memory_size(engine))
+        return engine, ctx
+
+    def _give_scratch(self, ctx, size: int) -> None:
+        """Point `ctx` at the shared scratch buffer, growing it (and re-pointing every loaded
+        context) when `ctx` needs more. Allocated on the backend's stream, so the old buffer is
+        reused only after the work queued on it."""
+        torch = self.arrays.torch
+        if self._scratch is None or self._scratch.numel() < size:
+            with torch.cuda.stream(self._stream):
+                self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.arrays.device)
+            for _, other in self._stages.values():
+                trt_engine.set_device_memory(other, self._scratch.data_ptr(), self._scratch.numel())
+        trt_engine.set_device_memory(ctx, self._scratch.data_ptr(), self._scratch.numel())
 
     def _infer(self, stage, runner, feed):
         torch = self.arrays.torch
         engine, ctx = runner
-        for k, v in feed.items():
-            ctx.set_input_shape(k, tuple(v.shape))
-            ctx.set_tensor_address(k, v.data_ptr())
-        outs = []
-        for s in self.folder.contracts[stage].outputs:
-            o = torch.empty(tuple(ctx.get_tensor_shape(s.name)), dtype=getattr(torch, s.dtype), device="cuda")
-            ctx.set_tensor_address(s.name, o.data_ptr())
-            outs.append(o)
-        stream = torch.cuda.current_stream()
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise BackendError(f"TensorRT failed to run {stage}")
-        stream.synchronize()
+        trt_engine.set_inputs(stage, ctx, {k: (tuple(v.shape), v.data_ptr()) for k, v in feed.items()})
+        specs = self.folder.contracts[stage].outputs
+        outs = [torch.empty(trt_engine.output_shape(stage, ctx, s.name), dtype=getattr(torch, s.dtype),
+                            device=self.arrays.device) for s in specs]
+        current = torch.cuda.current_stream(self.arrays.device)
+        self._stream.wait_stream(current)              # inputs torch wrote, before the engine reads them
+        trt_engine.execute(stage, ctx, {s.name: o.data_ptr() for s, o in zip(specs, outs)}, self._stream.cuda_stream)
+        current.wait_stream(self._stream)              # outputs, before torch (or the host) reads them
         return outs
 
     def _release(self) -> None:
+        self._scratch = None
         self.arrays.torch.cuda.empty_cache()
 
     def describe(self) -> str:

@@ -132,6 +132,6 @@ def match_engines(folder, gpu: str, trt_version: str, precision: str = "fp32") -
         built = sorted(set().union(*seen.values())) if seen else []
         present = f"its engines are for {'; '.join(built)}" if built else "it has no TensorRT engines"
         raise BackendError(f"{folder.path}: no {precision} TensorRT engine for {', '.join(missing)} built for this "
-                           f"machine ({gpu} / TensorRT {trt_version}); {present}: re-run vssflow-export "
-                           f"--backend trt --precision {precision} on this machine, or use --backend ort")
+                           f"machine ({gpu} / TensorRT {trt_version}); {present}: run vssflow-export "
+                           f"--engines-for {folder.path} --precision {precision} on this machine, or use --backend ort")
     return found
