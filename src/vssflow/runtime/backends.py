@@ -34,9 +34,10 @@ from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, r
 
 BACKENDS = ("auto", "trt", "ort", "torch")
 # Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
-# backend's `frames_device`: torch or trt backends), "auto" (device when that is a GPU). On a CPU
-# torch device "device" runs the kernels' reference (dense float64 products, ~7x slower than the
-# host path): for checking, not speed.
+# backend's `frames_device`: torch or trt backends), "auto" (device when that is a GPU and Triton is
+# here for the kernels). Without Triton "device" runs the kernels' reference (dense float64 products:
+# ~7x slower than the host path on a CPU, ~0.5 TFLOP of FP64 per 720p window on a GPU, seconds on a
+# GeForce or an Orin): for checking, not speed.
 PREPROCESS = ("auto", "host", "device")
 # The inputs of `flow_step` that stay the same through one window's ODE loop.
 FLOW_CONSTANTS = ("cond_bias", "keys", "values")
@@ -429,7 +430,8 @@ class TorchBackend(Backend):
         return self._all_modules()[name]
 
     def _infer(self, stage, module, feed):
-        with self._torch.inference_mode():
+        exact = no_tf32(self._torch) if self.on_gpu and self.precision == "fp32" else contextlib.nullcontext()
+        with self._torch.inference_mode(), exact:
             out = module(*feed.values())
         return list(out) if isinstance(out, tuple) else [out]
 
@@ -444,6 +446,19 @@ class TorchBackend(Backend):
     @property
     def on_gpu(self) -> bool:
         return str(self.device).startswith("cuda")
+
+
+@contextlib.contextmanager
+def no_tf32(torch):
+    """FP32 matrix products and convolutions in true FP32 (not TF32, which cuDNN's convolutions use by
+    default on Ampere and newer): the torch backend at fp32 on a GPU is the reference the other
+    paths are measured against. Restored afterwards: the process's other torch work keeps its setting."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 class TrtBackend(Backend):
