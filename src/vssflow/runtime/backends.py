@@ -21,8 +21,10 @@ Nothing here imports torch, onnxruntime or tensorrt until that backend is chosen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -34,7 +36,7 @@ from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, r
 
 BACKENDS = ("auto", "trt", "ort", "torch")
 # Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
-# backend's `frames_device`: torch or trt backends), "auto" (device when that is a GPU and Triton is
+# backend's `frames_device`: the torch backend), "auto" (device when that is a GPU and Triton is
 # here for the kernels). Without Triton "device" runs the kernels' reference (dense float64 products:
 # ~7x slower than the host path on a CPU, ~0.5 TFLOP of FP64 per 720p window on a GPU, seconds on a
 # GeForce or an Orin): for checking, not speed.
@@ -464,11 +466,13 @@ def no_tf32(torch):
 class TrtBackend(Backend):
     """TensorRT engines built for this GPU and TensorRT version (`vssflow-export --engines-for`).
 
-    Buffers are PyTorch CUDA tensors; engines read and write them in place (tensor addresses),
-    on a stream of the backend's own that waits for torch's current one (and torch's for it), so
-    nothing synchronises with the host until the host reads a result. Each engine's I/O is checked
-    against its stage contract when it is loaded (`trt_engine.check_io`); the engines' contexts
-    own no scratch memory: they share one buffer, the size of the largest (calls take turns).
+    No PyTorch: buffers and the stream are `cuda_memory`'s (Polygraphy's CUDA wrapper), and arrays
+    at the boundary are numpy on the host, as are the frames and the ODE state (128 x T floats per
+    step), while a window's flow constants are uploaded once and stay on the device through its
+    loop (`velocity`). Engines run on that stream, not the default one; the host waits only where
+    it reads a result. Each engine's I/O is checked against its stage contract when it is loaded
+    (`trt_engine.check_io`); the contexts own no scratch memory: they share one buffer, the size of
+    the largest (calls take turns).
     """
 
     name = "trt"
@@ -476,11 +480,11 @@ class TrtBackend(Backend):
 
     def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)
-        ok, reason = engines.availability()
+        self.device_id = cuda_driver.ordinal(device)
+        ok, reason = engines.availability(self.device_id)
         if not ok:
             raise BackendError(f"the trt backend is unavailable: {reason}")
         import tensorrt as trt
-        self.device_id = cuda_driver.ordinal(device)
         gpu = engines.gpu_tag(self.device_id)
         if precision is None:           # FP16 engines where the export built them, else FP32 ones
             try:
@@ -490,11 +494,10 @@ class TrtBackend(Backend):
                 precision = "fp32"
         self._set_precision(precision)
         self.engines = engines.match_engines(self.folder, gpu, trt.__version__, self.precision)
-        self.arrays = TorchArrays(f"cuda:{self.device_id}")
-        self.frames_device = str(self.arrays.device)
-        self._stream = self.arrays.torch.cuda.Stream(self.arrays.device)
+        self._memory = None
         self._runtime = None
-        self._scratch = None            # uint8 CUDA tensor: every context's scratch memory
+        self._scratch = None            # every context's scratch memory (a cuda_memory.Buffer)
+        self.memory.synchronize()       # the CUDA runtime now, so `auto` falls back where it cannot load
 
     def _make_fp32(self) -> Backend:
         """FP32 engines where the export built them, else the FP32 graphs on ONNX Runtime."""
@@ -503,52 +506,96 @@ class TrtBackend(Backend):
         except BackendError:
             return OrtBackend(self.folder, self.device if _ort_has_cuda() else None, "fp32")
 
+    @property
+    def memory(self):
+        """The backend's `cuda_memory.DeviceMemory` (made again after `close`)."""
+        if self._memory is None:
+            from .cuda_memory import DeviceMemory
+            self._memory = DeviceMemory(self.device_id)
+            self._scratch = self._memory.buffer()
+        return self._memory
+
     def _load(self, name: str):
         import tensorrt as trt
+        memory = self.memory
         if self._runtime is None:
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         path = self.folder.file(self.engines[name])
-        with self.arrays.torch.cuda.device(self.arrays.device):
-            engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:  # its name said this GPU and version, its contents disagree
             raise BackendError(f"{path}: TensorRT {trt.__version__} cannot load this engine (built for another GPU "
                                "or TensorRT version?); re-run vssflow-export --engines-for, or use --backend ort")
-        trt_engine.check_io(name, engine, self.folder.contracts[name], trt, path.name)
+        contract = self.folder.contracts[name]
+        trt_engine.check_io(name, engine, contract, trt, path.name)
         ctx = trt_engine.context_without_memory(name, engine, trt)
-        self._give_scratch(ctx, trt_engine.device_memory_size(engine))
-        return engine, ctx
+        size = trt_engine.device_memory_size(engine)
+        if size > self._scratch.nbytes:             # grow the shared buffer; point every context at the new one
+            memory.synchronize()
+            self._scratch.reserve(size)
+            for stage in self._stages.values():
+                trt_engine.set_device_memory(stage.ctx, self._scratch.ptr, self._scratch.nbytes)
+        trt_engine.set_device_memory(ctx, self._scratch.ptr, self._scratch.nbytes)
+        return _Engine(engine, ctx, {s.name: memory.buffer() for s in contract.inputs + contract.outputs})
 
-    def _give_scratch(self, ctx, size: int) -> None:
-        """Point `ctx` at the shared scratch buffer, growing it (and re-pointing every loaded
-        context) when `ctx` needs more. Allocated on the backend's stream, so the old buffer is
-        reused only after the work queued on it."""
-        torch = self.arrays.torch
-        if self._scratch is None or self._scratch.numel() < size:
-            with torch.cuda.stream(self._stream):
-                self._scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.arrays.device)
-            for _, other in self._stages.values():
-                trt_engine.set_device_memory(other, self._scratch.data_ptr(), self._scratch.numel())
-        trt_engine.set_device_memory(ctx, self._scratch.data_ptr(), self._scratch.numel())
-
-    def _infer(self, stage, runner, feed):
-        torch = self.arrays.torch
-        engine, ctx = runner
-        trt_engine.set_inputs(stage, ctx, {k: (tuple(v.shape), v.data_ptr()) for k, v in feed.items()})
-        specs = self.folder.contracts[stage].outputs
-        outs = [torch.empty(trt_engine.output_shape(stage, ctx, s.name), dtype=getattr(torch, s.dtype),
-                            device=self.arrays.device) for s in specs]
-        current = torch.cuda.current_stream(self.arrays.device)
-        self._stream.wait_stream(current)              # inputs torch wrote, before the engine reads them
-        trt_engine.execute(stage, ctx, {s.name: o.data_ptr() for s, o in zip(specs, outs)}, self._stream.cuda_stream)
-        current.wait_stream(self._stream)              # outputs, before torch (or the host) reads them
+    def _enqueue(self, stage: str, runner, inputs: Mapping[str, int], shapes: Mapping[str, tuple]) -> list:
+        """Run `stage` on inputs already on the device (`name -> address`, `shapes`); its outputs'
+        `(address, shape, dtype)` in contract order, queued on the stream (not yet read)."""
+        trt_engine.set_inputs(stage, runner.ctx, {k: (shapes[k], ptr) for k, ptr in inputs.items()})
+        outs = []
+        for s in self.folder.contracts[stage].outputs:
+            shape = trt_engine.output_shape(stage, runner.ctx, s.name)
+            outs.append((runner.buffers[s.name].reserve(int(np.prod(shape)) * np.dtype(s.dtype).itemsize), shape,
+                         s.dtype))
+        trt_engine.execute(stage, runner.ctx, {s.name: o[0] for s, o in zip(self.folder.contracts[stage].outputs, outs)},
+                           self.memory.stream)
         return outs
 
+    def _infer(self, stage, runner, feed):
+        inputs = {k: self.memory.upload(runner.buffers[k], v) for k, v in feed.items()}
+        return self.memory.download(self._enqueue(stage, runner, inputs, {k: v.shape for k, v in feed.items()}))
+
+    def velocity(self, cond: Mapping[str, np.ndarray], cfg: float) -> Callable[[float, object], object]:
+        """The window's constants (and `cfg`) uploaded once into buffers of this window's own (freed
+        when the window's loop is over); per step `z` and `t` go up and the velocity comes down."""
+        contract = self.folder.contracts["flow_step"]
+        host = {k: np.ascontiguousarray(cond[k]) for k in FLOW_CONSTANTS}
+        host["cfg"] = self.arrays.scalar(cfg)
+        with self.lock:
+            runner, memory = self._stage("flow_step"), self.memory
+            own = {k: memory.buffer() for k in ("z", "t", *host)}
+            on_device = {k: memory.upload(own[k], v) for k, v in host.items()}
+
+        def velocity(t: float, z):
+            z, t_ = np.ascontiguousarray(z), self.arrays.scalar(t)
+            contract.check_feed({**host, "z": z, "t": t_})
+            shapes = {**{k: v.shape for k, v in host.items()}, "z": z.shape, "t": t_.shape}
+            with self.lock:
+                inputs = {**on_device, "z": memory.upload(own["z"], z), "t": memory.upload(own["t"], t_)}
+                return memory.download(self._enqueue("flow_step", runner, inputs, shapes))[0]
+        weakref.finalize(velocity, _release_quietly, memory, list(own.values()))
+        return velocity
+
     def _release(self) -> None:
-        self._scratch = None
-        self.arrays.torch.cuda.empty_cache()
+        if self._memory is not None:
+            self._memory.close()
+        self._memory = self._scratch = None
 
     def describe(self) -> str:
         return f"trt ({self.precision})"
+
+
+@dataclasses.dataclass
+class _Engine:
+    """A loaded stage of the trt backend: the engine, its context, a device buffer per input and output."""
+    engine: object
+    ctx: object
+    buffers: dict
+
+
+def _release_quietly(memory, buffers) -> None:
+    """Free a finished window's buffers (a finalizer: the backend may be closed, its memory freed, already)."""
+    if memory.stream is not None:
+        memory.release(buffers)
 
 
 def _ort_has_cuda() -> bool:

@@ -89,7 +89,7 @@ def _raise_on_sigterm() -> None:
                    "whose FP16 values are not finite is generated again in FP32, and the summary says so.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS), default="auto", show_default=True,
               help="Where frames are resized and normalised: auto: on the GPU when the backend runs on one "
-                   "(torch or trt) and Triton is installed for the kernels, else on the host. Same result either "
+                   "(torch) and Triton is installed for the kernels, else on the host. Same result either "
                    "way; device without Triton (or on a CPU) runs the kernels' slow reference.")
 @click.option("--verify", is_flag=True,
               help="Check the sha256 of every model file (by default only files changed since their last check).")

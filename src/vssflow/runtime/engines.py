@@ -2,8 +2,8 @@
 
 Read by the exporter (which builds and names them) and by the trt backend (which picks the ones
 built for this GPU, this TensorRT and this ONNX file). Imports TensorRT only when a function needs
-it and PyTorch only in `availability` (the trt backend's buffers); the GPU comes from the CUDA
-driver (`cuda_driver`), so engines are built and named without PyTorch.
+it, and never PyTorch: the GPU comes from the CUDA driver (`cuda_driver`), so engines are
+built, named and matched without it.
 
 An engine's file name says what makes it valid:
 `{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`, the hash
@@ -14,6 +14,7 @@ for an FP32 one (engines are strongly typed: their precision is their graph's).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 
 from . import cuda_driver
@@ -61,24 +62,22 @@ def build_problem(device: int = 0) -> str | None:
     return tensorrt_problem() or cuda_problem(device)
 
 
-def availability() -> tuple[bool, str]:
-    """(usable, reason): whether TensorRT engines can be built and run here, and what is missing.
-
-    The trt backend keeps its buffers in PyTorch CUDA tensors, so it needs PyTorch with CUDA
-    too; a machine with TensorRT alone (a Jetson's system TensorRT) is told so and `auto`
-    falls back to ONNX Runtime.
-    """
+def availability(device: int = 0) -> tuple[bool, str]:
+    """(usable, reason): whether the trt backend can run here, and what is missing: TensorRT >= 10,
+    Polygraphy (whose CUDA wrapper holds the backend's buffers: `cuda_memory`) and a CUDA GPU.
+    No PyTorch: a Jetson's system TensorRT with Polygraphy is enough."""
     problem = tensorrt_problem()
     if problem is not None:
         return False, problem
     try:
-        import torch
-    except ImportError:
-        return False, ("TensorRT is installed but PyTorch is not: the trt backend keeps its buffers in PyTorch "
-                       "CUDA tensors (pip install 'vssflow[gpu]', or NVIDIA's PyTorch wheel on a Jetson)")
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible; TensorRT engines need one (ONNX files were written)"
-    return True, ""
+        polygraphy = importlib.util.find_spec("polygraphy") is not None
+    except (ImportError, ValueError):
+        polygraphy = False
+    if not polygraphy:
+        return False, ("TensorRT is installed but Polygraphy is not: the trt backend keeps its buffers through "
+                       "Polygraphy's CUDA wrapper (pip install polygraphy: pure Python, no PyTorch)")
+    problem = cuda_problem(device)
+    return (False, problem) if problem is not None else (True, "")
 
 
 def gpu_tag(device: int = 0) -> str:

@@ -231,7 +231,7 @@ def frames_device(preprocess: str, device: str | None, backend: str, triton: boo
         return None
     if device is None:
         raise BackendError(f"the {backend} backend takes frames from the host; preprocessing on the "
-                           "device needs the torch or trt backend")
+                           "device needs the torch backend")
     return device
 
 
