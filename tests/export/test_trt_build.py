@@ -224,3 +224,11 @@ def test_engines_for_without_tensorrt_changes_nothing(monkeypatch, tmp_path):
     with pytest.raises(BackendError, match="^cannot build TensorRT engines here: TensorRT is not installed"):
         trt_build.engines_for(path)
     assert fake_trt.snapshot(path) == before
+
+
+@pytest.mark.parametrize("version", ["8.5.2.2", "8.6.2.3"])            # JetPack 5.1.x, JetPack 6.0
+def test_a_jetpack_without_tensorrt_10_is_told_which_jetpack(monkeypatch, version):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.tensorrt(version, strongly_typed=version.startswith("8.6")))
+    reason = engines.tensorrt_problem()
+    assert reason.startswith(f"TensorRT {version} cannot build strongly typed networks") and "\n" not in reason
+    assert "JetPack 6.1 or later, which ships 10.3" in reason

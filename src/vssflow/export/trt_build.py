@@ -5,7 +5,7 @@ The precision of an engine is the precision of its graph: an FP16 engine is buil
 `<stage>.fp16.onnx` (export/precision.py), an FP32 one from `<stage>.onnx`, both as strongly
 typed networks. No weak-typing switch is used (`BuilderFlag.FP16/BF16/INT8`,
 `OBEY/PREFER_PRECISION_CONSTRAINTS`, per-layer precision or output types): TensorRT 11 has none of
-them, and TensorRT 10.x (JetPack 6: 10.3) builds strongly typed networks behind
+them, and TensorRT 10.x (JetPack 6.1/6.2: 10.3) builds strongly typed networks behind
 `NetworkDefinitionCreationFlag.STRONGLY_TYPED`, which TensorRT 11 keeps and ignores (always on).
 
 Polygraphy calls used, checked against its source:

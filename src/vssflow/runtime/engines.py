@@ -22,7 +22,7 @@ from .contracts import StageContract
 from .errors import BackendError
 from .precision import graph_name, stage_precision
 
-MIN_TENSORRT = 10            # strongly typed networks; JetPack 6 ships 10.3
+MIN_TENSORRT = 10            # strongly typed networks; JetPack 6.1 and 6.2 ship 10.3 (6.0: 8.6, 5.x: 8.5)
 _NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z0-9-]+)"
                    r"\.trt(?P<trt>[0-9][0-9A-Za-z.+]*?)\.(?P<precision>fp16|fp32)"
                    r"\.p(?P<profile>[0-9a-f]{8})\.engine")
@@ -43,7 +43,7 @@ def tensorrt_problem() -> str | None:
     flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
     if not major.isdigit() or int(major) < MIN_TENSORRT or not hasattr(flags, "STRONGLY_TYPED"):
         return (f"TensorRT {version} cannot build strongly typed networks, which vssflow's engines are "
-                f"(TensorRT {MIN_TENSORRT}.0 or newer; JetPack 6 ships 10.3)")
+                f"(TensorRT {MIN_TENSORRT}.0 or newer; on a Jetson, JetPack 6.1 or later, which ships 10.3)")
     return None
 
 
