@@ -86,8 +86,9 @@ class Backend:
     passed_over: tuple[str, ...] = ()
     # What the backend chose on its own that the user should hear of (one line each).
     notes: tuple[str, ...] = ()
-    # Whether precision "auto" means fp16 on a GPU: for the graph runtimes, whose FP16 graphs run
-    # fused; not for the torch modules, whose eager half mode was slower end to end on an H200
+    # Whether precision "auto" means fp16 on a GPU: for the graph runtimes, where FP16 is expected to be
+    # faster but is unmeasured (no ONNX Runtime CUDA or TensorRT run yet; the device benchmark will
+    # say); not for the torch modules, whose eager half mode was slower end to end on an H200
     # (4.2 s against 2.0 s for a 10-second clip at full size: README, "On a GPU").
     half_by_default = True
     # The precisions this kind of backend runs, and why not the others.
