@@ -80,11 +80,18 @@ def test_window_constants_go_up_once(gpu):
     assert calls.cuda.blocks == {} and calls.cuda.streams == []
 
 
-def test_device_cuda_n(gpu):
+def test_device_cuda_n_is_current_in_every_calling_thread(gpu, monkeypatch):
+    import threading
+
+    from vssflow.runtime import engines
     folder, calls = gpu
-    b = create_backend(folder, "trt", "cuda:0")
-    b.run("vocoder", folder.contracts["vocoder"].sample("min"))
-    assert b.device_id == 0 and calls.cuda.device == 0
+    monkeypatch.setattr(engines, "gpu_tag", lambda device=0: "nvidia-h100-80gb-hbm3-sm90")   # both GPUs alike
+    b = create_backend(folder, "trt", "cuda:1")
+    calls.cuda.device = 0                                             # another thread's current device
+    t = threading.Thread(target=b.run, args=("vocoder", folder.contracts["vocoder"].sample("min")))
+    t.start()
+    t.join()
+    assert b.device_id == 1 and calls.cuda.device == 1
 
 
 def test_a_cuda_runtime_that_cannot_load_is_one_line(gpu):

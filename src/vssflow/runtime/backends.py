@@ -519,6 +519,7 @@ class TrtBackend(Backend):
     def _load(self, name: str):
         import tensorrt as trt
         memory = self.memory
+        memory.activate()                           # the engine is deserialized onto this device
         if self._runtime is None:
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         path = self.folder.file(self.engines[name])
@@ -552,6 +553,7 @@ class TrtBackend(Backend):
         return outs
 
     def _infer(self, stage, runner, feed):
+        self.memory.activate()
         inputs = {k: self.memory.upload(runner.buffers[k], v) for k, v in feed.items()}
         return self.memory.download(self._enqueue(stage, runner, inputs, {k: v.shape for k, v in feed.items()}))
 
@@ -571,6 +573,7 @@ class TrtBackend(Backend):
             contract.check_feed({**host, "z": z, "t": t_})
             shapes = {**{k: v.shape for k, v in host.items()}, "z": z.shape, "t": t_.shape}
             with self.lock:
+                memory.activate()
                 inputs = {**on_device, "z": memory.upload(own["z"], z), "t": memory.upload(own["t"], t_)}
                 return memory.download(self._enqueue("flow_step", runner, inputs, shapes))[0]
         weakref.finalize(velocity, _release_quietly, memory, list(own.values()))

@@ -48,9 +48,10 @@ class DeviceMemory:
         except ImportError:
             raise BackendError("the trt backend needs Polygraphy for its CUDA buffers: pip install polygraphy "
                                "(pure Python; in the gpu extra)") from None
+        self.device = device
         try:
             self.cuda, self._kind = cuda.wrapper(), cuda.MemcpyKind
-            self.cuda.check(self.cuda.handle.cudaSetDevice(device))
+            self.activate()
             self.stream: int | None = self.cuda.create_stream()      # a cudaStream_t, not the default stream
         except Exception as e:           # Polygraphy raises its own exception when libcudart is missing
             reason = " ".join(str(e).split())[:200]
@@ -58,6 +59,11 @@ class DeviceMemory:
                                "install the CUDA runtime, or on a Jetson check that JetPack's CUDA is on the "
                                "library path") from None
         self._buffers: list[Buffer] = []
+
+    def activate(self) -> None:
+        """Make this device the calling thread's current one (the CUDA runtime's is per thread, and a
+        Session may be called from several)."""
+        self.cuda.check(self.cuda.handle.cudaSetDevice(self.device))
 
     def buffer(self) -> Buffer:
         b = Buffer(self)
