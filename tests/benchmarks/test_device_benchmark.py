@@ -30,3 +30,38 @@ def test_cpu_mode_writes_every_figure(tmp_path):
     assert set(data["skipped"]) == {"ort", "trt"}
     md = (tmp_path / "out" / "ci.md").read_text()
     assert "| torch bf16 |" in md and "trt: not run:" in md
+
+
+def test_a_failed_engine_build_is_reported_and_the_rest_runs(monkeypatch, tmp_path):
+    """TensorRT 11 with an old Polygraphy: the build raises AttributeError; the benchmark says so
+    and keeps every other variant instead of producing nothing."""
+    import sys
+
+    from tests.export import fake_trt
+    from vssflow.benchmarks.device import Variant, prepare_engines
+
+    def build(network, config, save_timing_cache):
+        raise AttributeError("'IBuilderConfig' object has no attribute 'int8_calibrator'")
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.tensorrt("11.4.0.106"))
+    fake_trt.polygraphy(monkeypatch, build=build)
+    fake_trt.a_gpu(monkeypatch)
+    folder = fake_trt.model_folder(tmp_path / "m")
+    todo = [Variant("torch", "fp32", "off"), Variant("trt", "fp16", "n/a"), Variant("ort", "fp16", "n/a")]
+    skipped, said = {}, []
+    left, report = prepare_engines(folder, todo, skipped, said.append)
+    assert left == [todo[0], todo[2]] and report == {}
+    assert skipped["trt"].startswith("engine build failed: BackendError: clip_encoder: TensorRT could not build")
+    assert "int8_calibrator" in skipped["trt"] and any("engine build failed" in m for m in said)
+
+
+def test_engines_are_built_first_and_timed(monkeypatch, tmp_path):
+    import sys
+
+    from tests.export import fake_trt
+    from vssflow.benchmarks.device import Variant, prepare_engines
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.tensorrt("10.3.0"))
+    fake_trt.polygraphy(monkeypatch)
+    fake_trt.a_gpu(monkeypatch)
+    todo = [Variant("torch", "fp32", "off"), Variant("trt", "fp16", "n/a")]
+    left, report = prepare_engines(fake_trt.model_folder(tmp_path / "m"), todo, {}, lambda m: None)
+    assert left == todo and all(v["seconds"] >= 0 for v in report.values()) and "flow_step" in report

@@ -261,7 +261,7 @@ def test_engine_names_written_by_the_exporter_parse(tmp_path, monkeypatch, tiny_
     from vssflow.runtime import engines
     from vssflow.runtime.contracts import ModelSizes, stage_contracts
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0.26"))
-    monkeypatch.setattr(engines, "gpu_tag", lambda: "nvidia-h100-80gb-hbm3-sm90")
+    monkeypatch.setattr(engines, "gpu_tag", lambda device=0: "nvidia-h100-80gb-hbm3-sm90")
     onnx = tmp_path / "flow_step.onnx"
     onnx.write_bytes(b"graph")
     contract = stage_contracts(ModelSizes(**ModelFolder.open(tiny_model).manifest["sizes"]))["flow_step"]

@@ -89,13 +89,14 @@ def test_plain_install_has_packages_data_and_scripts(tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "70", r.stderr[-2000:]
 
 
-def test_auto_backend_with_tensorrt_but_without_torch_falls_back_to_ort(tiny_model, clip4, tmp_path):
-    """A Jetson's system TensorRT with no PyTorch: `--backend auto` runs on ONNX Runtime and says why."""
+def test_auto_backend_with_tensorrt_but_without_polygraphy_falls_back_to_ort(tiny_model, clip4, tmp_path):
+    """A Jetson's system TensorRT without Polygraphy (the trt backend's CUDA layer), and no PyTorch:
+    `--backend auto` runs on ONNX Runtime and says why."""
     fake = tmp_path / "fake" / "tensorrt"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text('__version__ = "10.3.0"\n'
                                       'class NetworkDefinitionCreationFlag:\n    STRONGLY_TYPED = 1\n')
-    code = BLOCK_TORCH + textwrap.dedent(f"""
+    code = blocking("torch", "polygraphy") + textwrap.dedent(f"""
         sys.path.insert(0, {str(tmp_path / "fake")!r})
         sys.argv = ["vssflow-run", {str(clip4)!r}, "--model", {str(tiny_model)!r}, "-o", "out.wav", "--steps", "1"]
         from vssflow.runtime import cli
@@ -103,12 +104,12 @@ def test_auto_backend_with_tensorrt_but_without_torch_falls_back_to_ort(tiny_mod
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "backend auto: the trt backend is unavailable: TensorRT is installed but PyTorch is not" in r.stderr
+    assert "backend auto: the trt backend is unavailable: TensorRT is installed but Polygraphy is not" in r.stderr
     assert "backend ort" in r.stderr and (tmp_path / "out.wav").is_file()
 
 
 @pytest.mark.parametrize("version,needle", [("8.6.1", "TensorRT 8.6.1 cannot build strongly typed networks"),
-                                            ("10.3.0", "TensorRT is installed but PyTorch is not")])
+                                            ("10.3.0", "TensorRT is installed but Polygraphy is not")])
 def test_tensorrt_availability_names_what_is_missing(monkeypatch, version, needle):
     import types
 
@@ -117,6 +118,7 @@ def test_tensorrt_availability_names_what_is_missing(monkeypatch, version, needl
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version,
                                                                        NetworkDefinitionCreationFlag=flags))
     monkeypatch.setitem(sys.modules, "torch", None)                   # import torch -> ImportError
+    monkeypatch.setitem(sys.modules, "polygraphy", None)
     ok, reason = engines.availability()
     assert not ok and reason.startswith(needle), reason
 
@@ -143,3 +145,22 @@ def test_run_without_model_or_export_extra_says_which_extra(clip4, tmp_path):
     assert r.stderr.strip() == ("vssflow-run: error: no --model given, and exporting the demo model needs the "
                                 "export extra: pip install 'vssflow[export]' (missing: torch)")
     assert not (tmp_path / "out.wav").exists()
+
+
+def test_engines_for_without_tensorrt_or_torch_changes_nothing(tmp_path):
+    """`vssflow-export --engines-for` in a venv with the cpu extra only: one line naming TensorRT,
+    exit 4, the folder byte for byte as it was (nothing opened, stamped or staged)."""
+    from tests.export import fake_trt
+    folder = fake_trt.model_folder(tmp_path / "m")
+    before = fake_trt.snapshot(folder)
+    r = run_blocked(("torch", "tensorrt", "polygraphy"), "vssflow.export.cli", "--engines-for", folder, cwd=tmp_path)
+    assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [
+        "vssflow-export: error: cannot build TensorRT engines here: TensorRT is not installed: `pip install "
+        "tensorrt` (x86-64), or on a Jetson use the one JetPack ships; ONNX files were written and run on ONNX Runtime"]
+    assert fake_trt.snapshot(folder) == before
+
+
+def test_engines_for_takes_no_checkpoint(tmp_path):
+    r = run_blocked(("torch",), "vssflow.export.cli", "--engines-for", tmp_path, "--demo", cwd=tmp_path)
+    assert r.returncode == 2 and "--engines-for builds engines from the folder's own graphs" in r.stderr

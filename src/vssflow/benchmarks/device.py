@@ -10,7 +10,10 @@ Variants, one Session each (`Session(backend, precision)`), one after another:
   Triton kernels (frame preprocessing, RoPE) on and off (`VSSFLOW_KERNELS`), on CUDA;
 * ort at fp32 and fp16 (the FP32 and FP16 graphs) where onnxruntime has its CUDA provider;
 * trt at fp16 (strongly typed engines from the FP16 graphs) where TensorRT and Polygraphy build here.
-What cannot run is listed with the reason. Per variant: each stage once per window at a window's
+The engines are built first, from the model's graphs (`trt_build.engines_for`, as `vssflow-export
+--engines-for` does), their build times reported; a failed build is reported and the other variants
+run. The trt and ort variants run right after the torch FP32 reference, so the budget never starves
+them. What cannot run is listed with the reason. Per variant: each stage once per window at a window's
 shapes (median of `--repeats`, device synchronised), the vocoder per streamed chunk, one flow
 evaluation, `Session.generate` on a synthetic 10-second clip (euler, `--steps`), the first chunk's
 latency, and the final latent, mel and audio against the torch FP32 run (SNR). Writes
@@ -76,8 +79,9 @@ def variants(device: str, precisions: tuple[str, ...]) -> tuple[list[Variant], d
     """What runs here, the torch FP32 reference first; and what does not, with the reason."""
     cuda = device.startswith("cuda")
     kernels = ("off", "on") if cuda else ("n/a",)
-    out = [Variant("torch", p, k) for p in precisions for k in kernels]
-    out.sort(key=lambda v: (v.precision != "fp32", v.kernels == "off" and v.precision != "fp32"))
+    torch_variants = [Variant("torch", p, k) for p in precisions for k in kernels]
+    torch_variants.sort(key=lambda v: (v.precision != "fp32", v.kernels == "off" and v.precision != "fp32"))
+    out: list[Variant] = []
     skipped: dict[str, str] = {}
     from vssflow.runtime import extras
     has_cuda = not extras.missing("cpu") and "CUDAExecutionProvider" in extras.onnxruntime().get_available_providers()
@@ -88,24 +92,43 @@ def variants(device: str, precisions: tuple[str, ...]) -> tuple[list[Variant], d
                           else "ONNX Runtime variants run on CUDA only here (the CPU is the CI mode)")
     from vssflow.export.trt_build import support
     ok, reason = support() if cuda else (False, "no CUDA device")
-    if ok:                          # the export below builds FP16 engines
+    if ok:                          # `prepare_engines` builds FP16 engines
         out += [Variant("trt", "fp16", "n/a")] if "fp16" in precisions else []
     else:
         skipped["trt"] = reason
-    return out, skipped
+    trt_first = [v for v in out if v.backend == "trt"] + [v for v in out if v.backend != "trt"]
+    return torch_variants[:1] + trt_first + torch_variants[1:], skipped
 
 
-def make_model(size: str, root: Path, graphs: bool, trt: bool, say) -> Path:
+def make_model(size: str, root: Path, graphs: bool, say) -> Path:
     """Random weights of `size` in the authors' layout, exported into `root` (the ONNX graphs only
     where ORT on CUDA or TensorRT will run them: the torch variants need weights.pt alone)."""
     from vssflow.export.onnx_export import ExportOptions, export_random
     folder = root / f"{size}-{'graphs' if graphs else 'weights'}"
     if not (folder / "manifest.json").is_file():
-        opts = ExportOptions(precision="fp16", backend="trt" if trt else "onnx", verify=False, graphs=graphs,
+        opts = ExportOptions(precision="fp16", backend="onnx", verify=False, graphs=graphs,
                              torch_weights=True)
         export_random(folder, size, options=opts, replace=True, progress=lambda m: say(f"model: {m}"),
                       note="DEVICE BENCHMARK MODEL: random weights")
     return folder
+
+
+def prepare_engines(folder: Path, todo: list[Variant], skipped: dict[str, str], say) -> tuple[list[Variant], dict]:
+    """The trt variants' FP16 engines, built into `folder` before any variant runs; (the variants
+    left, the build report: stage -> engine, seconds). A failed build is a finding: reported in
+    `skipped`, the trt variants dropped, the rest run."""
+    if not any(v.backend == "trt" for v in todo):
+        return todo, {}
+    from vssflow.export.trt_build import engines_for
+    t0 = time.perf_counter()
+    try:
+        report = engines_for(folder, "fp16", progress=lambda m: say(f"engines: {m}"))
+    except Exception as e:
+        skipped["trt"] = f"engine build failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        say(f"trt: {skipped['trt']}")
+        return [v for v in todo if v.backend != "trt"], {}
+    say(f"engines built in {time.perf_counter() - t0:.0f} s")
+    return todo, report
 
 
 def time_stages(session, repeats: int, warmup: int) -> dict:
@@ -155,7 +178,8 @@ def run_device_benchmark(size: str, device: str, precisions: tuple[str, ...], st
     t_start = time.perf_counter()
     todo, skipped = variants(device, precisions)
     graphs = any(v.backend != "torch" for v in todo)
-    folder = make_model(size, work, graphs, any(v.backend == "trt" for v in todo), say)
+    folder = make_model(size, work, graphs, say)
+    todo, engine_report = prepare_engines(folder, todo, skipped, say)
     manifest = json.loads((folder / "manifest.json").read_text())
     video = work / "clip.mp4"
     make_video(video, seconds, 25, (320, 240))
@@ -166,7 +190,8 @@ def run_device_benchmark(size: str, device: str, precisions: tuple[str, ...], st
         return {"machine": timing.machine_info(), "size": size, "device": device, "steps": steps,
                 "repeats": repeats, "warmup": warmup, "clip_seconds": seconds,
                 "model": {"folder": str(folder), "sizes": manifest["sizes"], "dims": manifest["dims"]["flow"]},
-                "variants": rows, "skipped": skipped, "wall_s": time.perf_counter() - t_start}
+                "engines": engine_report, "variants": rows, "skipped": skipped,
+                "wall_s": time.perf_counter() - t_start}
     for v in todo:
         spent = time.perf_counter() - t_start
         if rows and spent > budget:
@@ -231,6 +256,8 @@ def markdown(s: dict) -> str:
         fb = f" ({len(e2e['fallbacks'])} FP32 fallbacks)" if e2e["fallbacks"] else ""
         lines.append(f"| {r['label']} | " + " | ".join(_ms(r["stages"].get(st)) for st in STAGES)
                      + f" | {_ms(e2e['total'])}{fb} | {_ms(e2e['first_chunk'])} | {snr_s} |")
+    if s.get("engines"):
+        lines.append("\nTensorRT engine builds (s): " + ", ".join(f"{k} {v['seconds']}" for k, v in s["engines"].items()))
     for what, why in s["skipped"].items():
         lines.append(f"\n{what}: not run: {why}")
     return "\n".join(lines)

@@ -83,9 +83,13 @@ def _summary(manifest: dict, out: Path) -> str:
 @click.option("--torch-weights", is_flag=True,
               help="Also write weights.pt, the PyTorch weights the torch backend runs (every weight again: "
                    "about 3 GB at full size).")
+@click.option("--engines-for", "engines_for", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Build the TensorRT engines for this GPU and TensorRT from the ONNX graphs of an existing model "
+                   "folder, and record them in it: no checkpoint, no PyTorch (TensorRT, Polygraphy and a GPU). "
+                   "With --precision (default: fp16 where the folder has FP16 graphs).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors and the summary.")
 def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_seconds, out, demo, force,
-         no_verify, torch_weights, quiet):
+         no_verify, torch_weights, engines_for, quiet):
     """Export VSSFlow, loaded from the authors' files as they are, into a model folder.
 
     \b
@@ -97,6 +101,14 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
     def progress(msg: str) -> None:
         if not quiet:
             click.echo(f"[vssflow-export] {msg}", err=True)
+
+    if engines_for is not None:
+        if checkpoint or synchformer or rawnet or assets or demo or out or torch_weights:
+            raise click.UsageError("--engines-for builds engines from the folder's own graphs: "
+                                   "leave out --checkpoint/--synchformer/--rawnet/--assets/--demo/--out/--torch-weights")
+        source = click.get_current_context().get_parameter_source("precision")
+        build_engines_for(engines_for, None if source == click.core.ParameterSource.DEFAULT else precision, progress)
+        return
 
     try:
         extras.require("export", "vssflow-export")
@@ -131,6 +143,25 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
         from vssflow.runtime.cli import exit_on_internal_error
         exit_on_internal_error("vssflow-export", e, "nothing was written")
     click.echo(_summary(manifest, out))
+
+
+def build_engines_for(folder: Path, precision: str | None, progress) -> None:
+    """`--engines-for`: this GPU's engines from the folder's graphs (`trt_build.engines_for`); one
+    line and exit 4 where TensorRT cannot build here, the folder unchanged on any failure."""
+    try:
+        from .trt_build import engines_for
+        report = engines_for(folder, precision, progress)
+    except VssflowError as e:
+        click.echo(f"vssflow-export: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("vssflow-export: interrupted; the model folder is unchanged", err=True)
+        sys.exit(130)
+    except Exception as e:
+        from vssflow.runtime.cli import exit_on_internal_error
+        exit_on_internal_error("vssflow-export", e, "the model folder is unchanged")
+    built = ", ".join(f"{k} {v['precision']} {v['seconds']} s" for k, v in report.items())
+    click.echo(f"TensorRT engines: {built or 'all already there'}\nmodel folder: {folder}")
 
 
 if __name__ == "__main__":

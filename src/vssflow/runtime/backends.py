@@ -20,21 +20,26 @@ Nothing here imports torch, onnxruntime or tensorrt until that backend is chosen
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from . import engines, extras
+from . import cuda_driver, engines, extras, trt_engine
 from .errors import BackendError, ModelFolderError, VssflowError
 from .model_folder import ModelFolder
 from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, require_graphs, stage_precision
 
 BACKENDS = ("auto", "trt", "ort", "torch")
 # Where frames are resized and normalised: "host" (numpy, any backend), "device" (on the
-# backend's `frames_device`: torch or trt backends), "auto" (device when that is a GPU). On a CPU
-# torch device "device" runs the kernels' reference (dense float64 products, ~7x slower than the
-# host path): for checking, not speed.
+# backend's `frames_device`: the torch backend), "auto" (device when that is a GPU and Triton is
+# here for the kernels). Without Triton "device" runs the kernels' reference (dense float64 products:
+# ~7x slower than the host path on a CPU, ~0.5 TFLOP of FP64 per 720p window on a GPU, seconds on a
+# GeForce or an Orin): for checking, not speed.
 PREPROCESS = ("auto", "host", "device")
 # The inputs of `flow_step` that stay the same through one window's ODE loop.
 FLOW_CONSTANTS = ("cond_bias", "keys", "values")
@@ -79,8 +84,11 @@ class Backend:
     frames_device: str | None = None
     # Set by `create_backend("auto")`: why each backend tried before this one could not run.
     passed_over: tuple[str, ...] = ()
-    # Whether precision "auto" means fp16 on a GPU: for the graph runtimes, whose FP16 graphs run
-    # fused; not for the torch modules, whose eager half mode was slower end to end on an H200
+    # What the backend chose on its own that the user should hear of (one line each).
+    notes: tuple[str, ...] = ()
+    # Whether precision "auto" means fp16 on a GPU: for the graph runtimes, where FP16 is expected to be
+    # faster but is unmeasured (no ONNX Runtime CUDA or TensorRT run yet; the device benchmark will
+    # say); not for the torch modules, whose eager half mode was slower end to end on an H200
     # (4.2 s against 2.0 s for a 10-second clip at full size: README, "On a GPU").
     half_by_default = True
     # The precisions this kind of backend runs, and why not the others.
@@ -205,13 +213,22 @@ class Backend:
 
 
 class OrtBackend(Backend):
-    """ONNX Runtime with the best provider present: CUDA, then CPU.
+    """ONNX Runtime with the best provider present: CUDA (device `cuda:N`), then CPU.
 
-    On the CUDA provider with PyTorch present, arrays are CUDA tensors bound in place
-    (IOBinding): the ODE state never leaves the GPU. Elsewhere, numpy arrays.
+    On the CUDA provider with a CUDA build of PyTorch, arrays are CUDA tensors bound in place
+    (IOBinding) and ONNX Runtime computes on a stream of torch's (`user_compute_stream`) that
+    waits for torch's current one, so it never reads a tensor torch is still writing. Without
+    one, arrays are numpy on the host, and a window's flow constants are uploaded once as device
+    `OrtValue`s and stay bound through its ODE loop (the state, 128 x T floats, crosses per step).
+
+    ONNX Runtime falls back to the CPU, with one line in its log, when its CUDA provider cannot
+    load (missing CUDA/cuDNN libraries) while still listing it as available; so a session's own
+    providers are checked: under `--device cuda` that is an error (exit 4), otherwise the backend
+    runs on the CPU and says so (`notes`).
     """
 
     name = "ort"
+    _preloaded = False          # `onnxruntime.preload_dlls()`, once per process
 
     def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)
@@ -221,28 +238,75 @@ class OrtBackend(Backend):
             raise BackendError("the ort backend needs onnxruntime: pip install 'vssflow[cpu]' "
                                "(or onnxruntime-gpu; on a Jetson, the wheel that matches JetPack)") from None
         self._ort = ort
-        available = ort.get_available_providers()
-        want_cuda = device in (None, "cuda") or (device or "").startswith("cuda")
-        self.providers = (["CUDAExecutionProvider"] if want_cuda and "CUDAExecutionProvider" in available else []) \
-            + ["CPUExecutionProvider"]
-        if device and device.startswith("cuda") and "CUDAExecutionProvider" not in available:
-            raise BackendError("device cuda asked for, but onnxruntime has no CUDA provider "
+        self.device_id = cuda_driver.ordinal(device)
+        asked = bool(device) and device.startswith("cuda")
+        cuda = (device is None or asked) and "CUDAExecutionProvider" in ort.get_available_providers()
+        if asked and not cuda:
+            raise BackendError(f"device {device} asked for, but onnxruntime has no CUDA provider "
                                "(install onnxruntime-gpu)")
-        if self.providers[0] == "CUDAExecutionProvider" and not extras.missing("torch"):
-            self.arrays = TorchArrays("cuda")
+        self._stream = None
+        if cuda and _torch_cuda():
+            import torch
+            self.arrays = TorchArrays(f"cuda:{self.device_id}")
+            self._stream = torch.cuda.Stream(self.arrays.device)     # ONNX Runtime's, ordered with torch's
+        self.providers = (["CUDAExecutionProvider"] if cuda else []) + ["CPUExecutionProvider"]
+        if cuda:
+            problem = self._cuda_problem()
+            if problem is not None and asked:
+                raise BackendError(f"device {device} asked for, but {problem}")
+            if problem is not None:
+                self.notes = (f"{problem}; the ort backend runs on the CPU",)
+                self.providers, self.arrays, self._stream = ["CPUExecutionProvider"], Arrays(), None
         # On the CPU provider an FP16 graph runs through casts (FP32 arithmetic between
         # FP16-rounded tensors): slow, but how FP16's accuracy is checked without a GPU.
         self._set_precision(precision)
 
-    def _load(self, name: str):
+    def _provider_options(self) -> list:
+        if self.providers[0] != "CUDAExecutionProvider":
+            return self.providers
+        # HEURISTIC: the vocoder's and decoder's convolutions change shape with every chunk and
+        # window length; EXHAUSTIVE (the default) would benchmark cuDNN's algorithms at each new one.
+        options = {"device_id": str(self.device_id), "cudnn_conv_algo_search": "HEURISTIC"}
+        if self._stream is not None:
+            options["user_compute_stream"] = str(self._stream.cuda_stream)
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+    def _session(self, path):
+        if self.providers[0] == "CUDAExecutionProvider" and not OrtBackend._preloaded:
+            OrtBackend._preloaded = True
+            preload = getattr(self._ort, "preload_dlls", None)     # onnxruntime-gpu >= 1.21
+            if preload is not None:
+                with contextlib.redirect_stdout(sys.stderr):          # it prints; stdout may be our JSON
+                    try:
+                        preload()
+                    except Exception:             # a layout it does not know: the session says what is missing
+                        pass
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
-        path = self.folder.file(graph_name(name, self.stage_precision(name)))
         try:
-            return self._ort.InferenceSession(str(path), opts, providers=self.providers)
+            return self._ort.InferenceSession(str(path), opts, providers=self._provider_options())
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
             reason = " ".join(str(e).split())[:300]
             raise ModelFolderError(f"{path}: ONNX Runtime cannot load it ({reason}); re-export the model") from None
+
+    def _cuda_problem(self) -> str | None:
+        """Whether a session really gets the CUDA provider (tried on the folder's smallest graph), or
+        why not, in one line."""
+        files = self.folder.manifest["files"]
+        graphs = sorted((n for n in files if n.endswith(".onnx")), key=lambda n: files[n].get("bytes", 0))
+        if not graphs:
+            return None
+        if "CUDAExecutionProvider" in self._session(self.folder.file(graphs[0])).get_providers():
+            return None
+        return ("ONNX Runtime's CUDA provider did not load (its CUDA or cuDNN libraries are missing or of another "
+                "version: pip install 'onnxruntime-gpu[cuda,cudnn]', or on a Jetson the wheel built for its JetPack)")
+
+    def _load(self, name: str):
+        path = self.folder.file(graph_name(name, self.stage_precision(name)))
+        session = self._session(path)
+        if self.providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
+            raise BackendError(f"{name}: ONNX Runtime's CUDA provider did not load for {path.name}")
+        return session
 
     def _infer(self, stage, session, feed):
         if not isinstance(self.arrays, TorchArrays):
@@ -254,24 +318,56 @@ class OrtBackend(Backend):
         fix (the flow velocity) is written in place, any other is allocated by ONNX Runtime."""
         torch = self.arrays.torch
         contract = self.folder.contracts[stage]
-        device_id = torch.cuda.current_device()
         binding = session.io_binding()
         sizes: dict[str, int] = {}
         for spec in contract.inputs:
             t = feed[spec.name]
             sizes.update((a, d) for a, d in zip(spec.shape, t.shape) if isinstance(a, str))
-            binding.bind_input(spec.name, "cuda", device_id, np.dtype(spec.dtype), tuple(t.shape), t.data_ptr())
+            binding.bind_input(spec.name, "cuda", self.device_id, np.dtype(spec.dtype), tuple(t.shape), t.data_ptr())
         outs: list = []
         for spec in contract.outputs:
             if all(isinstance(a, int) or a in sizes for a in spec.shape):
-                o = torch.empty(contract.shape(spec, **sizes), dtype=getattr(torch, spec.dtype), device="cuda")
-                binding.bind_output(spec.name, "cuda", device_id, np.dtype(spec.dtype), tuple(o.shape), o.data_ptr())
+                o = torch.empty(contract.shape(spec, **sizes), dtype=getattr(torch, spec.dtype), device=self.arrays.device)
+                binding.bind_output(spec.name, "cuda", self.device_id, np.dtype(spec.dtype), tuple(o.shape),
+                                    o.data_ptr())
                 outs.append(o)
             else:
-                binding.bind_output(spec.name, "cuda")
+                binding.bind_output(spec.name, "cuda", self.device_id)
                 outs.append(None)
+        current = torch.cuda.current_stream(self.arrays.device)
+        self._stream.wait_stream(current)              # the inputs torch wrote, before ONNX Runtime reads them
         session.run_with_iobinding(binding)
+        current.wait_stream(self._stream)              # and its outputs before torch reads them
         return [self.arrays.upload(v.numpy()) if o is None else o for o, v in zip(outs, binding.get_outputs())]
+
+    def velocity(self, cond: Mapping[str, np.ndarray], cfg: float) -> Callable[[float, object], object]:
+        """On CUDA without torch: the window's constants uploaded once as device OrtValues and bound
+        once; per step only the state and `t` cross (copied in by ONNX Runtime, the velocity out)."""
+        if self.providers[0] != "CUDAExecutionProvider" or isinstance(self.arrays, TorchArrays):
+            return super().velocity(cond, cfg)
+        contract = self.folder.contracts["flow_step"]
+        host = {k: np.ascontiguousarray(cond[k]) for k in FLOW_CONSTANTS}
+        host["cfg"] = self.arrays.scalar(cfg)
+        with self.lock:
+            session = self._stage("flow_step")
+            binding = session.io_binding()
+            on_device = {k: self._ort.OrtValue.ortvalue_from_numpy(host[k], "cuda", self.device_id)
+                         for k in FLOW_CONSTANTS}
+            for k, v in on_device.items():
+                binding.bind_ortvalue_input(k, v)
+            binding.bind_cpu_input("cfg", host["cfg"])
+            binding.bind_output("velocity", "cpu")
+
+        def velocity(t: float, z):
+            z, t_ = np.ascontiguousarray(z), self.arrays.scalar(t)
+            contract.check_feed({**host, "z": z, "t": t_})
+            with self.lock:
+                binding.bind_cpu_input("z", z)
+                binding.bind_cpu_input("t", t_)
+                session.run_with_iobinding(binding)
+                return binding.copy_outputs_to_cpu()[0]
+        velocity.constants = on_device                 # kept alive with the binding that reads them
+        return velocity
 
     def describe(self) -> str:
         return f"ort ({self.providers[0]}, {self.precision})"
@@ -279,6 +375,14 @@ class OrtBackend(Backend):
     @property
     def on_gpu(self) -> bool:
         return self.providers[0] == "CUDAExecutionProvider"
+
+
+def _torch_cuda() -> bool:
+    """Whether a CUDA build of PyTorch with a visible GPU is here (a CPU build is not enough)."""
+    if extras.missing("torch"):
+        return False
+    import torch
+    return torch.cuda.is_available()
 
 
 class TorchBackend(Backend):
@@ -329,7 +433,8 @@ class TorchBackend(Backend):
         return self._all_modules()[name]
 
     def _infer(self, stage, module, feed):
-        with self._torch.inference_mode():
+        exact = no_tf32(self._torch) if self.on_gpu and self.precision == "fp32" else contextlib.nullcontext()
+        with self._torch.inference_mode(), exact:
             out = module(*feed.values())
         return list(out) if isinstance(out, tuple) else [out]
 
@@ -346,22 +451,42 @@ class TorchBackend(Backend):
         return str(self.device).startswith("cuda")
 
 
-class TrtBackend(Backend):
-    """TensorRT engines built by `vssflow-export --backend trt` for this GPU and TensorRT version.
+@contextlib.contextmanager
+def no_tf32(torch):
+    """FP32 matrix products and convolutions in true FP32 (not TF32, which cuDNN's convolutions use by
+    default on Ampere and newer): the torch backend at fp32 on a GPU is the reference the other
+    paths are measured against. Restored afterwards: the process's other torch work keeps its setting."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
-    Buffers are PyTorch CUDA tensors; engines read and write them in place (tensor addresses)."""
+
+class TrtBackend(Backend):
+    """TensorRT engines built for this GPU and TensorRT version (`vssflow-export --engines-for`).
+
+    No PyTorch: buffers and the stream are `cuda_memory`'s (Polygraphy's CUDA wrapper), and arrays
+    at the boundary are numpy on the host, as are the frames and the ODE state (128 x T floats per
+    step), while a window's flow constants are uploaded once and stay on the device through its
+    loop (`velocity`). Engines run on that stream, not the default one; the host waits only where
+    it reads a result. Each engine's I/O is checked against its stage contract when it is loaded
+    (`trt_engine.check_io`); the contexts own no scratch memory: they share one buffer, the size of
+    the largest (calls take turns).
+    """
 
     name = "trt"
-    frames_device = "cuda"
     on_gpu = True
 
     def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
         super().__init__(folder, device)
-        ok, reason = engines.availability()
+        self.device_id = cuda_driver.ordinal(device)
+        ok, reason = engines.availability(self.device_id)
         if not ok:
             raise BackendError(f"the trt backend is unavailable: {reason}")
         import tensorrt as trt
-        gpu = engines.gpu_tag()
+        gpu = engines.gpu_tag(self.device_id)
         if precision is None:           # FP16 engines where the export built them, else FP32 ones
             try:
                 engines.match_engines(self.folder, gpu, trt.__version__, "fp16")
@@ -370,47 +495,111 @@ class TrtBackend(Backend):
                 precision = "fp32"
         self._set_precision(precision)
         self.engines = engines.match_engines(self.folder, gpu, trt.__version__, self.precision)
-        self.arrays = TorchArrays("cuda")
+        self._memory = None
+        self._runtime = None
+        self._scratch = None            # every context's scratch memory (a cuda_memory.Buffer)
+        self.memory.synchronize()       # the CUDA runtime now, so `auto` falls back where it cannot load
 
     def _make_fp32(self) -> Backend:
         """FP32 engines where the export built them, else the FP32 graphs on ONNX Runtime."""
         try:
             return TrtBackend(self.folder, self.device, "fp32")
         except BackendError:
-            return OrtBackend(self.folder, "cuda" if _ort_has_cuda() else None, "fp32")
+            return OrtBackend(self.folder, self.device if _ort_has_cuda() else None, "fp32")
+
+    @property
+    def memory(self):
+        """The backend's `cuda_memory.DeviceMemory` (made again after `close`)."""
+        if self._memory is None:
+            from .cuda_memory import DeviceMemory
+            self._memory = DeviceMemory(self.device_id)
+            self._scratch = self._memory.buffer()
+        return self._memory
 
     def _load(self, name: str):
         import tensorrt as trt
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(self.folder.file(self.engines[name]).read_bytes())
+        memory = self.memory
+        memory.activate()                           # the engine is deserialized onto this device
+        if self._runtime is None:
+            self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        path = self.folder.file(self.engines[name])
+        engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
         if engine is None:  # its name said this GPU and version, its contents disagree
-            raise BackendError(f"{self.folder.file(self.engines[name])}: TensorRT {trt.__version__} cannot load "
-                               "this engine (built for another GPU or TensorRT version?); re-run vssflow-export "
-                               "--backend trt, or use --backend ort")
-        return engine, engine.create_execution_context()
+            raise BackendError(f"{path}: TensorRT {trt.__version__} cannot load this engine (built for another GPU "
+                               "or TensorRT version?); re-run vssflow-export --engines-for, or use --backend ort")
+        contract = self.folder.contracts[name]
+        trt_engine.check_io(name, engine, contract, trt, path.name)
+        ctx = trt_engine.context_without_memory(name, engine, trt)
+        size = trt_engine.device_memory_size(engine)
+        if size > self._scratch.nbytes:             # grow the shared buffer; point every context at the new one
+            memory.synchronize()
+            self._scratch.reserve(size)
+            for stage in self._stages.values():
+                trt_engine.set_device_memory(stage.ctx, self._scratch.ptr, self._scratch.nbytes)
+        trt_engine.set_device_memory(ctx, self._scratch.ptr, self._scratch.nbytes)
+        return _Engine(engine, ctx, {s.name: memory.buffer() for s in contract.inputs + contract.outputs})
 
-    def _infer(self, stage, runner, feed):
-        torch = self.arrays.torch
-        engine, ctx = runner
-        for k, v in feed.items():
-            ctx.set_input_shape(k, tuple(v.shape))
-            ctx.set_tensor_address(k, v.data_ptr())
+    def _enqueue(self, stage: str, runner, inputs: Mapping[str, int], shapes: Mapping[str, tuple]) -> list:
+        """Run `stage` on inputs already on the device (`name -> address`, `shapes`); its outputs'
+        `(address, shape, dtype)` in contract order, queued on the stream (not yet read)."""
+        trt_engine.set_inputs(stage, runner.ctx, {k: (shapes[k], ptr) for k, ptr in inputs.items()})
         outs = []
         for s in self.folder.contracts[stage].outputs:
-            o = torch.empty(tuple(ctx.get_tensor_shape(s.name)), dtype=getattr(torch, s.dtype), device="cuda")
-            ctx.set_tensor_address(s.name, o.data_ptr())
-            outs.append(o)
-        stream = torch.cuda.current_stream()
-        if not ctx.execute_async_v3(stream.cuda_stream):
-            raise BackendError(f"TensorRT failed to run {stage}")
-        stream.synchronize()
+            shape = trt_engine.output_shape(stage, runner.ctx, s.name)
+            outs.append((runner.buffers[s.name].reserve(int(np.prod(shape)) * np.dtype(s.dtype).itemsize), shape,
+                         s.dtype))
+        trt_engine.execute(stage, runner.ctx, {s.name: o[0] for s, o in zip(self.folder.contracts[stage].outputs, outs)},
+                           self.memory.stream)
         return outs
 
+    def _infer(self, stage, runner, feed):
+        self.memory.activate()
+        inputs = {k: self.memory.upload(runner.buffers[k], v) for k, v in feed.items()}
+        return self.memory.download(self._enqueue(stage, runner, inputs, {k: v.shape for k, v in feed.items()}))
+
+    def velocity(self, cond: Mapping[str, np.ndarray], cfg: float) -> Callable[[float, object], object]:
+        """The window's constants (and `cfg`) uploaded once into buffers of this window's own (freed
+        when the window's loop is over); per step `z` and `t` go up and the velocity comes down."""
+        contract = self.folder.contracts["flow_step"]
+        host = {k: np.ascontiguousarray(cond[k]) for k in FLOW_CONSTANTS}
+        host["cfg"] = self.arrays.scalar(cfg)
+        with self.lock:
+            runner, memory = self._stage("flow_step"), self.memory
+            own = {k: memory.buffer() for k in ("z", "t", *host)}
+            on_device = {k: memory.upload(own[k], v) for k, v in host.items()}
+
+        def velocity(t: float, z):
+            z, t_ = np.ascontiguousarray(z), self.arrays.scalar(t)
+            contract.check_feed({**host, "z": z, "t": t_})
+            shapes = {**{k: v.shape for k, v in host.items()}, "z": z.shape, "t": t_.shape}
+            with self.lock:
+                memory.activate()
+                inputs = {**on_device, "z": memory.upload(own["z"], z), "t": memory.upload(own["t"], t_)}
+                return memory.download(self._enqueue("flow_step", runner, inputs, shapes))[0]
+        weakref.finalize(velocity, _release_quietly, memory, list(own.values()))
+        return velocity
+
     def _release(self) -> None:
-        self.arrays.torch.cuda.empty_cache()
+        if self._memory is not None:
+            self._memory.close()
+        self._memory = self._scratch = None
 
     def describe(self) -> str:
         return f"trt ({self.precision})"
+
+
+@dataclasses.dataclass
+class _Engine:
+    """A loaded stage of the trt backend: the engine, its context, a device buffer per input and output."""
+    engine: object
+    ctx: object
+    buffers: dict
+
+
+def _release_quietly(memory, buffers) -> None:
+    """Free a finished window's buffers (a finalizer: the backend may be closed, its memory freed, already)."""
+    if memory.stream is not None:
+        memory.release(buffers)
 
 
 def _ort_has_cuda() -> bool:

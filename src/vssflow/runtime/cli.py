@@ -89,7 +89,8 @@ def _raise_on_sigterm() -> None:
                    "whose FP16 values are not finite is generated again in FP32, and the summary says so.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS), default="auto", show_default=True,
               help="Where frames are resized and normalised: auto: on the GPU when the backend runs on one "
-                   "(torch or trt), else on the host. Same result either way; device on a CPU is slow.")
+                   "(torch) and Triton is installed for the kernels, else on the host. Same result either "
+                   "way; device without Triton (or on a CPU) runs the kernels' slow reference.")
 @click.option("--verify", is_flag=True,
               help="Check the sha256 of every model file (by default only files changed since their last check).")
 @click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -219,6 +220,8 @@ class _Model:
         session = Session(self.path(say), **self.settings())
         for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
             say(f"backend auto: {reason}")
+        for note in session.backend.notes:                  # e.g. ONNX Runtime's CUDA provider did not load
+            say(f"backend {session.backend.name}: {note}")
         if session.folder.is_demo:
             say("DEMO MODEL: random weights; the sound it makes is noise")
         return session

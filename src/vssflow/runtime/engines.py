@@ -1,8 +1,9 @@
 """TensorRT engines in a model folder: whether they can run here, what they are called, which fit.
 
 Read by the exporter (which builds and names them) and by the trt backend (which picks the ones
-built for this GPU, this TensorRT and this ONNX file). Imports neither TensorRT nor PyTorch until
-a function needs them, so the runtime imports this on any machine.
+built for this GPU, this TensorRT and this ONNX file). Imports TensorRT only when a function needs
+it, and never PyTorch: the GPU comes from the CUDA driver (`cuda_driver`), so engines are
+built, named and matched without it.
 
 An engine's file name says what makes it valid:
 `{stage}.{onnx sha256[:12]}.{gpu}-sm{cc}.trt{version}.{precision}.p{profile}.engine`, the hash
@@ -13,13 +14,15 @@ for an FP32 one (engines are strongly typed: their precision is their graph's).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import re
 
+from . import cuda_driver
 from .contracts import StageContract
 from .errors import BackendError
 from .precision import graph_name, stage_precision
 
-MIN_TENSORRT = 10            # strongly typed networks; JetPack 6 ships 10.3
+MIN_TENSORRT = 10            # strongly typed networks; JetPack 6.1 and 6.2 ship 10.3 (6.0: 8.6, 5.x: 8.5)
 _NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z0-9-]+)"
                    r"\.trt(?P<trt>[0-9][0-9A-Za-z.+]*?)\.(?P<precision>fp16|fp32)"
                    r"\.p(?P<profile>[0-9a-f]{8})\.engine")
@@ -40,37 +43,49 @@ def tensorrt_problem() -> str | None:
     flags = getattr(trt, "NetworkDefinitionCreationFlag", None)
     if not major.isdigit() or int(major) < MIN_TENSORRT or not hasattr(flags, "STRONGLY_TYPED"):
         return (f"TensorRT {version} cannot build strongly typed networks, which vssflow's engines are "
-                f"(TensorRT {MIN_TENSORRT}.0 or newer; JetPack 6 ships 10.3)")
+                f"(TensorRT {MIN_TENSORRT}.0 or newer; on a Jetson, JetPack 6.1 or later, which ships 10.3)")
     return None
 
 
-def availability() -> tuple[bool, str]:
-    """(usable, reason): whether TensorRT engines can be built and run here, and what is missing.
+def cuda_problem(device: int = 0) -> str | None:
+    """Why no engine can be built or run on CUDA device `device` here (one line), or None."""
+    count = cuda_driver.device_count()
+    if count == 0:
+        return "no CUDA GPU is visible; TensorRT engines need one (ONNX files were written)"
+    if device >= count:
+        return f"no CUDA device {device}: {count} visible"
+    return None
 
-    The trt backend keeps its buffers in PyTorch CUDA tensors, so it needs PyTorch with CUDA
-    too; a machine with TensorRT alone (a Jetson's system TensorRT) is told so and `auto`
-    falls back to ONNX Runtime.
-    """
+
+def build_problem(device: int = 0) -> str | None:
+    """Why TensorRT engines cannot be built here (one line), or None: TensorRT and a CUDA GPU, no PyTorch."""
+    return tensorrt_problem() or cuda_problem(device)
+
+
+def availability(device: int = 0) -> tuple[bool, str]:
+    """(usable, reason): whether the trt backend can run here, and what is missing: TensorRT >= 10,
+    Polygraphy (whose CUDA wrapper holds the backend's buffers: `cuda_memory`) and a CUDA GPU.
+    No PyTorch: a Jetson's system TensorRT with Polygraphy is enough."""
     problem = tensorrt_problem()
     if problem is not None:
         return False, problem
     try:
-        import torch
-    except ImportError:
-        return False, ("TensorRT is installed but PyTorch is not: the trt backend keeps its buffers in PyTorch "
-                       "CUDA tensors (pip install 'vssflow[gpu]', or NVIDIA's PyTorch wheel on a Jetson)")
-    if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible; TensorRT engines need one (ONNX files were written)"
-    return True, ""
+        polygraphy = importlib.util.find_spec("polygraphy") is not None
+    except (ImportError, ValueError):
+        polygraphy = False
+    if not polygraphy:
+        return False, ("TensorRT is installed but Polygraphy is not: the trt backend keeps its buffers through "
+                       "Polygraphy's CUDA wrapper (pip install polygraphy: pure Python, no PyTorch)")
+    problem = cuda_problem(device)
+    return (False, problem) if problem is not None else (True, "")
 
 
 def gpu_tag(device: int = 0) -> str:
-    """`{gpu name}-sm{major}{minor}` of a CUDA device, e.g. `nvidia-h100-80gb-hbm3-sm90`.
-    Call only where `availability()` said yes (it needs PyTorch with CUDA)."""
-    import torch
-    p = torch.cuda.get_device_properties(device)
-    name = "".join(ch if ch.isalnum() else "-" for ch in p.name).strip("-").lower()
-    return f"{name}-sm{p.major}{p.minor}"
+    """`{gpu name}-sm{major}{minor}` of a CUDA device, e.g. `nvidia-h100-80gb-hbm3-sm90`, from the
+    CUDA driver (the same name PyTorch reports, so engines named before keep matching)."""
+    d = cuda_driver.device(device)
+    name = "".join(ch if ch.isalnum() else "-" for ch in d.name).strip("-").lower()
+    return f"{name}-sm{d.major}{d.minor}"
 
 
 def profile_key(contract: StageContract) -> str:
@@ -116,6 +131,6 @@ def match_engines(folder, gpu: str, trt_version: str, precision: str = "fp32") -
         built = sorted(set().union(*seen.values())) if seen else []
         present = f"its engines are for {'; '.join(built)}" if built else "it has no TensorRT engines"
         raise BackendError(f"{folder.path}: no {precision} TensorRT engine for {', '.join(missing)} built for this "
-                           f"machine ({gpu} / TensorRT {trt_version}); {present}: re-run vssflow-export "
-                           f"--backend trt --precision {precision} on this machine, or use --backend ort")
+                           f"machine ({gpu} / TensorRT {trt_version}); {present}: run vssflow-export "
+                           f"--engines-for {folder.path} --precision {precision} on this machine, or use --backend ort")
     return found

@@ -154,3 +154,22 @@ def _check_hashes(folder: Path, files: dict, manifest_sha: str, everything: bool
         checked.append(name)
     if checked:
         write_stamp(folder, manifest_sha, list(files))
+
+
+def update_manifest(folder: Path, added: list[str], merge: dict[str, dict]) -> dict:
+    """List `added` (files already in `folder`) in its manifest.json with their size and sha256, and
+    merge `merge` into the manifest's top-level objects (`{"report": {"tensorrt": ...}}`); the
+    manifest is replaced atomically, the one moment a reader sees the folder change, then stamped.
+
+    Call right after `ModelFolder.open(folder)`, which checked every file already listed: the
+    stamp records them, and the added ones hashed here, as verified.
+    """
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for name in added:
+        manifest["files"][name] = {"sha256": sha256(folder / name), "bytes": (folder / name).stat().st_size}
+    for key, value in merge.items():
+        manifest[key] = {**manifest.get(key, {}), **value}
+    write_atomic(manifest_path, json.dumps(manifest, indent=1))
+    write_stamp(folder, sha256(manifest_path), list(manifest["files"]))
+    return manifest

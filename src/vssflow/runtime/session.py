@@ -219,6 +219,22 @@ def window_phone_ids(track: np.ndarray, index: int) -> np.ndarray:
     return np.pad(ids, (0, C.WINDOW_LATENTS - len(ids)))
 
 
+def frames_device(preprocess: str, device: str | None, backend: str, triton: bool) -> str | None:
+    """Where frames are prepared (`PREPROCESS`): None for the host, else the backend's device.
+    `auto` picks the device only on a GPU with Triton there for the kernels (their torch
+    reference is dense FP64 products: slower than the host path); `device` insists."""
+    if preprocess not in PREPROCESS:
+        raise VssflowInputError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
+    if preprocess == "host":
+        return None
+    if preprocess == "auto" and not (str(device).startswith("cuda") and triton):
+        return None
+    if device is None:
+        raise BackendError(f"the {backend} backend takes frames from the host; preprocessing on the "
+                           "device needs the torch backend")
+    return device
+
+
 class Session:
     """A loaded model: `generate()` for a whole result, `stream()` for chunks as they are ready.
 
@@ -326,15 +342,8 @@ class Session:
         return Prepared(video_source, info, track, noise_of, speaker_crops)
 
     def _frames_device(self, preprocess: str) -> str | None:
-        if preprocess not in PREPROCESS:
-            raise VssflowInputError(f"preprocess must be one of {', '.join(PREPROCESS)}, got {preprocess!r}")
-        device = self.backend.frames_device
-        if preprocess == "host" or (preprocess == "auto" and not str(device).startswith("cuda")):
-            return None
-        if device is None:
-            raise BackendError(f"the {self.backend.name} backend takes frames from the host; preprocessing on the "
-                               "device needs the torch or trt backend")
-        return device
+        return frames_device(preprocess, self.backend.frames_device, self.backend.name,
+                             triton=not extras.missing("kernels"))
 
     def _phoneme_track(self, o: GenerateOptions, duration: float, n_windows: int) -> np.ndarray:
         """Phoneme ids over the windows' whole timeline, stretched over the speech interval."""
