@@ -207,3 +207,55 @@ def test_export_without_tensorrt_says_it_skipped_the_engines(tmp_path):
     trt = [line for line in r.stdout.splitlines() if line.startswith("TensorRT")]
     assert trt == ["TensorRT: skipped: TensorRT is not installed: `pip install tensorrt` (x86-64), or on a Jetson "
                    "use the one JetPack ships; ONNX files were written and run on ONNX Runtime"], r.stdout
+
+
+def _audio_packets(path, track):
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(c.streams.audio[track]) if p.size]
+
+
+def test_the_inputs_own_sound_track_is_kept_and_said(tiny_model, tmp_path):
+    """`vssflow-run clip.mp4 -o out.mp4` on a clip with its own AAC track: both tracks, the
+    generated one first, the clip's packets as they were; a line and --json's notes say so.
+    `--input-audio drop` leaves one track and says that; a .wav output says it was left out."""
+    clip = tmp_path / "clip.mp4"
+    make_video(clip, 2, 25, (64, 48), audio=True)
+    out = tmp_path / "out.mp4"
+    r = run("vssflow.runtime.cli", str(clip), "--model", str(tiny_model), "-o", str(out), "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert "[vssflow-run] the input's own sound track (aac) kept in out.mp4, after the generated one" \
+        in r.stderr.splitlines()
+    with av.open(str(out)) as c:
+        assert [(s.sample_rate, s.disposition & av.stream.Disposition.default != 0) for s in c.streams.audio] == \
+            [(16000, True), (16000, False)]
+    assert _audio_packets(out, 1) == _audio_packets(clip, 0) and _video_packets(out) == _video_packets(clip)
+
+    r = run("vssflow.runtime.cli", str(clip), "--model", str(tiny_model), "-o", str(tmp_path / "drop.mp4"),
+            "--steps", "1", "--input-audio", "drop", "--json")
+    assert r.returncode == 0, r.stderr
+    note = "the input's own sound track (aac) left out of drop.mp4 (--input-audio drop)"
+    assert f"[vssflow-run] {note}" in r.stderr.splitlines() and json.loads(r.stdout)["notes"] == [note]
+    with av.open(str(tmp_path / "drop.mp4")) as c:
+        assert len(c.streams.audio) == 1
+
+    r = run("vssflow.runtime.cli", str(clip), "--model", str(tiny_model), "-o", str(tmp_path / "out.wav"),
+            "--steps", "1")
+    assert r.returncode == 0, r.stderr
+    assert "[vssflow-run] the input's own sound track (aac) left out of out.wav: a .wav file holds the generated " \
+           "sound only" in r.stderr.splitlines()
+
+
+def test_a_batch_row_says_what_became_of_the_inputs_sound(tiny_model, tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_video(clips / "a.mp4", 1, 25, (64, 48), audio=True)
+    make_video(clips / "b.mp4", 1, 25, (64, 48))
+    r = run("vssflow.runtime.cli", str(clips), "--model", str(tiny_model), "--output-dir", str(tmp_path / "out"),
+            "--steps", "1", "--input-audio", "drop", "--report", str(tmp_path / "report.jsonl"))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in (tmp_path / "report.jsonl").read_text().splitlines()][:2]
+    assert [row["notes"] for row in rows] == [["the input's own sound track (aac) left out of a.mp4 (--input-audio drop)"], []]
+    assert any(line.startswith("[vssflow-run] ok ") and line.endswith("left out of a.mp4 (--input-audio drop)")
+               for line in r.stderr.splitlines()), r.stderr
+    with av.open(str(tmp_path / "out" / "a.mp4")) as c:
+        assert len(c.streams.audio) == 1

@@ -16,7 +16,7 @@ from . import extras
 from .backends import BACKENDS, PREPROCESS
 from .errors import OutputError, VssflowError, VssflowInputError, describe
 from .files import atomic_output
-from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
+from .output import INPUT_AUDIO, OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
 from .session import GenerateOptions
 from .solvers import SOLVERS
@@ -67,6 +67,10 @@ def _raise_on_sigterm() -> None:
                    f"({', '.join(VIDEO_EXTENSIONS)}: the input's video stream copied without re-encoding, plus "
                    "the new sound). Default: VIDEO_with_sound.EXT beside the input, in the input's container "
                    "when it can hold the video, else .mkv.")
+@click.option("--input-audio", type=click.Choice(INPUT_AUDIO), default="keep", show_default=True,
+              help="The input's own sound tracks in a video output: keep copies them (packets as they are) after "
+                   "the generated track, which comes first and is the default one, where the container can hold "
+                   "their codec; drop leaves them out. Either way one line (and --json's notes) says which.")
 @click.option("--transcript", default=None, help="Words spoken in the clip (English).")
 @click.option("--speech-start", type=float, default=None, help="Second the speech starts (default 0).")
 @click.option("--speech-end", type=float, default=None, help="Second the speech ends (default: end of clip, at most 10 s).")
@@ -124,8 +128,8 @@ def _raise_on_sigterm() -> None:
                    "filesystem every node shares.")
 @click.option("--ray-workers", type=click.IntRange(1, None), default=None,
               help="Actors, one Session each (default: one per GPU of the cluster, else 1).")
-def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, quiet, manifest,
+def main(videos, model_dir, output, input_audio, transcript, speech_start, speech_end, ref_audio, solver, steps,
+         cfg, seed, noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, quiet, manifest,
          output_dir, out_format, report, skip_existing, batch, workers, use_ray, ray_address, ray_workers):
     """Generate sound effects and speech for VIDEO and write them to a file; or for many clips
     (several VIDEOs, folders searched for videos, or --manifest) into --output-dir.
@@ -159,10 +163,11 @@ def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_au
                               output_dir=output_dir, out_format=out_format, report_path=report,
                               skip_existing=skip_existing, batch=batch, workers=workers,
                               use_ray=use_ray or ray_address is not None, ray_address=ray_address,
-                              ray_workers=ray_workers)
+                              ray_workers=ray_workers, input_audio=input_audio)
         else:
             code = _run(videos[0], model, options, ui, output=output, ref_audio=ref_audio, noise=noise,
-                        dump_intermediates=dump_intermediates, out_format=out_format, skip_existing=skip_existing)
+                        dump_intermediates=dump_intermediates, out_format=out_format, skip_existing=skip_existing,
+                        input_audio=input_audio)
     except VssflowError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -225,11 +230,11 @@ class _Model:
 
 
 def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, output, ref_audio, noise,
-         dump_intermediates, out_format, skip_existing) -> int:
+         dump_intermediates, out_format, skip_existing, input_audio) -> int:
     say = ui.say
     if not video.is_file():
         raise VssflowInputError(f"{video}: no such file")
-    plan = plan_output(video, output, format=out_format)
+    plan = plan_output(video, output, format=out_format, input_audio=input_audio)
     if plan.note:
         say(plan.note)
     if skip_existing and plan.path.exists():
@@ -273,7 +278,8 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    for note in chunks.notes:
+    notes = [*chunks.notes, *plan.notes]
+    for note in notes:
         if note not in said:
             say(note)
     if dump_intermediates is not None:
@@ -283,7 +289,7 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
                "sample_rate": info.sample_rate, "windows": info.n_windows, "backend": info.backend,
                "precision": info.precision, "fallbacks": list(chunks.fallbacks), "solver": o.solver, "steps": o.steps, "cfg": o.cfg, "seed": o.seed, "nfe": chunks.nfe,
                "timings": {k: round(v, 4) for k, v in chunks.timings.items()}, "demo_model": info.demo_model,
-               "notes": list(chunks.notes)}
+               "notes": notes}
     if ui.as_json:
         click.echo(json.dumps(summary))
     else:
@@ -292,7 +298,8 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
 
 
 def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_audio, manifest, output_dir,
-               out_format, report_path, skip_existing, batch, workers, use_ray, ray_address, ray_workers) -> int:
+               out_format, report_path, skip_existing, batch, workers, use_ray, ray_address, ray_workers,
+               input_audio) -> int:
     """Many clips: plan every item (refusing a batch that cannot run), then run them (here, or on
     Ray), writing a row per item as each is done; exit 0, or EXIT_SOME_FAILED if any failed."""
     import time
@@ -306,6 +313,9 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
     options.check()
     planned = plan_items(list(videos), manifest=manifest, output_dir=output_dir, format=out_format,
                          fields={**per_item, "ref_audio": ref_audio})
+    if input_audio == "drop":                   # plans keep the input's own sound unless told
+        planned = [p if p.plan is None else
+                   dataclasses.replace(p, plan=dataclasses.replace(p.plan, keep_input_audio=False)) for p in planned]
     if use_ray:
         from . import ray_batch
         ray_batch.check_ray()                       # exit 4 with the install line, before any model loads
@@ -353,7 +363,7 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
 
 def _row_line(name, r: dict) -> str:
     if r["status"] == "ok":
-        return f"ok {name} -> {r['output']} ({r['seconds']:.2f} s)"
+        return f"ok {name} -> {r['output']} ({r['seconds']:.2f} s)" + "".join(f"; {n}" for n in r.get("notes") or ())
     if r["status"] == "skipped":
         return f"skipped {name}: {r['output']} exists"
     about = "" if str(name) in r["error"] else f" {name}"
