@@ -159,11 +159,8 @@ def verify_onnx(module: torch.nn.Module, contract: StageContract, path: Path, si
 def _versions() -> dict:
     import onnx
     v = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__}
-    try:
-        import onnxruntime
-        v["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    if not extras.missing("cpu"):
+        v["onnxruntime"] = extras.onnxruntime().__version__
     try:
         import tensorrt
         v["tensorrt"] = tensorrt.__version__
