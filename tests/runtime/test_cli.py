@@ -111,6 +111,8 @@ def test_noise_file_and_intermediates_reproduce_a_run(tiny_model, clip4, tmp_pat
     (["{clip}", "--model", "{tmp}/nomodel"], 3, "no such model folder"),
     (["{clip}", "--transcript", "hi", "--speech-start", "3", "--speech-end", "2"], 11, "speech"),
     (["{clip}", "--cfg", "nan"], 2, "cfg"),
+    # a negative seed (numpy's generators take none): refused before the model loads
+    (["{clip}", "--seed", "-5", "--model", "{tmp}/nomodel"], 2, "seed must be a whole number from 0 up"),
     (["{clip}", "--backend", "ort", "--preprocess", "device"], 4, "takes frames from the host"),
 ])
 def test_bad_input_gives_one_line_and_exit_code(tiny_model, clip4, tmp_path, args, code, message):
@@ -259,3 +261,18 @@ def test_a_batch_row_says_what_became_of_the_inputs_sound(tiny_model, tmp_path):
                for line in r.stderr.splitlines()), r.stderr
     with av.open(str(tmp_path / "out" / "a.mp4")) as c:
         assert len(c.streams.audio) == 1
+
+
+def test_json_into_a_closed_pipe_ends_quietly(tiny_model, clip4, tmp_path):
+    """`vssflow-run ... --json | head -c1` with the reader gone before the summary is written:
+    exit 141 (as a Unix tool killed by SIGPIPE), nothing on stderr but the run's own lines, the
+    output complete."""
+    out = tmp_path / "out.wav"
+    p = subprocess.Popen([sys.executable, "-m", "vssflow.runtime.cli", str(clip4), "--model", str(tiny_model),
+                          "-o", str(out), "--steps", "1", "--json", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()                  # the reader leaves before the run writes anything
+    stderr = p.stderr.read()
+    assert p.wait(timeout=600) == 141, stderr
+    assert stderr == ""
+    assert sf.info(str(out)).frames == 4 * 16000

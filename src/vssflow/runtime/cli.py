@@ -22,6 +22,7 @@ from .session import GenerateOptions
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141             # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader left
 DEBUG_ENV = "VSSFLOW_DEBUG"          # "1": let unexpected errors end in their traceback
 
 
@@ -80,7 +81,9 @@ def _raise_on_sigterm() -> None:
               help="ODE solver; dopri5 reproduces the authors' sampler (slow).")
 @click.option("--steps", type=int, default=25, show_default=True, help="Steps of a fixed-step solver.")
 @click.option("--cfg", type=float, default=3.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the initial noise: a whole number from 0 up (a negative one is refused, exit 2); "
+                   "the same seed gives the same result.")
 @click.option("--noise", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Initial latent as .npy [128, 250] (or [windows, 128, 250]), to reproduce a run exactly.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
@@ -146,6 +149,10 @@ def main(videos, model_dir, output, input_audio, transcript, speech_start, speec
     Many clips: one model load; an item that fails is reported (its row has the exit code a
     single run would give) and the others go on. Exit 0 when every item is ok or skipped,
     20 when some failed.
+
+    \b
+    --json into a pipe whose reader has left (| head -c1): the run ends quietly with exit
+    141, as a Unix tool killed by SIGPIPE (outputs written so far are complete).
     """
     ui = _Ui(interactive=sys.stderr.isatty() and not quiet, quiet=quiet, as_json=as_json)
     model = _Model(model_dir, backend, device, preprocess, verify, None if precision == "auto" else precision)
@@ -175,12 +182,23 @@ def main(videos, model_dir, output, input_audio, transcript, speech_start, speec
         click.echo("vssflow-run: interrupted; " + ("finished outputs were kept, none was left half-written" if many
                                                    else "no output was written"), err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:                    # stdout's reader is gone (`--json | head -c1`): end quietly
+        _stdout_closed()
     except click.ClickException:
         raise
     except Exception as e:                     # outputs go to a temporary name: nothing half-written
         exit_on_internal_error("vssflow-run", e, "no output was written" if not many else
                                "finished outputs were kept, none was left half-written")
     sys.exit(code)
+
+
+def _stdout_closed() -> None:
+    """End as a Unix tool killed by SIGPIPE appears to its shell (exit 141), without a word: the
+    reader chose to stop. stdout goes to /dev/null first, or Python's own flush at exit would
+    fail on the same closed pipe and print an error."""
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
+    sys.exit(EXIT_STDOUT_CLOSED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,6 +250,7 @@ class _Model:
 def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, output, ref_audio, noise,
          dump_intermediates, out_format, skip_existing, input_audio) -> int:
     say = ui.say
+    options.check()                            # before the model loads (or the demo exports)
     if not video.is_file():
         raise VssflowInputError(f"{video}: no such file")
     plan = plan_output(video, output, format=out_format, input_audio=input_audio)
