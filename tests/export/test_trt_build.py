@@ -30,6 +30,7 @@ def _tensorrt(version: str, strongly_typed: bool = True) -> types.ModuleType:
 
 
 def test_missing_tensorrt(monkeypatch):
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)       # as on a machine with a CUDA GPU
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     for ok, reason in (trt_build.support(), engines.availability()):
         assert not ok and reason.startswith("TensorRT is not installed") and "\n" not in reason
@@ -37,6 +38,7 @@ def test_missing_tensorrt(monkeypatch):
 
 @pytest.mark.parametrize("version,flag", [("8.6.1", False), ("9.3.0", True), ("10.3.0", False)])
 def test_tensorrt_without_strong_typing_is_named(monkeypatch, version, flag):
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)
     monkeypatch.setitem(sys.modules, "tensorrt", _tensorrt(version, flag))
     for ok, reason in (trt_build.support(), engines.availability()):
         assert not ok and reason.startswith(f"TensorRT {version} cannot build strongly typed networks")
@@ -55,6 +57,15 @@ def test_tensorrt_10_and_11_are_accepted(monkeypatch, version):
         assert not ok and reason.startswith("Polygraphy is not installed")
     else:
         assert ok and reason == ""
+
+
+def test_without_a_gpu_that_is_the_one_reason(monkeypatch):
+    """No CUDA GPU: TensorRT is no option, and nothing advises installing it (nor Polygraphy)."""
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: False)
+    for trt in (None, _tensorrt("8.6.1", False), _tensorrt("11.4.0.106")):
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        for ok, reason in (trt_build.support(), engines.availability()):
+            assert (ok, reason) == (False, "no CUDA GPU is visible; TensorRT engines are built and run on one")
 
 
 @pytest.mark.parametrize("version,ok", [("0.49.8", False), ("0.49.9", True), ("0.50.1", True)])

@@ -98,7 +98,8 @@ def test_auto_backend_with_tensorrt_but_without_torch_falls_back_to_ort(tiny_mod
     code = BLOCK_TORCH + textwrap.dedent(f"""
         sys.path.insert(0, {str(tmp_path / "fake")!r})
         sys.argv = ["vssflow-run", {str(clip4)!r}, "--model", {str(tiny_model)!r}, "-o", "out.wav", "--steps", "1"]
-        from vssflow.runtime import cli
+        from vssflow.runtime import cli, engines
+        engines.cuda_gpu_visible = lambda: True          # a Jetson has its GPU
         cli.main()
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -117,6 +118,7 @@ def test_tensorrt_availability_names_what_is_missing(monkeypatch, version, needl
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version,
                                                                        NetworkDefinitionCreationFlag=flags))
     monkeypatch.setitem(sys.modules, "torch", None)                   # import torch -> ImportError
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)    # as on a machine with a CUDA GPU
     ok, reason = engines.availability()
     assert not ok and reason.startswith(needle), reason
 

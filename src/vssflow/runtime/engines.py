@@ -12,8 +12,11 @@ for an FP32 one (engines are strongly typed: their precision is their graph's).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import hashlib
 import re
+import sys
 
 from .contracts import StageContract
 from .errors import BackendError
@@ -23,6 +26,22 @@ MIN_TENSORRT = 10            # strongly typed networks; JetPack 6 ships 10.3
 _NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z0-9-]+)"
                    r"\.trt(?P<trt>[0-9][0-9A-Za-z.+]*?)\.(?P<precision>fp16|fp32)"
                    r"\.p(?P<profile>[0-9a-f]{8})\.engine")
+
+
+NO_GPU = "no CUDA GPU is visible; TensorRT engines are built and run on one"
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_gpu_visible() -> bool:
+    """Whether the CUDA driver sees a GPU here (after CUDA_VISIBLE_DEVICES), asked of the driver
+    library itself: no torch import, so a machine without one knows in a millisecond that
+    TensorRT is no option (and nothing advises installing it)."""
+    try:
+        cuda = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return False                            # no NVIDIA driver
+    count = ctypes.c_int(0)
+    return cuda.cuInit(0) == 0 and cuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def tensorrt_problem() -> str | None:
@@ -49,8 +68,11 @@ def availability() -> tuple[bool, str]:
 
     The trt backend keeps its buffers in PyTorch CUDA tensors, so it needs PyTorch with CUDA
     too; a machine with TensorRT alone (a Jetson's system TensorRT) is told so and `auto`
-    falls back to ONNX Runtime.
+    falls back to ONNX Runtime. Without a CUDA GPU that is the one reason given: what else
+    TensorRT would need does not matter there.
     """
+    if not cuda_gpu_visible():
+        return False, NO_GPU
     problem = tensorrt_problem()
     if problem is not None:
         return False, problem
@@ -60,7 +82,8 @@ def availability() -> tuple[bool, str]:
         return False, ("TensorRT is installed but PyTorch is not: the trt backend keeps its buffers in PyTorch "
                        "CUDA tensors (pip install 'vssflow[gpu]', or NVIDIA's PyTorch wheel on a Jetson)")
     if not torch.cuda.is_available():
-        return False, "no CUDA GPU is visible; TensorRT engines need one (ONNX files were written)"
+        return False, ("PyTorch here has no CUDA (a CPU build?); the trt backend keeps its buffers in PyTorch "
+                       "CUDA tensors: pip install 'vssflow[gpu]'")
     return True, ""
 
 
