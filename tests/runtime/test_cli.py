@@ -1,6 +1,7 @@
 """`vssflow-run` and `vssflow-export` as a user runs them."""
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -281,3 +282,10 @@ def test_json_into_a_closed_pipe_ends_quietly(tiny_model, clip4, tmp_path):
     assert p.wait(timeout=600) == 141, stderr
     assert stderr == ""
     assert sf.info(str(out)).frames == 4 * 16000
+
+
+@pytest.mark.parametrize("tool", ["vssflow.runtime.cli", "vssflow.export.cli"])
+def test_version_is_the_installed_packages(tool):
+    r = run(tool, "--version")
+    name = "vssflow-run" if "runtime" in tool else "vssflow-export"
+    assert r.returncode == 0 and r.stdout == f"{name} {importlib.metadata.version('vssflow')}\n"

@@ -55,6 +55,7 @@ def _summary(manifest: dict, out: Path) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vssflow", prog_name="vssflow-export", message="%(prog)s %(version)s")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="The authors' Lightning checkpoint (.ckpt) holding every trained part.")
 @click.option("--synchformer", type=click.Path(dir_okay=False, path_type=Path),

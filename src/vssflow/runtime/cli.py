@@ -59,6 +59,7 @@ def _raise_on_sigterm() -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vssflow", prog_name="vssflow-run", message="%(prog)s %(version)s")
 @click.argument("videos", metavar="VIDEO...", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Model folder from vssflow-export. Default: the demo model (random weights: noise), "
