@@ -3,6 +3,7 @@
 import hashlib
 import importlib.metadata
 import importlib.util
+import os
 import json
 import shutil
 import subprocess
@@ -148,8 +149,9 @@ def test_export_demo_is_complete_and_atomic(tmp_path):
     assert set(manifest["files"]) >= {f"{s}.onnx" for s in ("clip_encoder", "synch_encoder", "speaker_encoder",
                                                              "condition", "flow_step", "vae_decoder", "vocoder")}
     assert "TensorRT" not in r.stdout                         # --backend onnx: no engines, no TensorRT line
-    again = run("vssflow.export.cli", "--demo", "--out", str(out), "--backend", "onnx", "-q")
-    assert again.returncode != 0 and "already exists" in again.stderr
+    again = run("vssflow.export.cli", "--demo", "--out", str(out), "--backend", "onnx")
+    assert again.returncode == 5 and "already exists; pass --force" in again.stderr
+    assert "random-weight checkpoint" not in again.stderr    # refused before anything was written
     assert json.loads((out / "manifest.json").read_text()) == manifest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
@@ -289,3 +291,21 @@ def test_version_is_the_installed_packages(tool):
     r = run(tool, "--version")
     name = "vssflow-run" if "runtime" in tool else "vssflow-export"
     assert r.returncode == 0 and r.stdout == f"{name} {importlib.metadata.version('vssflow')}\n"
+
+
+def test_export_checks_out_before_writing_anything(tmp_path):
+    """An --out whose parent is a file (or not writable) is refused before the demo's random
+    checkpoint is written."""
+    (tmp_path / "file").write_text("x")
+    r = run("vssflow.export.cli", "--demo", "--out", str(tmp_path / "file" / "m"), "--backend", "onnx")
+    assert r.returncode == 5, r.stderr
+    assert r.stderr.strip().splitlines() == [f"vssflow-export: error: {tmp_path / 'file' / 'm'}: cannot be made: "
+                                             f"{tmp_path / 'file'} is not a folder"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into any folder")
+def test_export_refuses_an_unwritable_parent_at_once(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    r = run("vssflow.export.cli", "--demo", "--out", str(locked / "m"), "--backend", "onnx")
+    assert r.returncode == 5 and "is not writable" in r.stderr and "random-weight" not in r.stderr
