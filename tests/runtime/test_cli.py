@@ -149,6 +149,7 @@ def test_export_demo_is_complete_and_atomic(tmp_path):
     assert set(manifest["files"]) >= {f"{s}.onnx" for s in ("clip_encoder", "synch_encoder", "speaker_encoder",
                                                              "condition", "flow_step", "vae_decoder", "vocoder")}
     assert "TensorRT" not in r.stdout                         # --backend onnx: no engines, no TensorRT line
+    assert "weights.pt" not in manifest["files"] and not (out / "weights.pt").exists()   # opt-in, as documented
     again = run("vssflow.export.cli", "--demo", "--out", str(out), "--backend", "onnx")
     assert again.returncode == 5 and "already exists; pass --force" in again.stderr
     assert "random-weight checkpoint" not in again.stderr    # refused before anything was written
@@ -309,3 +310,25 @@ def test_export_refuses_an_unwritable_parent_at_once(tmp_path):
     locked.mkdir(mode=0o555)
     r = run("vssflow.export.cli", "--demo", "--out", str(locked / "m"), "--backend", "onnx")
     assert r.returncode == 5 and "is not writable" in r.stderr and "random-weight" not in r.stderr
+
+
+def test_demo_writes_torch_weights_when_asked(tmp_path):
+    """weights.pt is opt-in for the demo as for any model (the test above: not without it)."""
+    r = run("vssflow.export.cli", "--demo", "--out", str(tmp_path / "w"), "--backend", "onnx", "--no-verify", "-q",
+            "--torch-weights")
+    assert r.returncode == 0, r.stderr
+    assert "weights.pt" in json.loads((tmp_path / "w" / "manifest.json").read_text())["files"]
+
+
+def test_run_without_model_exports_torch_weights_only_for_the_torch_backend(clip4, tmp_path):
+    """`vssflow-run` without --model exports the demo into $VSSFLOW_HOME: with ONNX Runtime here,
+    no weights.pt for `auto`; `--backend torch` exports it again, with them, and runs."""
+    env = {**os.environ, "VSSFLOW_HOME": str(tmp_path / "home")}
+    demo = tmp_path / "home" / "demo-model"
+    r = run("vssflow.runtime.cli", str(clip4), "-o", str(tmp_path / "a.wav"), "--steps", "1", "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "weights.pt" not in json.loads((demo / "manifest.json").read_text())["files"]
+    r = run("vssflow.runtime.cli", str(clip4), "-o", str(tmp_path / "b.wav"), "--steps", "1", "-q",
+            "--backend", "torch", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "weights.pt" in json.loads((demo / "manifest.json").read_text())["files"]

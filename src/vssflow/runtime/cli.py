@@ -40,13 +40,23 @@ def exit_on_internal_error(tool: str, e: Exception, outcome: str) -> None:
     sys.exit(code)
 
 
-def _ensure_demo(model_dir: Path, say) -> None:
-    """Export the demo model on first use (needs the export extra: torch, onnx)."""
-    if (model_dir / "manifest.json").is_file():
-        return
+def _ensure_demo(model_dir: Path, say, backend: str) -> None:
+    """Export the demo model on first use (needs the export extra: torch, onnx). Its weights.pt
+    only where the torch backend is to run it (asked for, or no onnxruntime here), as for any
+    model; a demo exported without it is exported again when it is needed."""
+    no_ort = bool(extras.missing("cpu"))
+    torch_weights = backend == "torch" or no_ort
+    manifest = model_dir / "manifest.json"
+    if manifest.is_file():
+        try:
+            if not torch_weights or "weights.pt" in json.loads(manifest.read_text())["files"]:
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            return                                # damaged: ModelFolder.open says how
     export_cli = extras.load("export.cli", "export", "no --model given, and exporting the demo model")
     say(f"no model given: exporting the demo model (random weights) to {model_dir}")
-    export_cli.export_demo(model_dir, replace=True, progress=lambda m: say(m), verify=not extras.missing("cpu"))
+    export_cli.export_demo(model_dir, replace=True, progress=lambda m: say(m), verify=not no_ort,
+                           torch_weights=torch_weights)
 
 
 def _raise_on_sigterm() -> None:
@@ -230,7 +240,7 @@ class _Model:
         if self.folder is not None:
             return self.folder
         from .model_folder import demo_model_dir
-        _ensure_demo(demo_model_dir(), say)
+        _ensure_demo(demo_model_dir(), say, self.backend)
         return demo_model_dir()
 
     def settings(self) -> dict:
