@@ -9,6 +9,7 @@ from vssflow.runtime import engines
 
 
 def test_missing_tensorrt_is_reported(monkeypatch):
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)       # as on a machine with a CUDA GPU
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError
     ok, reason = engines.availability()
     assert not ok and "TensorRT is not installed" in reason and "JetPack" in reason

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_missing_tensorrt(monkeypatch):
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)       # as on a machine with a CUDA GPU
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     for ok, reason in (trt_build.support(), engines.availability()):
         assert not ok and reason.startswith("TensorRT is not installed") and "\n" not in reason
@@ -29,6 +30,7 @@ def test_missing_tensorrt(monkeypatch):
 
 @pytest.mark.parametrize("version,flag", [("8.6.1", False), ("9.3.0", True), ("10.3.0", False)])
 def test_tensorrt_without_strong_typing_is_named(monkeypatch, version, flag):
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.tensorrt(version, flag))
     for ok, reason in (trt_build.support(), engines.availability()):
         assert not ok and reason.startswith(f"TensorRT {version} cannot build strongly typed networks")
@@ -47,6 +49,15 @@ def test_tensorrt_10_and_11_are_accepted(monkeypatch, version):
         assert not ok and reason.startswith("Polygraphy is not installed")
     else:
         assert ok and reason == ""
+
+
+def test_without_a_gpu_that_is_the_one_reason(monkeypatch):
+    """No CUDA GPU: TensorRT is no option, and nothing advises installing it (nor Polygraphy)."""
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: False)
+    for trt in (None, fake_trt.tensorrt("8.6.1", False), fake_trt.tensorrt("11.4.0.106")):
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        for ok, reason in (trt_build.support(), engines.availability()):
+            assert (ok, reason) == (False, "no CUDA GPU is visible; TensorRT engines are built and run on one")
 
 
 @pytest.mark.parametrize("version,ok", [("0.49.9", False), ("0.50.2", False), ("0.50.3", True), ("0.53.6", True)])
@@ -219,6 +230,7 @@ def test_engines_for_a_failed_stage_leaves_the_folder_as_it_was(monkeypatch, tmp
 def test_engines_for_without_tensorrt_changes_nothing(monkeypatch, tmp_path):
     from vssflow.runtime.errors import BackendError
     monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)       # as on a machine with a CUDA GPU
     path = fake_trt.model_folder(tmp_path / "m")
     before = fake_trt.snapshot(path)
     with pytest.raises(BackendError, match="^cannot build TensorRT engines here: TensorRT is not installed"):

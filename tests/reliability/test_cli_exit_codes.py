@@ -11,6 +11,7 @@ import pytest
 
 from tests.reliability import hostile
 from tests.reliability.conftest import assert_one_line_error, listing, run_cli
+from vssflow.runtime import engines
 
 CASES = {
     # name: (arguments, exit code, what the message says); {x} are filled from `inputs`
@@ -65,5 +66,6 @@ def test_cli_bad_input(case, inputs, tiny_model, tmp_path):
 def test_cli_trt_backend_without_tensorrt(inputs, tiny_model, tmp_path):
     r = run_cli("vssflow.runtime.cli", inputs["clip"], "--model", tiny_model, "--backend", "trt",
                 "-o", tmp_path / "out.wav", "-q")
-    assert_one_line_error(r, 4, "the trt backend is unavailable: TensorRT is not installed")
+    assert_one_line_error(r, 4, "the trt backend is unavailable: " + (
+        "TensorRT is not installed" if engines.cuda_gpu_visible() else engines.NO_GPU))
     assert listing(tmp_path) == []

@@ -20,6 +20,7 @@ import pytest
 
 from tests.reliability.conftest import assert_one_line_error, listing, run_cli
 from vssflow.runtime.backends import TrtBackend, create_backend
+from vssflow.runtime import engines
 from vssflow.runtime.engines import match_engines, parse_engine_name
 from vssflow.runtime.errors import BackendError, ModelFolderError
 from vssflow.runtime.model_folder import ModelFolder
@@ -272,10 +273,22 @@ def test_engine_names_written_by_the_exporter_parse(tmp_path, monkeypatch, tiny_
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
-def test_without_tensorrt_auto_falls_back_and_trt_says_why(tiny_model):
+def test_without_tensorrt_auto_falls_back_and_trt_says_why(tiny_model, monkeypatch):
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)       # as on a machine with a CUDA GPU
     with pytest.raises(BackendError, match="the trt backend is unavailable: TensorRT is not installed"):
         TrtBackend(ModelFolder.open(tiny_model))
-    assert create_backend(ModelFolder.open(tiny_model), "auto").name == "ort"
+    auto = create_backend(ModelFolder.open(tiny_model), "auto")
+    assert auto.name == "ort" and auto.passed_over[0].startswith("the trt backend is unavailable: TensorRT is not")
+
+
+def test_without_a_gpu_auto_says_nothing_of_tensorrt(tiny_model, monkeypatch):
+    """No CUDA GPU: `auto` goes to ONNX Runtime without a line about TensorRT; `--backend trt`
+    says the GPU is missing, and gives no install advice."""
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: False)
+    assert create_backend(ModelFolder.open(tiny_model), "auto").passed_over == ()
+    with pytest.raises(BackendError) as e:
+        TrtBackend(ModelFolder.open(tiny_model))
+    assert str(e.value) == "the trt backend is unavailable: no CUDA GPU is visible; TensorRT engines are built and run on one"
 
 
 @pytest.mark.trt

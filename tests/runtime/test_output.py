@@ -3,6 +3,7 @@ packets, audio codec, rate, length and timing), the default output name, and the
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from vssflow.benchmarks.media import make_video
-from vssflow.runtime.errors import OutputError
+from vssflow.runtime.errors import OutputError, VssflowInputError
 from vssflow.runtime.output import (FORMATS, OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, Format,
                                     plan_output, write_output)
 
@@ -304,3 +305,147 @@ def test_missing_folder_and_the_input_itself_are_refused(inputs, tmp_path):
 def test_readme_lists_every_format():
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     assert [ext for ext in FORMATS if f"`{ext}`" not in readme] == []
+
+
+# --- the input's own sound -------------------------------------------------------------------------
+
+def audio_packets(path, track: int) -> list[bytes]:
+    with av.open(str(path)) as c:
+        return [bytes(p) for p in c.demux(c.streams.audio[track]) if p.size]
+
+
+def sound_tracks(path) -> list[tuple[str, int, bool]]:
+    """(codec, channels, marked default) of each sound track, in order."""
+    with av.open(str(path)) as c:
+        return [(s.codec_context.codec.canonical_name, s.channels, bool(s.disposition & av.stream.Disposition.default))
+                for s in c.streams.audio]
+
+
+@pytest.mark.parametrize("name,encoder,layout,ext", [
+    ("clip.mp4", "aac", "mono", ".mp4"),
+    ("clip.mov", "aac", "stereo", ".mov"),
+    ("clip.mkv", "aac", "stereo", ".mkv"),
+    ("clip.mkv", "libopus", "stereo", ".mp4"),          # MP4 holds Opus
+    ("clip.mov", "pcm_s16le", "stereo", ".mkv"),
+])
+def test_the_inputs_own_sound_is_kept_after_the_generated_track(name, encoder, layout, ext, tmp_path):
+    """A clip with its own sound: the output holds the generated track first (the default one)
+    and the input's after it, its packets byte for byte; the plan's note says so."""
+    _needs(encoder)
+    video = tmp_path / name
+    make_video(video, 2, 25, SIZE, audio=encoder, audio_layout=layout)
+    plan = plan_output(video, tmp_path / f"out{ext}")
+    codec = av.Codec(encoder, "w").canonical_name
+    assert plan.copied_audio == (0,)
+    assert plan.notes == (f"the input's own sound track ({codec}) kept in out{ext}, after the generated one",)
+    x = sound()
+    write_output(plan, chunks(x), SR)
+    channels = 1 if layout == "mono" else 2
+    assert sound_tracks(plan.path) == [(FORMATS[ext].audio_codec.removeprefix("lib"), 1, True), (codec, channels, False)]
+    assert audio_packets(plan.path, 1) == audio_packets(video, 0)           # copied, not re-encoded
+    assert video_packets(plan.path) == video_packets(video)
+    assert_sound(plan.path, FORMATS[ext], x)                                 # ours, first, unchanged
+
+
+def test_two_sound_tracks_are_both_kept_in_order(tmp_path):
+    video, out = tmp_path / "two.mkv", tmp_path / "out.mkv"
+    make_video(tmp_path / "a.mkv", 1, 25, SIZE, audio="aac", audio_layout="stereo")
+    make_video(tmp_path / "b.mkv", 1, 25, SIZE, audio="pcm_s16le")
+    with av.open(str(tmp_path / "a.mkv")) as a, av.open(str(tmp_path / "b.mkv")) as b, av.open(str(video), "w") as c:
+        pairs = [(s, c.add_stream_from_template(s)) for s in (a.streams.video[0], a.streams.audio[0], b.streams.audio[0])]
+        for s, copy in pairs:
+            for packet in s.container.demux(s):
+                if packet.size:
+                    packet.stream = copy
+                    c.mux(packet)
+    plan = plan_output(video, out)
+    assert plan.notes == ("the input's own 2 sound tracks (aac, pcm_s16le) kept in out.mkv, after the generated one",)
+    write_output(plan, chunks(sound()), SR)
+    assert [t[0] for t in sound_tracks(out)] == ["aac", "aac", "pcm_s16le"]
+    assert audio_packets(out, 1) == audio_packets(video, 0) and audio_packets(out, 2) == audio_packets(video, 1)
+
+
+@pytest.mark.parametrize("name,encoder,ext,why", [
+    ("clip.mov", "pcm_s16le", ".mp4", ": a .mp4 file cannot hold pcm_s16le (it is copied, not re-encoded); "
+                                      ".mkv or .mov can"),
+    ("vp9.mp4", "aac", ".webm", ": a .webm file cannot hold aac (it is copied, not re-encoded); .mkv or .mp4 can"),
+    ("clip.mkv", "flac", ".ts", ": a .ts file cannot hold flac (it is copied, not re-encoded); .mkv or .mp4 can"),
+    ("clip.mp4", "aac", ".wav", ": a .wav file holds the generated sound only"),
+])
+def test_sound_a_container_cannot_hold_is_left_out_in_one_line(name, encoder, ext, why, tmp_path):
+    """Where the output cannot hold the input's sound (FFmpeg's muxer refuses the codec, or the
+    output is sound only), the result is still written, with the generated track alone, and
+    one line says what was left out and why."""
+    video = tmp_path / name
+    make_video(video, 1, 25, SIZE, "libvpx-vp9" if name.startswith("vp9") else "libx264", audio=encoder)
+    plan = plan_output(video, tmp_path / f"out{ext}")
+    assert plan.copied_audio == ()
+    assert plan.notes == (f"the input's own sound track ({encoder}) left out of out{ext}{why}",)
+    write_output(plan, chunks(sound()), SR)
+    assert len(sound_tracks(plan.path)) == 1
+
+
+def test_drop_leaves_the_inputs_sound_out_and_says_so(tmp_path):
+    video = tmp_path / "clip.mp4"
+    make_video(video, 1, 25, SIZE, audio=True)
+    plan = plan_output(video, tmp_path / "out.mp4", input_audio="drop")
+    assert plan.notes == ("the input's own sound track (aac) left out of out.mp4 (--input-audio drop)",)
+    write_output(plan, chunks(sound()), SR)
+    assert sound_tracks(plan.path) == [("aac", 1, True)]
+    with pytest.raises(VssflowInputError, match="input_audio must be one of keep, drop"):
+        plan_output(video, tmp_path / "out.mp4", input_audio="mix")
+
+
+def test_a_silent_input_gets_no_note(inputs, tmp_path):
+    assert plan_output(_input(inputs, "clip.mp4"), tmp_path / "out.mp4").notes == ()
+    assert plan_output(_input(inputs, "clip.mp4"), tmp_path / "out.wav").notes == ()
+
+
+def test_audio_table_agrees_with_ffmpeg(tmp_path):
+    """Each audio codec a video row lists is copied there by this FFmpeg from a small clip (or,
+    with no encoder here, accepted by avformat_query_codec); those it leaves out are refused by
+    FFmpeg's muxer or not read back as written."""
+    encoders = {"aac": "aac", "mp3": "libmp3lame", "mp2": "mp2", "opus": "libopus", "flac": "flac", "alac": "alac",
+                "ac3": "ac3", "eac3": "eac3", "pcm_s16le": "pcm_s16le", "pcm_s16be": "pcm_s16be",
+                "pcm_s24le": "pcm_s24le", "pcm_f32le": "pcm_f32le"}
+    encoders = {c: e for c, e in encoders.items() if e in av.codecs_available}
+
+    def clip(codec: str, ext: str) -> Path:                 # a video codec the row holds
+        video = "libvpx-vp9" if ext == ".webm" else "mpeg4"
+        path = tmp_path / f"{codec}-{video}.mkv"
+        if not path.exists():
+            make_video(path, 0.2, 25, SIZE, video, audio=encoders[codec], audio_layout="stereo")
+        return path
+
+    checked, refused = [], []
+    for ext in VIDEO_EXTENSIONS:
+        fmt = FORMATS[ext]
+        for codec in sorted(fmt.audio_codecs):
+            if codec in encoders:
+                plan = plan_output(clip(codec, ext), tmp_path / f"{codec}_out{ext}")
+                write_output(plan, chunks(np.zeros(SR // 5, np.float32)), SR)
+                assert sound_tracks(plan.path)[1][0] == codec, (ext, codec)
+                got, sent = audio_packets(plan.path, 1), audio_packets(clip(codec, ext), 0)
+                if codec.startswith("pcm_"):        # demuxers cut PCM into packets of their own size
+                    got, sent = b"".join(got), b"".join(sent)
+                if codec == "aac" and fmt.muxer == "mpegts":      # MPEG-TS frames AAC in ADTS headers
+                    got = [p[7 if p[1] & 1 else 9:] for p in got]
+                assert got == sent, (ext, codec)
+                checked.append((ext, codec))
+            else:
+                with av.open(str(tmp_path / f"query{ext}"), "w", format=fmt.muxer) as c:
+                    c.add_mux_stream(codec)                   # ValueError if FFmpeg says no
+        for codec in sorted(set(encoders) - fmt.audio_codecs):
+            out = tmp_path / f"refused_{codec}{ext}"
+            try:
+                with av.open(str(clip(codec, ext))) as src, av.open(str(out), "w", format=fmt.muxer) as c:
+                    copy = c.add_stream_from_template(src.streams.audio[0], opaque=True)
+                    for packet in src.demux(src.streams.audio[0]):
+                        if packet.size:
+                            packet.stream = copy
+                            c.mux(packet)
+                assert sound_tracks(out)[0][0] != codec or audio_packets(out, 0) != audio_packets(clip(codec, ext), 0)
+            except (av.FFmpegError, ValueError, IndexError):
+                pass
+            refused.append((ext, codec))
+    assert len(checked) >= 40 and len(refused) >= 20, (checked, refused)

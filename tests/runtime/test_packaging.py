@@ -23,11 +23,13 @@ def blocking(*modules: str) -> str:
 
 
 BLOCK_TORCH = blocking("torch")
+# As on a machine with a CUDA GPU (without one, that is the only reason given, TensorRT unnamed).
+GPU_VISIBLE = "from vssflow.runtime import engines\nengines.cuda_gpu_visible = lambda: True\n"
 
 
-def run_blocked(blocked: tuple[str, ...], tool: str, *args, cwd, env=None) -> subprocess.CompletedProcess:
+def run_blocked(blocked: tuple[str, ...], tool: str, *args, cwd, env=None, prelude: str = "") -> subprocess.CompletedProcess:
     """`tool` (a CLI module) with `blocked` modules missing."""
-    code = blocking(*blocked) + f"sys.argv = [{tool!r}, *{list(map(str, args))!r}]\n" \
+    code = blocking(*blocked) + prelude + f"sys.argv = [{tool!r}, *{list(map(str, args))!r}]\n" \
         + f"import runpy; runpy.run_module({tool!r}, run_name='__main__')\n"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=cwd,
                           env={**os.environ, **(env or {})})
@@ -99,7 +101,8 @@ def test_auto_backend_with_tensorrt_but_without_polygraphy_falls_back_to_ort(tin
     code = blocking("torch", "polygraphy") + textwrap.dedent(f"""
         sys.path.insert(0, {str(tmp_path / "fake")!r})
         sys.argv = ["vssflow-run", {str(clip4)!r}, "--model", {str(tiny_model)!r}, "-o", "out.wav", "--steps", "1"]
-        from vssflow.runtime import cli
+        from vssflow.runtime import cli, engines
+        engines.cuda_gpu_visible = lambda: True          # a Jetson has its GPU
         cli.main()
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
@@ -119,6 +122,7 @@ def test_tensorrt_availability_names_what_is_missing(monkeypatch, version, needl
                                                                        NetworkDefinitionCreationFlag=flags))
     monkeypatch.setitem(sys.modules, "torch", None)                   # import torch -> ImportError
     monkeypatch.setitem(sys.modules, "polygraphy", None)
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)    # as on a machine with a CUDA GPU
     ok, reason = engines.availability()
     assert not ok and reason.startswith(needle), reason
 
@@ -153,7 +157,8 @@ def test_engines_for_without_tensorrt_or_torch_changes_nothing(tmp_path):
     from tests.export import fake_trt
     folder = fake_trt.model_folder(tmp_path / "m")
     before = fake_trt.snapshot(folder)
-    r = run_blocked(("torch", "tensorrt", "polygraphy"), "vssflow.export.cli", "--engines-for", folder, cwd=tmp_path)
+    r = run_blocked(("torch", "tensorrt", "polygraphy"), "vssflow.export.cli", "--engines-for", folder, cwd=tmp_path,
+                    prelude=GPU_VISIBLE)
     assert r.returncode == 4 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines() == [
         "vssflow-export: error: cannot build TensorRT engines here: TensorRT is not installed: `pip install "

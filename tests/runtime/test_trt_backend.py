@@ -13,7 +13,7 @@ import pytest
 
 from tests.export import fake_trt
 from vssflow.export import trt_build
-from vssflow.runtime import backends
+from vssflow.runtime import backends, engines
 from vssflow.runtime.backends import Arrays, TrtBackend, create_backend
 from vssflow.runtime.errors import BackendError
 from vssflow.runtime.model_folder import ModelFolder
@@ -105,6 +105,7 @@ def test_a_cuda_runtime_that_cannot_load_is_one_line(gpu):
 def test_without_polygraphy_trt_says_what_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.tensorrt("10.3.0"))
     monkeypatch.setitem(sys.modules, "polygraphy", None)
+    monkeypatch.setattr(engines, "cuda_gpu_visible", lambda: True)       # as on a machine with a CUDA GPU
     folder = ModelFolder.open(fake_trt.model_folder(tmp_path / "m"))
     with pytest.raises(BackendError, match="the trt backend is unavailable: TensorRT is installed but Polygraphy "
                                            "is not.*pip install polygraphy"):

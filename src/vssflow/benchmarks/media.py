@@ -93,7 +93,8 @@ def make_video(
     vfr: bool = False,
     timestamps: Sequence[float] | None = None,
     rotate: int = 0,
-    audio: bool = False,
+    audio: bool | str = False,
+    audio_layout: str = "mono",
     pix_fmt: str | None = None,
     start: float = 0.0,
     quality: str = "high",
@@ -106,7 +107,8 @@ def make_video(
     frame spacing alternate between 0.5x and 1.5x of 1/fps (a variable frame rate file with the
     same average rate); ``timestamps`` gives the frame times explicitly instead. ``rotate`` sets
     the display matrix (degrees counter-clockwise, as ``av.VideoFrame.rotation`` reads it back).
-    ``start`` offsets every timestamp. ``seconds = 0`` writes a video stream with no frames.
+    ``audio``: a sound track too, a tone coded by that encoder (``True``: "aac"), with
+    ``audio_layout``'s channels. ``start`` offsets every timestamp. ``seconds = 0`` writes a video stream with no frames.
     ``bframes`` (libx264) allows that many B-frames, so frames are stored out of order as most
     H.264 files have them. ``texture`` adds a fixed noise pattern of that amplitude (levels) to
     every frame, so the decoder has real work, as with camera footage (0: clean frames).
@@ -137,7 +139,11 @@ def make_video(
             stream.options = {"qscale": "2" if quality == "high" else "8"}
         if rotate:
             stream.set_display_rotation(rotate)
-        audio_stream = container.add_stream("aac", rate=16000) if audio else None
+        audio_stream = None
+        if audio:
+            encoder = "aac" if audio is True else audio
+            rate = 48000 if encoder in ("libopus", "ac3", "eac3") else 16000    # (those take no 16 kHz)
+            audio_stream = container.add_stream(encoder, rate=rate, layout=audio_layout)
 
         if not times:
             container.start_encoding()               # header only: a stream with no frames
@@ -153,7 +159,7 @@ def make_video(
         container.mux(stream.encode(None))
 
         if audio_stream is not None:
-            _write_tone(container, audio_stream, max(seconds, 0.1), 16000)
+            _write_tone(container, audio_stream, max(seconds, 0.1))
     return times
 
 
@@ -176,9 +182,11 @@ def _as_rate(fps: float | Fraction) -> Fraction:
     return Fraction(fps).limit_denominator(1001)
 
 
-def _write_tone(container, stream, seconds: float, sr: int) -> None:
-    samples = (0.2 * np.sin(2 * np.pi * 330 * np.arange(int(seconds * sr)) / sr)).astype(np.float32)
-    frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
+def _write_tone(container, stream, seconds: float) -> None:
+    sr, layout = stream.rate, stream.layout.name
+    tone = 0.2 * np.sin(2 * np.pi * 330 * np.arange(int(seconds * sr)) / sr)
+    samples = np.repeat(tone.astype(np.float32), len(stream.layout.channels))[None]    # packed: [1, n * channels]
+    frame = av.AudioFrame.from_ndarray(samples, format="flt", layout=layout)
     frame.sample_rate = sr
     frame.pts = 0
     for packet in stream.encode(frame):

@@ -16,10 +16,11 @@ DEMO_NOTE = "DEMO MODEL: random weights in the authors' layout; it runs the whol
 
 
 def export_demo(out: Path, *, replace: bool = False, progress=lambda m: None, backend: str = "onnx",
-                precision: str = "fp16", verify: bool = True) -> dict:
-    """Write a `tiny` random-weight checkpoint in the authors' layout and export it to `out`."""
+                precision: str = "fp16", verify: bool = True, torch_weights: bool = False) -> dict:
+    """Write a `tiny` random-weight checkpoint in the authors' layout and export it to `out`
+    (weights.pt, for the torch backend, only with ``torch_weights``, as for any model)."""
     from .onnx_export import export_random
-    options = ExportOptions(precision=precision, backend=backend, verify=verify, torch_weights=True)   # tiny: try every backend
+    options = ExportOptions(precision=precision, backend=backend, verify=verify, torch_weights=torch_weights)
     return export_random(out, "tiny", options=options,
                          replace=replace, progress=progress, note=DEMO_NOTE)
 
@@ -55,6 +56,7 @@ def _summary(manifest: dict, out: Path) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vssflow", prog_name="vssflow-export", message="%(prog)s %(version)s")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path),
               help="The authors' Lightning checkpoint (.ckpt) holding every trained part.")
 @click.option("--synchformer", type=click.Path(dir_okay=False, path_type=Path),
@@ -120,7 +122,7 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
             from vssflow.runtime.model_folder import demo_model_dir
             out = out or demo_model_dir()
             manifest = export_demo(out, replace=force, progress=progress, backend=backend, precision=precision,
-                                   verify=not no_verify)
+                                   verify=not no_verify, torch_weights=torch_weights)
         else:
             if checkpoint is None or synchformer is None:
                 raise click.UsageError("--checkpoint and --synchformer are required (or --demo)")

@@ -27,6 +27,7 @@ import torch
 
 from vssflow.runtime import extras
 from vssflow.runtime.contracts import LATENT_RATE, ModelSizes, StageContract, stage_contracts
+from vssflow.runtime.errors import OutputError
 from vssflow.runtime.files import atomic_folder
 from vssflow.runtime.model_folder import FORMAT_VERSION, sha256, write_stamp
 from vssflow.runtime.precision import FP16_STAGES, graph_name
@@ -159,11 +160,8 @@ def verify_onnx(module: torch.nn.Module, contract: StageContract, path: Path, si
 def _versions() -> dict:
     import onnx
     v = {"python": platform.python_version(), "torch": torch.__version__, "onnx": onnx.__version__}
-    try:
-        import onnxruntime
-        v["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    if not extras.missing("cpu"):
+        v["onnxruntime"] = extras.onnxruntime().__version__
     try:
         import tensorrt
         v["tensorrt"] = tensorrt.__version__
@@ -172,12 +170,30 @@ def _versions() -> dict:
     return v
 
 
+def check_out(out: Path, replace: bool) -> None:
+    """Refuse, with OutputError (exit 5), a model folder that cannot be written, before anything
+    is: one that exists (unless ``replace``), or is not a folder, or whose nearest existing
+    parent is not a writable folder (`atomic_folder` writes beside it)."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    if out.exists() and not replace:
+        raise OutputError(f"{out}: already exists; pass --force to replace it")
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{out}: cannot be made: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot be written: the folder {parent} is not writable")
+
+
 def export_random(out: str | os.PathLike, size: str = "tiny", seed: int = 0, *,
                   options: ExportOptions = ExportOptions(), replace: bool = False,
                   progress: Callable[[str], None] = lambda msg: None, note: str = "") -> dict:
     """Random weights of `size` written in the authors' layout (checkpoint, Synchformer, RawNet3),
     exported to `out` and labelled as a demo model (it makes noise)."""
     from .checkpoint import write_random_assets
+    check_out(Path(out), replace)                # before the random checkpoint is written
     with tempfile.TemporaryDirectory(prefix="vssflow-random-") as tmp:
         progress(f"writing a {size} random-weight checkpoint (authors' layout)")
         paths = write_random_assets(tmp, size, seed)
@@ -192,8 +208,7 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
                  progress: Callable[[str], None] = lambda msg: None, extra: dict | None = None) -> dict:
     """Export every stage into `out`; returns the manifest."""
     out = Path(out)
-    if out.exists() and not replace:
-        raise ExportError(f"{out}: already exists; pass --force to replace it")
+    check_out(out, replace)
     if options.precision not in PRECISIONS:
         raise ExportError(f"unknown export precision {options.precision!r}: expected {' or '.join(PRECISIONS)}")
     if not 1 <= options.max_seconds <= 10:

@@ -621,6 +621,8 @@ def create_backend(folder: ModelFolder, backend: str = "auto", device: str | Non
         return makers[backend]()
     reasons = []
     for name in ("trt", "ort", "torch"):
+        if name == "trt" and not engines.cuda_gpu_visible():
+            continue                    # no GPU: TensorRT is no option here, nor worth a line
         try:
             chosen = makers[name]()
         except BackendError as e:

@@ -16,12 +16,13 @@ from . import extras
 from .backends import BACKENDS, PREPROCESS
 from .errors import OutputError, VssflowError, VssflowInputError, describe
 from .files import atomic_output
-from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
+from .output import INPUT_AUDIO, OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
 from .session import GenerateOptions
 from .solvers import SOLVERS
 
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141             # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader left
 DEBUG_ENV = "VSSFLOW_DEBUG"          # "1": let unexpected errors end in their traceback
 
 
@@ -39,13 +40,23 @@ def exit_on_internal_error(tool: str, e: Exception, outcome: str) -> None:
     sys.exit(code)
 
 
-def _ensure_demo(model_dir: Path, say) -> None:
-    """Export the demo model on first use (needs the export extra: torch, onnx)."""
-    if (model_dir / "manifest.json").is_file():
-        return
+def _ensure_demo(model_dir: Path, say, backend: str) -> None:
+    """Export the demo model on first use (needs the export extra: torch, onnx). Its weights.pt
+    only where the torch backend is to run it (asked for, or no onnxruntime here), as for any
+    model; a demo exported without it is exported again when it is needed."""
+    no_ort = bool(extras.missing("cpu"))
+    torch_weights = backend == "torch" or no_ort
+    manifest = model_dir / "manifest.json"
+    if manifest.is_file():
+        try:
+            if not torch_weights or "weights.pt" in json.loads(manifest.read_text())["files"]:
+                return
+        except (OSError, ValueError, KeyError, TypeError):
+            return                                # damaged: ModelFolder.open says how
     export_cli = extras.load("export.cli", "export", "no --model given, and exporting the demo model")
     say(f"no model given: exporting the demo model (random weights) to {model_dir}")
-    export_cli.export_demo(model_dir, replace=True, progress=lambda m: say(m), verify=not extras.missing("cpu"))
+    export_cli.export_demo(model_dir, replace=True, progress=lambda m: say(m), verify=not no_ort,
+                           torch_weights=torch_weights)
 
 
 def _raise_on_sigterm() -> None:
@@ -58,6 +69,7 @@ def _raise_on_sigterm() -> None:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vssflow", prog_name="vssflow-run", message="%(prog)s %(version)s")
 @click.argument("videos", metavar="VIDEO...", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Model folder from vssflow-export. Default: the demo model (random weights: noise), "
@@ -67,6 +79,10 @@ def _raise_on_sigterm() -> None:
                    f"({', '.join(VIDEO_EXTENSIONS)}: the input's video stream copied without re-encoding, plus "
                    "the new sound). Default: VIDEO_with_sound.EXT beside the input, in the input's container "
                    "when it can hold the video, else .mkv.")
+@click.option("--input-audio", type=click.Choice(INPUT_AUDIO), default="keep", show_default=True,
+              help="The input's own sound tracks in a video output: keep copies them (packets as they are) after "
+                   "the generated track, which comes first and is the default one, where the container can hold "
+                   "their codec; drop leaves them out. Either way one line (and --json's notes) says which.")
 @click.option("--transcript", default=None, help="Words spoken in the clip (English).")
 @click.option("--speech-start", type=float, default=None, help="Second the speech starts (default 0).")
 @click.option("--speech-end", type=float, default=None, help="Second the speech ends (default: end of clip, at most 10 s).")
@@ -76,7 +92,9 @@ def _raise_on_sigterm() -> None:
               help="ODE solver; dopri5 reproduces the authors' sampler (slow).")
 @click.option("--steps", type=int, default=25, show_default=True, help="Steps of a fixed-step solver.")
 @click.option("--cfg", type=float, default=3.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial noise.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the initial noise: a whole number from 0 up (a negative one is refused, exit 2); "
+                   "the same seed gives the same result.")
 @click.option("--noise", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Initial latent as .npy [128, 250] (or [windows, 128, 250]), to reproduce a run exactly.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
@@ -125,8 +143,8 @@ def _raise_on_sigterm() -> None:
                    "filesystem every node shares.")
 @click.option("--ray-workers", type=click.IntRange(1, None), default=None,
               help="Actors, one Session each (default: one per GPU of the cluster, else 1).")
-def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_audio, solver, steps, cfg, seed,
-         noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, quiet, manifest,
+def main(videos, model_dir, output, input_audio, transcript, speech_start, speech_end, ref_audio, solver, steps,
+         cfg, seed, noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, quiet, manifest,
          output_dir, out_format, report, skip_existing, batch, workers, use_ray, ray_address, ray_workers):
     """Generate sound effects and speech for VIDEO and write them to a file; or for many clips
     (several VIDEOs, folders searched for videos, or --manifest) into --output-dir.
@@ -143,6 +161,10 @@ def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_au
     Many clips: one model load; an item that fails is reported (its row has the exit code a
     single run would give) and the others go on. Exit 0 when every item is ok or skipped,
     20 when some failed.
+
+    \b
+    --json into a pipe whose reader has left (| head -c1): the run ends quietly with exit
+    141, as a Unix tool killed by SIGPIPE (outputs written so far are complete).
     """
     ui = _Ui(interactive=sys.stderr.isatty() and not quiet, quiet=quiet, as_json=as_json)
     model = _Model(model_dir, backend, device, preprocess, verify, None if precision == "auto" else precision)
@@ -160,10 +182,11 @@ def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_au
                               output_dir=output_dir, out_format=out_format, report_path=report,
                               skip_existing=skip_existing, batch=batch, workers=workers,
                               use_ray=use_ray or ray_address is not None, ray_address=ray_address,
-                              ray_workers=ray_workers)
+                              ray_workers=ray_workers, input_audio=input_audio)
         else:
             code = _run(videos[0], model, options, ui, output=output, ref_audio=ref_audio, noise=noise,
-                        dump_intermediates=dump_intermediates, out_format=out_format, skip_existing=skip_existing)
+                        dump_intermediates=dump_intermediates, out_format=out_format, skip_existing=skip_existing,
+                        input_audio=input_audio)
     except VssflowError as e:
         click.echo(f"vssflow-run: error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -171,12 +194,23 @@ def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_au
         click.echo("vssflow-run: interrupted; " + ("finished outputs were kept, none was left half-written" if many
                                                    else "no output was written"), err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except BrokenPipeError:                    # stdout's reader is gone (`--json | head -c1`): end quietly
+        _stdout_closed()
     except click.ClickException:
         raise
     except Exception as e:                     # outputs go to a temporary name: nothing half-written
         exit_on_internal_error("vssflow-run", e, "no output was written" if not many else
                                "finished outputs were kept, none was left half-written")
     sys.exit(code)
+
+
+def _stdout_closed() -> None:
+    """End as a Unix tool killed by SIGPIPE appears to its shell (exit 141), without a word: the
+    reader chose to stop. stdout goes to /dev/null first, or Python's own flush at exit would
+    fail on the same closed pipe and print an error."""
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), sys.stdout.fileno())
+    sys.exit(EXIT_STDOUT_CLOSED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,7 +241,7 @@ class _Model:
         if self.folder is not None:
             return self.folder
         from .model_folder import demo_model_dir
-        _ensure_demo(demo_model_dir(), say)
+        _ensure_demo(demo_model_dir(), say, self.backend)
         return demo_model_dir()
 
     def settings(self) -> dict:
@@ -228,11 +262,12 @@ class _Model:
 
 
 def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, output, ref_audio, noise,
-         dump_intermediates, out_format, skip_existing) -> int:
+         dump_intermediates, out_format, skip_existing, input_audio) -> int:
     say = ui.say
+    options.check()                            # before the model loads (or the demo exports)
     if not video.is_file():
         raise VssflowInputError(f"{video}: no such file")
-    plan = plan_output(video, output, format=out_format)
+    plan = plan_output(video, output, format=out_format, input_audio=input_audio)
     if plan.note:
         say(plan.note)
     if skip_existing and plan.path.exists():
@@ -276,7 +311,8 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
     finally:
         if bar is not None:
             bar.__exit__(None, None, None)
-    for note in chunks.notes:
+    notes = [*chunks.notes, *plan.notes]
+    for note in notes:
         if note not in said:
             say(note)
     if dump_intermediates is not None:
@@ -286,7 +322,7 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
                "sample_rate": info.sample_rate, "windows": info.n_windows, "backend": info.backend,
                "precision": info.precision, "fallbacks": list(chunks.fallbacks), "solver": o.solver, "steps": o.steps, "cfg": o.cfg, "seed": o.seed, "nfe": chunks.nfe,
                "timings": {k: round(v, 4) for k, v in chunks.timings.items()}, "demo_model": info.demo_model,
-               "notes": list(chunks.notes)}
+               "notes": notes}
     if ui.as_json:
         click.echo(json.dumps(summary))
     else:
@@ -295,7 +331,8 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
 
 
 def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_audio, manifest, output_dir,
-               out_format, report_path, skip_existing, batch, workers, use_ray, ray_address, ray_workers) -> int:
+               out_format, report_path, skip_existing, batch, workers, use_ray, ray_address, ray_workers,
+               input_audio) -> int:
     """Many clips: plan every item (refusing a batch that cannot run), then run them (here, or on
     Ray), writing a row per item as each is done; exit 0, or EXIT_SOME_FAILED if any failed."""
     import time
@@ -309,6 +346,9 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
     options.check()
     planned = plan_items(list(videos), manifest=manifest, output_dir=output_dir, format=out_format,
                          fields={**per_item, "ref_audio": ref_audio})
+    if input_audio == "drop":                   # plans keep the input's own sound unless told
+        planned = [p if p.plan is None else
+                   dataclasses.replace(p, plan=dataclasses.replace(p.plan, keep_input_audio=False)) for p in planned]
     if use_ray:
         from . import ray_batch
         ray_batch.check_ray()                       # exit 4 with the install line, before any model loads
@@ -356,7 +396,7 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
 
 def _row_line(name, r: dict) -> str:
     if r["status"] == "ok":
-        return f"ok {name} -> {r['output']} ({r['seconds']:.2f} s)"
+        return f"ok {name} -> {r['output']} ({r['seconds']:.2f} s)" + "".join(f"; {n}" for n in r.get("notes") or ())
     if r["status"] == "skipped":
         return f"skipped {name}: {r['output']} exists"
     about = "" if str(name) in r["error"] else f" {name}"

@@ -28,6 +28,16 @@ _NAME = re.compile(r"(?P<stage>[a-z_0-9]+)\.(?P<onnx>[0-9a-f]{12})\.(?P<gpu>[a-z
                    r"\.p(?P<profile>[0-9a-f]{8})\.engine")
 
 
+NO_GPU = "no CUDA GPU is visible; TensorRT engines are built and run on one"
+
+
+def cuda_gpu_visible() -> bool:
+    """Whether the CUDA driver sees a GPU here (after CUDA_VISIBLE_DEVICES), asked of the driver
+    library itself (`cuda_driver`): no torch import, so a machine without one knows in a millisecond
+    that TensorRT is no option (and nothing advises installing it)."""
+    return cuda_driver.device_count() > 0
+
+
 def tensorrt_problem() -> str | None:
     """Why the TensorRT here cannot build or run vssflow's engines (one line), or None.
 
@@ -49,24 +59,25 @@ def tensorrt_problem() -> str | None:
 
 def cuda_problem(device: int = 0) -> str | None:
     """Why no engine can be built or run on CUDA device `device` here (one line), or None."""
-    count = cuda_driver.device_count()
-    if count == 0:
-        return "no CUDA GPU is visible; TensorRT engines need one (ONNX files were written)"
-    if device >= count:
+    if not cuda_gpu_visible():
+        return NO_GPU
+    if device > 0 and device >= (count := cuda_driver.device_count()):       # device 0 is the GPU seen
         return f"no CUDA device {device}: {count} visible"
     return None
 
 
 def build_problem(device: int = 0) -> str | None:
-    """Why TensorRT engines cannot be built here (one line), or None: TensorRT and a CUDA GPU, no PyTorch."""
-    return tensorrt_problem() or cuda_problem(device)
+    """Why TensorRT engines cannot be built here (one line), or None: a CUDA GPU, and TensorRT with
+    strongly typed networks; no PyTorch. Without a GPU that is the one reason given."""
+    return cuda_problem(device) or tensorrt_problem()
 
 
 def availability(device: int = 0) -> tuple[bool, str]:
-    """(usable, reason): whether the trt backend can run here, and what is missing: TensorRT >= 10,
-    Polygraphy (whose CUDA wrapper holds the backend's buffers: `cuda_memory`) and a CUDA GPU.
+    """(usable, reason): whether the trt backend can run here, and what is missing: a CUDA GPU (without
+    one that is the one reason given: what else TensorRT would need does not matter there), TensorRT
+    >= 10, and Polygraphy (whose CUDA wrapper holds the backend's buffers: `cuda_memory`).
     No PyTorch: a Jetson's system TensorRT with Polygraphy is enough."""
-    problem = tensorrt_problem()
+    problem = cuda_problem(device) or tensorrt_problem()
     if problem is not None:
         return False, problem
     try:
@@ -76,8 +87,7 @@ def availability(device: int = 0) -> tuple[bool, str]:
     if not polygraphy:
         return False, ("TensorRT is installed but Polygraphy is not: the trt backend keeps its buffers through "
                        "Polygraphy's CUDA wrapper (pip install polygraphy: pure Python, no PyTorch)")
-    problem = cuda_problem(device)
-    return (False, problem) if problem is not None else (True, "")
+    return True, ""
 
 
 def gpu_tag(device: int = 0) -> str:

@@ -65,8 +65,9 @@ def require(extra: str, what: str) -> None:
 
 
 def onnxruntime():
-    """`onnxruntime`, its telemetry off: it may otherwise look up Microsoft's event host, and
-    vssflow talks to no network."""
+    """`onnxruntime`, its telemetry off (the variables `vssflow.runtime` sets before any import,
+    and its events switch): vssflow stores nothing outside its folders and talks to no network.
+    Every import of onnxruntime in vssflow comes through here."""
     import onnxruntime as ort
     ort.disable_telemetry_events()
     return ort

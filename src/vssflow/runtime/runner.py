@@ -26,12 +26,12 @@ from .output import make_folder, write_output
 EXIT_SOME_FAILED = 20
 
 # Every row has every key (None where it does not apply), in this order.
-ROW_KEYS = ("index", "input", "output", "status", "error", "exit_code", "seconds", "nfe", "wall")
+ROW_KEYS = ("index", "input", "output", "status", "error", "exit_code", "seconds", "nfe", "wall", "notes")
 
 
 def row(p: Planned, status: str, **fields) -> dict:
     return {"index": p.index, "input": p.input, "output": p.output, "status": status, "error": None,
-            "exit_code": None, "seconds": None, "nfe": None, "wall": None} | fields
+            "exit_code": None, "seconds": None, "nfe": None, "wall": None, "notes": None} | fields
 
 
 def failed(p: Planned, e: BaseException, wall: float | None = None) -> dict:
@@ -49,7 +49,8 @@ def finish(p: Planned, outcome, wall: float) -> dict:
         samples = write_output(p.plan, [outcome.audio], outcome.sample_rate)
     except Exception as e:                       # OutputError (exit 5), or a bug while writing
         return failed(p, e, round(wall, 3))
-    return row(p, "ok", seconds=round(samples / outcome.sample_rate, 3), nfe=outcome.nfe, wall=round(wall, 3))
+    return row(p, "ok", seconds=round(samples / outcome.sample_rate, 3), nfe=outcome.nfe, wall=round(wall, 3),
+               notes=[*outcome.notes, *p.plan.notes])
 
 
 def split(planned: Iterable[Planned], skip_existing: bool) -> tuple[dict[int, dict], list[Planned]]:

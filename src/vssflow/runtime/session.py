@@ -55,6 +55,9 @@ class GenerateOptions:
             raise VssflowInputError(f"steps must be between 1 and 1000, got {self.steps}")
         if not np.isfinite(self.cfg) or not 0 <= self.cfg <= 100:
             raise VssflowInputError(f"cfg must be a finite number between 0 and 100, got {self.cfg}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise VssflowInputError(f"seed must be a whole number from 0 up (numpy's generators take no "
+                                    f"negative seeds), got {self.seed!r}")
         if self.transcript is None and (self.speech_start is not None or self.speech_end is not None):
             raise VssflowInputError("speech start/end given without a transcript")
 
