@@ -38,6 +38,24 @@ def test_batch_at_one_is_bit_identical(ort_session, clips, singles):
     assert np.array_equal(out.audio, singles["a"].audio)
 
 
+def test_clips_up_to_ten_seconds_are_one_window_in_a_batch(ort_session, tmp_path):
+    """9.52 s and 10.0 s are one window in a batch as in a single run (`steps` evaluations, a
+    one-window noise accepted); one frame past 10 s is two; each result equals its single run."""
+    from vssflow.benchmarks.media import make_video
+    noise = np.random.default_rng(5).standard_normal((1, 128, 250), dtype=np.float32)
+    items, windows = [], []
+    for seconds, n in ((9.52, 1), (10.0, 1), (10.04, 2)):
+        make_video(tmp_path / f"{seconds:g}.mp4", seconds, 25, (96, 64))
+        items.append(Item(tmp_path / f"{seconds:g}.mp4", noise=noise if n == 1 else None))
+        windows.append(n)
+    outs = list(ort_session.generate_many(items, steps=STEPS, batch=4))
+    for item, out, n in zip(items, outs, windows):
+        assert not isinstance(out, Exception), out
+        single = ort_session.generate(item.video, steps=STEPS, noise=item.noise)
+        assert out.nfe == single.nfe == n * STEPS
+        assert out.audio.shape == single.audio.shape and np.abs(out.audio - single.audio).max() <= 1e-5
+
+
 def test_bad_batch_size_and_options_are_refused(ort_session, clips):
     with pytest.raises(Exception, match="batch must be between 1 and 4"):
         list(ort_session.generate_many([clips / "a.mp4"], batch=5))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vssflow.runtime.errors import BackendError
-from vssflow.runtime.session import frames_device
+from vssflow.runtime.inputs import frames_device
 
 
 @pytest.mark.parametrize("preprocess,device,triton,expected", [

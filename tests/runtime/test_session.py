@@ -46,33 +46,83 @@ def test_stream_concatenated_equals_generate(clip12, ort_session):
     assert np.array_equal(np.concatenate(pieces), whole)
 
 
-def test_equals_the_reference_pipeline(tiny_assets, clip4, ort_session):
-    """Same features and noise through the authors' way (unfolded, two CFG passes) give the same audio."""
-    from vssflow.export.checkpoint import build_modules, read_checkpoint
+def _authors_window(tiny_assets, path, phone_ids, noise, speaker_dim, *, steps, cfg):
+    """The authors' computation of the first window of `path`: their CLIP and Synchformer on its
+    frames, the unfolded flow with two CFG passes (euler), their VAE and vocoder, no speaker.
+    Returns (clip features, synch features, final latent, audio of the whole window)."""
+    from vssflow.export.checkpoint import SYNCHFORMER, build_modules, read_aux, read_checkpoint
     from vssflow.export.reference import ReferencePipeline
     from vssflow.export.synchformer import load_synchformer
-    from vssflow.export.checkpoint import SYNCHFORMER, read_aux
 
+    modules = build_modules(read_checkpoint(tiny_assets["checkpoint"]))
+    synch = load_synchformer(read_aux(SYNCHFORMER, tiny_assets["synchformer"])[1])
+    window = next(video.windows(path))
+    with torch.no_grad():
+        clip_ref = modules["clip"](torch.from_numpy(window.clip_frames)).numpy()
+        synch_ref = synch(torch.from_numpy(np.ascontiguousarray(window.synch_segments()))).numpy()
+    ref = ReferencePipeline(modules["flow"], modules["conditions"], modules["decoder"])
+    out = ref.generate(torch.from_numpy(clip_ref)[None], torch.from_numpy(synch_ref)[None],
+                       torch.from_numpy(phone_ids)[None], torch.zeros(1, speaker_dim),
+                       torch.from_numpy(noise[:1]), solver="euler", steps=steps, cfg=cfg)
+    return clip_ref, synch_ref.reshape(240, -1), out["latent"][0].numpy(), out["audio"][0].numpy()
+
+
+def test_equals_the_reference_pipeline(tiny_assets, clip4, ort_session):
+    """Same features and noise through the authors' way (unfolded, two CFG passes) give the same audio."""
     noise = _noise(1)
     result = ort_session.generate(clip4, transcript="the quick brown fox", speech_start=0.5, speech_end=4.0,
                                   steps=5, cfg=2.5, noise=noise, keep_intermediates=True)
     kept = result.intermediates
-    modules = build_modules(read_checkpoint(tiny_assets["checkpoint"]))
-    synch = load_synchformer(read_aux(SYNCHFORMER, tiny_assets["synchformer"])[1])
-    window = next(video.windows(clip4))
-    with torch.no_grad():
-        clip_ref = modules["clip"](torch.from_numpy(window.clip_frames)).numpy()
-        synch_ref = synch(torch.from_numpy(np.ascontiguousarray(window.synch_segments()))).numpy()
+    clip_ref, synch_ref, latent_ref, audio_ref = _authors_window(tiny_assets, clip4, kept["phone_ids"][0], noise,
+                                                                 ort_session.sizes.speaker_dim, steps=5, cfg=2.5)
     assert np.abs(kept["clip_features"][0] - clip_ref).max() <= 1e-4
-    assert np.abs(kept["synch_features"][0] - synch_ref.reshape(240, -1)).max() <= 1e-4
-
-    ref = ReferencePipeline(modules["flow"], modules["conditions"], modules["decoder"])
-    out = ref.generate(torch.from_numpy(clip_ref)[None], torch.from_numpy(synch_ref)[None],
-                       torch.from_numpy(kept["phone_ids"][0])[None], torch.zeros(1, ort_session.sizes.speaker_dim),
-                       torch.from_numpy(noise[:1]), solver="euler", steps=5, cfg=2.5)
-    assert np.abs(kept["final_latent"][0] - out["latent"][0].numpy()).max() <= 1e-4
-    audio_ref = out["audio"][0].numpy()[:4 * 16000]   # the authors generate 10 s and cut to the clip
+    assert np.abs(kept["synch_features"][0] - synch_ref).max() <= 1e-4
+    assert np.abs(kept["final_latent"][0] - latent_ref).max() <= 1e-4
+    audio_ref = audio_ref[:4 * 16000]   # the authors generate 10 s and cut to the clip
     assert np.abs(result.audio - audio_ref).max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def edge_clips(tmp_path_factory):
+    """25 fps clips at the one-window edge: 9.52 s (238 frames: "9.5 s" at 25 fps), exactly 10.0 s,
+    and 10.04 s (one frame past 10 s)."""
+    from vssflow.benchmarks.media import make_video
+    root = tmp_path_factory.mktemp("edges")
+    clips = {}
+    for seconds in (9.52, 10.0, 10.04):
+        clips[seconds] = root / f"clip{seconds:g}.mp4"
+        make_video(clips[seconds], seconds, 25, (96, 64))
+    return clips
+
+
+def test_a_ten_second_clip_is_the_authors_one_window(tiny_assets, edge_clips, ort_session):
+    """Exactly 10 s is the clip length the authors designed for: one window, their audio cut to
+    10 s, and a one-window noise is all it takes (a second window of the frames after 9 s used to
+    be generated and crossfaded into the last second, and a one-window noise refused)."""
+    path, noise = edge_clips[10.0], _noise(1, seed=4)
+    result = ort_session.generate(path, transcript="hello there", speech_start=2.0, speech_end=9.5, steps=4,
+                                  noise=noise, keep_intermediates=True)
+    kept = result.intermediates
+    assert result.nfe == 4 and len(kept["final_latent"]) == 1 and not result.notes
+    clip_ref, synch_ref, latent_ref, audio_ref = _authors_window(tiny_assets, path, kept["phone_ids"][0], noise,
+                                                                 ort_session.sizes.speaker_dim, steps=4, cfg=3.0)
+    assert np.abs(kept["clip_features"][0] - clip_ref).max() <= 1e-4
+    assert np.abs(kept["synch_features"][0] - synch_ref).max() <= 1e-4
+    assert np.abs(kept["final_latent"][0] - latent_ref).max() <= 1e-4
+    assert result.audio.shape == (10 * 16000,)
+    assert np.abs(result.audio - audio_ref[:10 * 16000]).max() <= 1e-4
+
+
+def test_clips_up_to_ten_seconds_take_steps_evaluations(edge_clips, ort_session, tmp_path):
+    """9.52 s, 10.0 s and a 10.0 s whose container says 9.9 s: one window, `steps` flow
+    evaluations; one frame past 10 s: two windows, twice as many."""
+    says_9_9 = _with_header_duration(edge_clips[10.0], tmp_path / "says_9.9.mp4", 0.99)
+    assert video.probe(says_9_9).duration == pytest.approx(9.9)
+    for path, seconds, windows in ((edge_clips[9.52], 9.52, 1), (edge_clips[10.0], 10.0, 1), (says_9_9, 10.0, 1),
+                                   (edge_clips[10.04], 10.04, 2)):
+        result = ort_session.generate(path, steps=3, seed=2)
+        assert result.nfe == 3 * windows, (path, result.nfe)
+        assert result.audio.shape == (round(seconds * 16000),)
 
 
 def test_dopri5_parity_mode_takes_the_authors_steps(tiny_assets, clip4, ort_session):

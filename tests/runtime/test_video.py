@@ -353,3 +353,20 @@ def test_overlapping_windows_share_frames(clips):
     assert synch_indices(over[1])[:over[1].synch_count] == whole_synch[225:225 + over[1].synch_count]
     with pytest.raises(ValueError, match="hop"):
         next(video.windows(path, hop=0.3))
+
+
+@pytest.mark.parametrize("frames, count", [(238, 1), (250, 1), (251, 2), (475, 2), (476, 3), (500, 3)])
+def test_a_window_follows_only_where_the_video_runs_past_the_last(tmp_path, frames, count):
+    """hop 9: window k >= 1 exists iff the decoded end > (k - 1) * 9 + 10 s. At 25 fps: 9.52 s and
+    10.0 s are the authors' one window (their frames after 9 s used to open a second one); 10.04 s,
+    one frame more, two; 19.0 s two, 19.04 s three. At 20 s the first two are handed over while
+    decoding goes on. Resized frames and device frames (`upload`) alike."""
+    seconds = frames / 25
+    path = tmp_path / "clip.mp4"
+    make_video(path, seconds, 25, (64, 48))
+    for upload in (None, lambda rgb: rgb):
+        wins = list(video.windows(path, hop=9.0, upload=upload))
+        assert [w.index for w in wins] == list(range(count)), (seconds, upload)
+        assert [w.last for w in wins] == [False] * (count - 1) + [True]
+        assert wins[-1].end == pytest.approx(seconds)
+    assert video.count_windows(seconds, 9.0) == count           # the container's side of the same rule

@@ -3,6 +3,7 @@
 `from vssflow.runtime import Session` is the embedding API (see `session.py`).
 """
 
+import importlib
 import os as _os
 
 # onnxruntime (1.29 and later) writes a device id and usage events under ~/.cache/Microsoft the
@@ -13,13 +14,12 @@ for _name in ("ORT_DISABLE_TELEMETRY", "ORT_TELEMETRY_DISABLED"):
 
 __all__ = ["Session", "Result", "GenerateOptions", "VideoFrames"]
 
+# Each public name's module, imported on first use, so `import vssflow.runtime.solvers` does not
+# pull in av and the session.
+_HOMES = {"Session": "session", "Result": "results", "GenerateOptions": "inputs", "VideoFrames": "video"}
+
 
 def __getattr__(name: str):
-    # Lazy, so `import vssflow.runtime.solvers` does not pull in av and the session.
-    if name == "VideoFrames":
-        from .video import VideoFrames
-        return VideoFrames
-    if name in __all__:
-        from . import session
-        return getattr(session, name)
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
     raise AttributeError(f"module 'vssflow.runtime' has no attribute {name!r}")

@@ -7,7 +7,7 @@
 The pipeline, two sides and a bounded queue between them:
 
 * **workers** (threads, `workers` of them) take the items in order: each checks and reads its
-  item's inputs (`Session._prepare`: probe, transcript, reference voice) and decodes its
+  item's inputs (`inputs.prepare`: probe, transcript, reference voice) and decodes its
   windows, resized to uint8 frames and their digests taken (`video.VideoWindow`), into the
   queue. At most `capacity` windows wait there (52 MB each), and workers stay at most
   `lookahead` items ahead, so memory is flat whatever the number of items. A worker may always
@@ -16,9 +16,9 @@ The pipeline, two sides and a bounded queue between them:
   item or several, and runs them through every stage together: the encoders over all their
   distinct frames and segments (`features.Encoders`: padding, still frames and the CLIP frames
   of overlapping windows encoded once), the condition stage for each, the ODE with the `B`
-  windows as one `flow_step` batch, the VAE and the vocoder likewise (`window.Runs` keeps each
-  window's record with its own item). An item's result is yielded once its last window is
-  done and every earlier item's outcome has been.
+  windows as one `flow_step` batch, the VAE and the vocoder likewise (`window.generate_rows`,
+  with the guard; `window.Runs` keeps each window's record with its own item). An item's result
+  is yielded once its last window is done and every earlier item's outcome has been.
 
 Windows batch only when they take the same times: the same fixed-step solver, steps and guidance
 (dopri5 chooses its steps per window, so it runs one window at a time). Every item's result
@@ -34,34 +34,14 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import contracts as C
 from . import window
 from .errors import VssflowInputError
-from .precision import nonfinite
-from .session import Result, crossfade_windows, cut_audio, window_phone_ids
-from .window import Run, Runs
+from .inputs import Item, Prepared, as_item, frame_windows, prepare, speaker_embedding
+from .results import Result
+from .timeline import audio_length, crossfade_windows, cut_audio, window_phone_ids
+from .window import Run
 
-
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One clip of a batch: the video and what it changes of the batch's options (None: the batch's)."""
-
-    video: object                                  # a path, a binary file object or `VideoFrames`
-    transcript: str | None = None
-    speech_start: float | None = None
-    speech_end: float | None = None
-    seed: int | None = None
-    ref_audio: object = None                       # a reference voice (path or file object)
-    noise: np.ndarray | None = None                # the initial latent, as `generate(noise=)` takes it
-
-    def fields(self) -> dict:
-        """The options this item sets, as `generate` takes them as keywords."""
-        return {k: getattr(self, k) for k in ("transcript", "speech_start", "speech_end", "seed")
-                if getattr(self, k) is not None}
-
-
-def as_item(x) -> Item:
-    return x if isinstance(x, Item) else Item(x)
+__all__ = ["Item", "as_item", "default_batch", "generate_many", "max_batch"]
 
 
 # Windows per flow-step call where no `batch` is given. On the CPU (ONNX Runtime, 2 cores) a
@@ -179,10 +159,11 @@ class _Prefetch:
         item, session = self.items[k], self.session
         try:
             fields = {**self.fields, **item.fields()}
-            prepared = session._prepare(item.video, self.options, item.ref_audio, item.noise, **fields)
+            prepared = prepare(session, item.video, self.options, ref_audio=item.ref_audio, noise=item.noise,
+                               **fields)
             self._put(_Event("ready", k, (prepared, self.new_run(k))))
             seconds = []
-            for w in session._windows(prepared.source, seconds.append):
+            for w in frame_windows(prepared.source, session.frames_device, seconds.append):
                 if hasattr(w, "clip_digests"):             # hash the frames here, not on the model's thread
                     w.clip_digests, w.synch_digests
                 self._put(_Event("window", k, w, seconds[-1]))
@@ -211,7 +192,7 @@ class _Prefetch:
 class _Pending:
     """An item between its first window and its result."""
 
-    prepared: object
+    prepared: Prepared
     run: Run
     speaker: np.ndarray | None = None
     windows: list[list[np.ndarray]] = dataclasses.field(default_factory=list)   # audio pieces per window
@@ -287,40 +268,21 @@ class _Model:
         return 1 if self.pending[k].prepared.info.options.solver == "dopri5" else self.batch
 
     def _run(self, group: list[tuple[int, object]]) -> None:
-        session, backend = self.session, self.session.backend
+        session = self.session
         rows = [self.pending[k] for k, _ in group]
-        for p, (_, w) in zip(rows, group):
+        windows = [w for _, w in group]
+        for p, w in zip(rows, windows):
             p.run.window = w.index
             if p.speaker is None:
-                p.speaker = session._speaker(p.prepared.crops, p.run)
+                p.speaker = speaker_embedding(session.backend, p.prepared.crops, session.sizes.speaker_dim, p.run)
             if w.last:
-                p.length.append(session._length(p.prepared, w, p.run))
-        marks = {id(p.run): (p.run, p.run.mark()) for p in rows}             # for the guard's redo
-        runs = Runs([p.run for p in rows], [w.index for _, w in group])
+                p.length.append(audio_length(p.prepared.info.video, w, p.run))
         options = rows[0].prepared.info.options
-        cond = window.conditions_rows(backend, runs, [w for _, w in group],
-                                      [_phone_ids(p, w) for p, (_, w) in zip(rows, group)],
-                                      [p.speaker for p in rows], session.encoders)
-        noise = np.stack([p.prepared.noise_of(w.index) for p, (_, w) in zip(rows, group)])
-        z = window.sample(backend, runs, cond, noise, solver=options.solver, steps=options.steps, cfg=options.cfg)
-        pieces: list[list[np.ndarray]] = [[] for _ in group]
-        for chunk in window.decode_rows(backend, runs, z):
-            for row, audio in zip(pieces, chunk):
-                row.append(audio)
-        if backend.precision != "fp32" and any(nonfinite(latent=z[i], audio=np.concatenate(row))
-                                               for i, row in enumerate(pieces)):
-            # The guard, as for one window: at half precision a window whose latent, mel or audio
-            # is not finite is generated again in FP32. Rare, so simply: the batch's windows again,
-            # one by one, through `window.generate` (which checks each before anything goes out,
-            # and redoes only the ones that fail); their records rewound to before the batch.
-            for run, mark in marks.values():
-                run.rewind(mark)
-            pieces = []
-            for p, (_, w), n in zip(rows, group, noise):
-                p.run.window = w.index
-                pieces.append(list(window.generate(backend, p.run, w, _phone_ids(p, w), p.speaker, n,
-                                                   solver=options.solver, steps=options.steps, cfg=options.cfg,
-                                                   encoders=session.encoders, fp32_encoders=session.fp32_encoders)))
+        noise = np.stack([p.prepared.noise_of(w.index) for p, w in zip(rows, windows)])
+        pieces = window.generate_rows(session.backend, [p.run for p in rows], windows,
+                                      [window_phone_ids(p.prepared.track, w.index) for p, w in zip(rows, windows)],
+                                      [p.speaker for p in rows], noise, solver=options.solver, steps=options.steps,
+                                      cfg=options.cfg, encoders=session.encoders, fp32_encoders=session.fp32_encoders)
         for p, row in zip(rows, pieces):
             p.windows.append(row)
 
@@ -332,16 +294,10 @@ class _Model:
         del self.pending[k]
         pieces = list(cut_audio(crossfade_windows(iter(p.windows)), p.length, p.run))
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
-        run = p.run
-        self.outcomes[k] = Result(audio, C.SAMPLE_RATE, p.prepared.info, dict(run.timings), run.nfe, run.kept(),
-                                  tuple(run.notes), tuple(run.fallbacks))
+        self.outcomes[k] = Result.of(audio, p.prepared.info, p.run)
 
     def _fail(self, items: list[int], error: Exception) -> None:
         for k in items:
             self.pending.pop(k, None)
             self.outcomes[k] = error
         self.group = [(k, w) for k, w in self.group if k not in items]
-
-
-def _phone_ids(p: _Pending, w) -> np.ndarray:
-    return window_phone_ids(p.prepared.track, w.index)

@@ -20,7 +20,9 @@ resized to 224 (bicubic, antialiased, as torchvision's ``v2.Resize`` on uint8), 
 ``[10k, 10k + 10)`` s. Its CLIP frame ``i`` is decoded frame ``round((100k + i) * fps / 10)`` and
 its Synchformer frames are outputs ``250k .. 250k + 249`` of the same 25 fps resampling, i.e.
 both rules run on the whole video and are cut every ten seconds; for ``k = 0`` this is exactly
-the authors' input. A window is produced when it holds at least one frame of the video.
+the authors' input. Which windows there are is ``count_windows`` of the decoded video's length:
+window ``k >= 1`` only where the video runs past the end of window ``k - 1`` (with overlapping
+windows, the frames after 9 s of a 10-second clip belong to window 0 and open no other).
 
 **On a GPU**: with ``upload``, ``windows`` yields ``FrameWindow``s instead: each picked frame
 is decoded, turned upright and handed to ``upload`` (once, however many streams and windows pick
@@ -73,7 +75,9 @@ class VideoInfo:
 
 
 def count_windows(duration: float, hop: float) -> int:
-    """Windows of 10 s starting every ``hop`` seconds needed to cover ``duration`` (at least one)."""
+    """Windows of 10 s starting every ``hop`` seconds for a video of ``duration`` seconds: the
+    first, and window ``k >= 1`` only where the video runs past the end of window ``k - 1``
+    (``duration > (k - 1) * hop + 10``). So a clip of at most 10 s is the authors' one window."""
     return 1 + max(0, math.ceil((duration - WINDOW_SECONDS) / hop - 1e-9))
 
 
@@ -321,7 +325,9 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
 
     The last window (``window.last``) carries ``end``: the decoded video's length in seconds,
     from the first frame's timestamp to the end of the last frame. It is the one the decoding
-    found, whatever the container's header says.
+    found, whatever the container's header says, and it decides how many windows there are
+    (``count_windows``): a window is handed over before the end of the stream only once a frame
+    starting past its end has been decoded, so that one more window surely follows.
 
     Raises ``VideoError`` for a file without a decodable video stream, a corrupt one, or one
     that stops well short of the frame count its container declares.
@@ -377,8 +383,10 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
                 put_synch(pending, synch_done, picked)
                 synch_done += 1
             done = min(complete(clip_next, clip_step, CLIP.frames), complete(synch_done, synch_step, SYNCH.frames))
+            # Windows before the last of a video as long as this frame's start: each has a successor.
+            followed = count_windows(float((current.pts - first_pts) * stream.time_base), hop) - 1
             for k in sorted(pending):
-                if k < done:
+                if k < min(done, followed):
                     yield pending.pop(k).finish(k)
         if last is None:
             raise VideoError(f"{_name(video)}: the video stream has no frames")
@@ -389,7 +397,7 @@ def windows(video: VideoSource, *, hop: float = WINDOW_SECONDS, synch_eof: Liter
             put_synch(pending, synch_done, picked)
             synch_done += 1
         end = float((last.pts + last_duration - first_pts) * stream.time_base)
-        final = max(pending, default=-1)
+        final = count_windows(end, hop) - 1               # windows past it hold only frames of the one before
         for k in range(min(pending, default=0), final + 1):
             yield buffer(pending, k).finish(k, end if k == final else None)
 

@@ -22,7 +22,8 @@ adds one note.
 
 Several windows (of one clip or of several) go through `sample` and `decode_rows` together as
 a batch `[B, ...]` (the contracts' batch axis), their records kept apart by `Runs`, which hands
-each window's row, share of time and flow evaluations to that window's own `Run`.
+each window's row, share of time and flow evaluations to that window's own `Run`; with the
+guard, as `generate_rows`.
 """
 
 from __future__ import annotations
@@ -369,3 +370,37 @@ def generate(backend, run: Run, window, phone_ids: np.ndarray, speaker: np.ndarr
                              "weights overflow even there")
     run.keep("mel", mel[0])
     yield from vocode(backend, run, mel)
+
+
+def generate_rows(backend, runs: Sequence[Run], windows: Sequence, phone_ids: Sequence[np.ndarray],
+                  speakers: Sequence[np.ndarray], noise: np.ndarray, *, solver: str = "euler", steps: int = 25,
+                  cfg: float = 3.0, encoders=None, fp32_encoders=None) -> list[list[np.ndarray]]:
+    """Several windows as one batch, row `i` being `windows[i]` of the generation `runs[i]`:
+    conditions (`encoders` over all of them at once), one ODE over `noise` `[B, 128, T]`, the
+    VAE and the vocoder likewise; each row's audio chunks. `encoders` is required here.
+
+    The guard, for a batch: at half precision, when a row's latent or audio is not finite, the
+    batch's windows are generated again one by one through `generate` (which checks each before
+    anything goes out and redoes in FP32 only the ones that fail), their records rewound to
+    before the batch. Rare, so simply. Its results go out only whole, so checking after the
+    batch gives nothing away."""
+    marks = [(run, run.mark()) for run in {id(r): r for r in runs}.values()]
+    rows = Runs(runs, [w.index for w in windows])
+    cond = conditions_rows(backend, rows, windows, phone_ids, speakers, encoders)
+    z = sample(backend, rows, cond, noise, solver=solver, steps=steps, cfg=cfg)
+    pieces: list[list[np.ndarray]] = [[] for _ in windows]
+    for chunk in decode_rows(backend, rows, z):
+        for row, audio in zip(pieces, chunk):
+            row.append(audio)
+    if backend.precision == "fp32" or not any(nonfinite(latent=z[i], audio=np.concatenate(row))
+                                              for i, row in enumerate(pieces)):
+        return pieces
+    for run, mark in marks:
+        run.rewind(mark)
+    pieces = []
+    for run, w, ids, speaker, n in zip(runs, windows, phone_ids, speakers, noise):
+        run.window = w.index
+        pieces.append(list(generate(backend, run, w, ids, speaker, n, solver=solver, steps=steps, cfg=cfg,
+                                    encoders=encoders, fp32_encoders=fp32_encoders)))
+    return pieces
+
