@@ -17,7 +17,7 @@ import pytest
 import soundfile as sf
 
 from tests.batch.conftest import STEPS
-from tests.reliability.conftest import CLI_TIMEOUT, interrupt_when_paused, run_cli
+from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, interrupt_when_paused, run_cli
 from vssflow.runtime.errors import VideoError
 from vssflow.runtime.runner import EXIT_SOME_FAILED
 
@@ -148,3 +148,63 @@ def test_interrupted_batch_keeps_finished_outputs_and_leaves_no_partial(sig, cli
     assert rest.strip().splitlines()[-1] == ("vssflow-run: interrupted; finished outputs were kept, none was left "
                                              "half-written")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.mp4", "sub"]
+
+
+def _bytes(*paths) -> dict:
+    return {p: p.read_bytes() for p in paths}
+
+
+def test_an_output_that_is_another_items_input_refuses_the_batch(clips, tmp_path, tiny_model):
+    """`a b --output-dir b` with a/y.mp4 and b/y.mp4: a's output would replace b's input. Refused
+    with exit 5 before the model loads (a missing model folder would exit 3), every input intact."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a, b = tmp_path / "a" / "y.mp4", tmp_path / "b" / "y.mp4"
+    shutil.copy(clips / "a.mp4", a)
+    shutil.copy(clips / "sub" / "b.mp4", b)
+    before = _bytes(a, b)
+    for model in (tmp_path / "nomodel", tiny_model):
+        r = run_cli("vssflow.runtime.cli", tmp_path / "a", tmp_path / "b", "--model", model,
+                    "--output-dir", tmp_path / "b", "--steps", "1")
+        assert_one_line_error(r, 5, str(a), str(b))
+        assert _bytes(a, b) == before
+        assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "y.mp4", "y.mp4"]
+
+
+def test_a_manifest_output_that_is_another_rows_video_refuses_the_batch(clips, tmp_path, tiny_model):
+    """A row `a.mp4,b.mp4` beside a row for b.mp4 would destroy b.mp4: exit 5, nothing written."""
+    a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
+    shutil.copy(clips / "a.mp4", a)
+    shutil.copy(clips / "sub" / "b.mp4", b)
+    manifest = tmp_path / "list.csv"
+    manifest.write_text("video,output\na.mp4,b.mp4\nb.mp4,b.wav\n")
+    before = _bytes(a, b, manifest)
+    r = run_cli("vssflow.runtime.cli", "--manifest", manifest, "--model", tiny_model, "--output-dir", tmp_path,
+                "--steps", "1")
+    assert_one_line_error(r, 5, str(a), str(b))
+    assert _bytes(a, b, manifest) == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.mp4", "b.mp4", "list.csv"]
+
+
+@pytest.mark.parametrize("link", ["hardlink", "symlink"])
+def test_an_output_linked_to_an_input_refuses_the_batch(link, clips, tmp_path, tiny_model):
+    """out/y.mp4, the output of a/y.mp4, is a hard link or a symbolic link to another input, c.mp4."""
+    (tmp_path / "a").mkdir(), (tmp_path / "out").mkdir()
+    c = tmp_path / "c.mp4"
+    shutil.copy(clips / "a.mp4", tmp_path / "a" / "y.mp4")
+    shutil.copy(clips / "sub" / "b.mp4", c)
+    (os.link if link == "hardlink" else os.symlink)(c, tmp_path / "out" / "y.mp4")
+    before = _bytes(c)
+    r = run_cli("vssflow.runtime.cli", tmp_path / "a", c, "--model", tmp_path / "nomodel",
+                "--output-dir", tmp_path / "out")
+    assert_one_line_error(r, 5, str(tmp_path / "out" / "y.mp4"), str(tmp_path / "a" / "y.mp4"), str(c))
+    assert _bytes(c) == before and (tmp_path / "out" / "y.mp4").read_bytes() == before[c]
+
+
+def test_a_report_that_is_an_input_refuses_the_batch(clips, tmp_path, tiny_model):
+    a = tmp_path / "a.mp4"
+    shutil.copy(clips / "a.mp4", a)
+    before = _bytes(a)
+    r = run_cli("vssflow.runtime.cli", a, "--model", tmp_path / "nomodel", "--output-dir", tmp_path / "out",
+                "--report", a)
+    assert_one_line_error(r, 5, str(a), "report")
+    assert _bytes(a) == before

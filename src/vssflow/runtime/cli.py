@@ -305,7 +305,7 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
     options = dataclasses.replace(options, transcript=None, speech_start=None, speech_end=None)  # per item
     options.check()
     planned = plan_items(list(videos), manifest=manifest, output_dir=output_dir, format=out_format,
-                         fields={**per_item, "ref_audio": ref_audio})
+                         fields={**per_item, "ref_audio": ref_audio}, report=report_path)
     if use_ray:
         from . import ray_batch
         ray_batch.check_ray()                       # exit 4 with the install line, before any model loads

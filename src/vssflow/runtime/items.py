@@ -9,8 +9,10 @@ are `MANIFEST_COLUMNS`, only `video` required; relative paths are relative to th
 folder. An output named in a row is used as it is; any other goes into the output folder, named
 after its input (its path below the folder searched or the manifest's folder, else its name).
 
-Refused before anything runs: two items that would write the same file (exit 5), a batch with
-nowhere to write (exit 2), a manifest that cannot be read (exit 2). An item whose own output
+Refused before anything runs: an output (or the report) that would replace any item's input,
+its video or reference voice, found by real path and by device and inode, so that symbolic and
+hard links count (exit 5); two items that would write the same file (exit 5); a batch with
+nowhere to write (exit 2); a manifest that cannot be read (exit 2). An item whose own output
 cannot be planned (a codec its container cannot hold, say) fails alone, with exit code 5 in its row.
 """
 
@@ -140,10 +142,11 @@ def _manifest_item(path: Path, line: int, row: dict) -> tuple[Item, Path | None]
 
 
 def plan_items(inputs: Sequence[Path], *, manifest: Path | None = None, output_dir: Path | None = None,
-               format: str | None = None, fields: dict | None = None) -> list[Planned]:
+               format: str | None = None, fields: dict | None = None, report: Path | None = None) -> list[Planned]:
     """The batch's items in order (the inputs, each folder's videos, then the manifest's rows),
     each with its output planned. `fields` (the command line's transcript, seed, ...) go to every
-    item; a manifest row's own values win. Raises before anything runs for a batch that cannot run."""
+    item; a manifest row's own values win. `report`: the report's path, checked like an output.
+    Raises before anything runs (and before any folder is made) for a batch that cannot run."""
     entries: list[tuple[Item, Path, Path | None, Path | None]] = []     # (item, shown as, output, name below dir)
     fields = {k: v for k, v in (fields or {}).items() if v is not None}
     for p in inputs:
@@ -175,6 +178,7 @@ def plan_items(inputs: Sequence[Path], *, manifest: Path | None = None, output_d
             planned.append(Planned(k, item, name, error=e))
         else:
             planned.append(Planned(k, item, name, plan))
+    _refuse_overwriting_inputs(planned, report)
     _refuse_duplicates(planned)
     if output_dir is not None:
         try:
@@ -202,3 +206,41 @@ def _refuse_duplicates(planned: list[Planned]) -> None:
             raise OutputError(f"{p.plan.path}: both {seen[key].name} and {p.name} would be written there; "
                               "rename one, or give their outputs in a manifest")
         seen[key] = p
+
+
+def _identities(path: os.PathLike) -> set[tuple]:
+    """What makes two paths one file: the real path (symbolic links followed), and the device and
+    inode of an existing file (hard links)."""
+    keys = {("path", os.path.realpath(path))}
+    try:
+        st = os.stat(path)
+    except OSError:
+        return keys
+    return keys | {("inode", st.st_dev, st.st_ino)}
+
+
+def _refuse_overwriting_inputs(planned: list[Planned], report: Path | None) -> None:
+    """Raise OutputError when an output or the report is a file some item reads. An output that
+    is its own item's video is left to `plan_output` (that item fails alone; its rename would not
+    touch the input's bytes anyway)."""
+    inputs: dict[tuple, tuple[Planned, str, object]] = {}        # identity -> (item, what, path)
+    for p in planned:
+        for what, path in (("video", p.item.video), ("reference voice", p.item.ref_audio)):
+            if isinstance(path, (str, os.PathLike)):
+                for key in _identities(path):
+                    inputs.setdefault(key, (p, what, path))
+    writes = [(p.plan.path, p) for p in planned if p.plan is not None]
+    writes += [(report, None)] if report is not None else []
+    for path, writer in writes:
+        for key in _identities(path):
+            if key not in inputs:
+                continue
+            reader, what, source = inputs[key]
+            if reader is writer and what == "video":
+                continue
+            by = f"the output of {writer.name}" if writer is not None else "the report"
+            linked = "" if os.fspath(path) == os.fspath(source) else " (the same file, linked)"
+            read = f"{reader.name}{linked}, an input of this batch" if what == "video" else \
+                f"{source}{linked}, the reference voice of {reader.name}"
+            raise OutputError(f"{path}: {by} would replace {read}; choose another "
+                              f"{'--output-dir or output name' if writer is not None else '--report'}")
