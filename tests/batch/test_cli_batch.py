@@ -100,12 +100,12 @@ def test_duplicate_outputs_are_refused_before_anything_runs(clips, tmp_path, tin
 
 @pytest.mark.parametrize("kind", ["csv", "jsonl"])
 def test_manifest_with_relative_paths_and_per_row_options(kind, clips, tmp_path, tiny_model, singles, ort_session):
-    """Paths relative to the manifest; a row's seed, transcript and output win over the command line's."""
+    """Inputs relative to the manifest, a row's output relative to --output-dir; a row's seed,
+    transcript and output win over the command line's."""
     rows = [{"video": "clips/sub/b.mp4", "seed": 7, "output": "named/b7.wav"},
             {"video": "clips/sub/b.mp4", "transcript": "hello there", "speech_start": 0.5},
             {"video": "clips/a.mp4"}]
     shutil.copytree(clips, tmp_path / "clips")
-    (tmp_path / "named").mkdir()
     manifest = tmp_path / f"list.{kind}"
     if kind == "csv":
         cols = ["video", "transcript", "speech_start", "seed", "output"]
@@ -118,9 +118,9 @@ def test_manifest_with_relative_paths_and_per_row_options(kind, clips, tmp_path,
                 "--format", "wav", "--steps", STEPS, "--json", "-q")
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert [row["output"] for row in _lines(r.stdout)[:-1]] == [
-        str(tmp_path / "named" / "b7.wav"), str(out / "clips" / "sub" / "b.wav"), str(out / "clips" / "a.wav")]
+        str(out / "named" / "b7.wav"), str(out / "clips" / "sub" / "b.wav"), str(out / "clips" / "a.wav")]
     speech = ort_session.generate(clips / "sub" / "b.mp4", steps=STEPS, transcript="hello there", speech_start=0.5)
-    for path, ref in ((tmp_path / "named" / "b7.wav", singles["b7"].audio), (out / "clips" / "sub" / "b.wav", speech.audio),
+    for path, ref in ((out / "named" / "b7.wav", singles["b7"].audio), (out / "clips" / "sub" / "b.wav", speech.audio),
                       (out / "clips" / "a.wav", singles["a"].audio)):
         written, _ = sf.read(path, dtype="float32")
         assert written.shape == ref.shape and np.abs(written - ref).max() <= 1e-5
