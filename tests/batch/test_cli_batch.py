@@ -208,3 +208,36 @@ def test_a_report_that_is_an_input_refuses_the_batch(clips, tmp_path, tiny_model
                 "--report", a)
     assert_one_line_error(r, 5, str(a), "report")
     assert _bytes(a) == before
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody can write in, this test's user included: mode 555, and, for root (whom
+    modes do not stop), the immutable attribute; skipped where neither holds."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", folder], capture_output=True).returncode == 0
+    try:
+        probe = folder / "probe"
+        try:
+            probe.touch()
+        except OSError:
+            yield folder
+        else:
+            probe.unlink()
+            pytest.skip("cannot make a folder this user cannot write in")
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", folder], check=True)
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("how", ["--output-dir", "-o"])
+def test_a_read_only_output_folder_is_refused_before_the_model_loads(how, read_only_folder, clips, tmp_path):
+    """Exit 5 in one line before anything is generated (a missing model folder would exit 3)."""
+    where = ["--output-dir", read_only_folder, "--report", tmp_path / "r.jsonl"] if how == "--output-dir" else \
+        ["-o", read_only_folder / "a.wav"]
+    r = run_cli("vssflow.runtime.cli", clips / "a.mp4", "--model", tmp_path / "nomodel", *where)
+    assert_one_line_error(r, 5, str(read_only_folder), "cannot write")
+    assert list(read_only_folder.iterdir()) == []

@@ -15,7 +15,7 @@ import numpy as np
 from . import extras
 from .backends import BACKENDS, PREPROCESS
 from .errors import OutputError, VssflowError, VssflowInputError, describe
-from .files import atomic_output
+from .files import atomic_output, check_writable
 from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
 from .session import GenerateOptions
@@ -230,6 +230,7 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
     if not video.is_file():
         raise VssflowInputError(f"{video}: no such file")
     plan = plan_output(video, output, format=out_format)
+    check_writable(plan.path.parent)                    # before the model loads, not after generating
     if plan.note:
         say(plan.note)
     if skip_existing and plan.path.exists():

@@ -39,6 +39,21 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise OutputError unless a file can be made in `folder`, the existing folder or its
+    nearest existing parent (a file is made and removed: permission bits do not tell root's
+    case, a read-only mount's or an immutable folder's)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".vssflow-check-", dir=folder)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot write in this folder ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     """`path` holding `data` (text is written as UTF-8), or left as it was."""
     with atomic_output(path) as tmp:

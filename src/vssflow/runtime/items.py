@@ -11,7 +11,7 @@ it, by `..`, an absolute path or a symbolic link, is refused with its line: exit
 goes into the output folder, named after its input (its path below the folder searched or the
 manifest's folder, else its name).
 
-Refused before anything runs: an output (or the report) that would replace any item's input,
+Refused before anything runs: an output folder this process cannot write in (exit 5); an output (or the report) that would replace any item's input,
 its video or reference voice, found by real path and by device and inode, so that symbolic and
 hard links count (exit 5); two items that would write the same file (exit 5); a batch with
 nowhere to write (exit 2); a manifest that cannot be read (exit 2). An item whose own output
@@ -30,6 +30,7 @@ from pathlib import Path
 
 from .batch import Item
 from .errors import OutputError, VssflowError, VssflowInputError
+from .files import check_writable
 from .output import VIDEO_EXTENSIONS, OutputPlan, plan_output
 
 # Files a folder is searched for: every container written here, and common ones only read.
@@ -219,6 +220,8 @@ def plan_items(inputs: Sequence[Path], *, manifest: Path | None = None, output_d
             planned.append(Planned(k, item, name, plan))
     _refuse_overwriting_inputs(planned, report)
     _refuse_duplicates(planned)
+    for folder in sorted({output_dir} | {p.plan.path.parent for p in planned if p.plan is not None}):
+        check_writable(folder)                  # or its nearest existing parent: before any model loads
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
