@@ -18,7 +18,7 @@ import soundfile as sf
 
 from tests.batch.conftest import STEPS
 from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, interrupt_when_paused, run_cli
-from vssflow.runtime.errors import VideoError
+from vssflow.runtime.errors import VideoError, describe
 from vssflow.runtime.runner import EXIT_SOME_FAILED
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -241,3 +241,16 @@ def test_a_read_only_output_folder_is_refused_before_the_model_loads(how, read_o
     r = run_cli("vssflow.runtime.cli", clips / "a.mp4", "--model", tmp_path / "nomodel", *where)
     assert_one_line_error(r, 5, str(read_only_folder), "cannot write")
     assert list(read_only_folder.iterdir()) == []
+
+
+def test_a_missing_video_has_one_exit_code_in_a_single_run_a_batch_and_python(tmp_path, tiny_model, ort_session):
+    """The README's table: 10 for the video, whether a single run, a batch's row or
+    `Session.generate_many`'s exception (through `errors.describe`) says it."""
+    missing = tmp_path / "missing.mp4"
+    single = run_cli("vssflow.runtime.cli", missing, "--model", tiny_model, "-o", tmp_path / "o.wav")
+    batch = run_cli("vssflow.runtime.cli", missing, "--model", tiny_model, "--output-dir", tmp_path / "out", "--json")
+    row, summary = _lines(batch.stdout)
+    [error] = ort_session.generate_many([missing], steps=1)
+    assert single.returncode == row["exit_code"] == describe(error)[1] == VideoError.exit_code, single.stderr
+    assert_one_line_error(single, VideoError.exit_code, f"{missing}: no such file")
+    assert batch.returncode == EXIT_SOME_FAILED and row["error"] == describe(error)[0]

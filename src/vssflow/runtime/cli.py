@@ -14,7 +14,7 @@ import numpy as np
 
 from . import extras
 from .backends import BACKENDS, PREPROCESS
-from .errors import OutputError, VssflowError, VssflowInputError, describe
+from .errors import OutputError, VideoError, VssflowError, VssflowInputError, describe
 from .files import atomic_output, check_writable
 from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
@@ -163,9 +163,10 @@ def main(videos, model_dir, output, transcript, speech_start, speech_end, ref_au
         else:
             code = _run(videos[0], model, options, ui, output=output, ref_audio=ref_audio, noise=noise,
                         dump_intermediates=dump_intermediates, out_format=out_format, skip_existing=skip_existing)
-    except VssflowError as e:
-        click.echo(f"vssflow-run: error: {e}", err=True)
-        sys.exit(e.exit_code)
+    except VssflowError as e:                  # the one mapping of errors to codes, as a batch's rows use it
+        message, code = describe(e)
+        click.echo(f"vssflow-run: error: {message}", err=True)
+        sys.exit(code)
     except KeyboardInterrupt:
         click.echo("vssflow-run: interrupted; " + ("finished outputs were kept, none was left half-written" if many
                                                    else "no output was written"), err=True)
@@ -227,8 +228,8 @@ class _Model:
 def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, output, ref_audio, noise,
          dump_intermediates, out_format, skip_existing) -> int:
     say = ui.say
-    if not video.is_file():
-        raise VssflowInputError(f"{video}: no such file")
+    if not video.is_file():                             # the video's code (10), as a batch's row and Session say it
+        raise VideoError(f"{video}: {'not a regular file' if video.exists() else 'no such file'}")
     plan = plan_output(video, output, format=out_format)
     check_writable(plan.path.parent)                    # before the model loads, not after generating
     if plan.note:
