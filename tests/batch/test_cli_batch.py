@@ -254,3 +254,46 @@ def test_a_missing_video_has_one_exit_code_in_a_single_run_a_batch_and_python(tm
     assert single.returncode == row["exit_code"] == describe(error)[1] == VideoError.exit_code, single.stderr
     assert_one_line_error(single, VideoError.exit_code, f"{missing}: no such file")
     assert batch.returncode == EXIT_SOME_FAILED and row["error"] == describe(error)[0]
+
+
+FULL_AFTER_ONE_ROW = """
+import errno, sys
+from vssflow.runtime import runner
+
+class FullDisk:                       # a report file on a disk that fills after its first row
+    def __init__(self, file):
+        self.file, self.rows = file, 0
+    def write(self, text):
+        if self.rows == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.rows += 1
+        return self.file.write(text)
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+class Report(runner.Report):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.file = FullDisk(self.file)
+
+runner.Report = Report
+from vssflow.runtime import cli
+sys.argv[0] = "vssflow-run"
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("disk", ["dev_full", "full_after_one_row"])
+def test_a_report_that_cannot_be_written_ends_the_batch_with_exit_5(disk, clips, tmp_path, tiny_model):
+    """One line, exit 5; the finished output and the rows written before stay, no partial file."""
+    out = tmp_path / "out"
+    args = [clips, "--model", tiny_model, "--output-dir", out, "--format", "wav", "--steps", "1"]
+    if disk == "dev_full":
+        r = run_cli("vssflow.runtime.cli", *args, "--report", "/dev/full")
+    else:
+        report = tmp_path / "report.jsonl"
+        r = subprocess.run([sys.executable, "-c", FULL_AFTER_ONE_ROW, *map(str, args), "--report", report],
+                           capture_output=True, text=True, timeout=CLI_TIMEOUT)
+        assert [row["input"] for row in _lines(report.read_text())] == [str(clips / "a.mp4")]
+    assert_one_line_error(r, 5, "cannot write the report", "No space left on device")
+    assert (out / "a.wav").is_file() and sf.info(out / "a.wav").duration == 4.0 and _partials(out) == []

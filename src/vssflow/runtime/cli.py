@@ -341,15 +341,14 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
             if bar is not None:
                 bar.row(r)
             tell(_row_line(planned[r["index"]].name, r))
+        done = runner.summary(rows, time.perf_counter() - t0)
+        report.write(done)
     finally:
         if bar is not None:
             bar.close()
-        done = runner.summary(rows, time.perf_counter() - t0)
-        if len(rows) == len(planned):
-            report.write(done)
-            tell(f"{done['ok']} ok, {done['skipped']} skipped, {done['failed']} failed; "
-                 f"{done['seconds']:.2f} s of audio in {done['wall']:.1f} s")
         report.close()
+    tell(f"{done['ok']} ok, {done['skipped']} skipped, {done['failed']} failed; "
+         f"{done['seconds']:.2f} s of audio in {done['wall']:.1f} s")
     return done["exit_code"]
 
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-from .errors import describe
+from .errors import OutputError, describe
 from .items import Planned
 from .output import make_folder, write_output
 
@@ -98,26 +98,35 @@ def summary(rows: list[dict], wall: float) -> dict:
 
 
 class Report:
-    """JSON Lines to a file (each row flushed as it comes, so an interrupted batch's report holds
-    the rows done) and/or stdout."""
+    """JSON Lines to a file and/or stdout, each row written through as it comes (the file
+    unbuffered: an interrupted batch's report holds the rows done, and nothing is left in a buffer
+    to fail later). A report file that cannot be written (a full disk) raises OutputError (exit 5):
+    the rows before stay, and so do the outputs finished."""
 
     def __init__(self, path: os.PathLike | None, stdout: IO | None):
         self.path, self.stdout = path, stdout
-        self._file = None
+        self.file: IO[bytes] | None = None
         if path is not None:
             try:
-                self._file = open(path, "w", encoding="utf-8")
+                self.file = open(path, "wb", buffering=0)
             except OSError as e:
-                from .errors import OutputError
                 raise OutputError(f"{path}: cannot write the report ({e.strerror or e})") from None
 
     def write(self, line: dict) -> None:
-        text = json.dumps(line)
-        for f in (self._file, self.stdout):
-            if f is not None:
-                f.write(text + "\n")
-                f.flush()
+        text = json.dumps(line) + "\n"
+        if self.file is not None:
+            data = memoryview(text.encode())
+            try:
+                while data:                                 # a raw write may take part of it
+                    data = data[self.file.write(data):]
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot write the report ({e.strerror or e}); its rows before "
+                                  "this one and the outputs finished are kept") from None
+        if self.stdout is not None:
+            self.stdout.write(text)
+            self.stdout.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
