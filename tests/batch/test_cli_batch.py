@@ -19,6 +19,7 @@ import soundfile as sf
 from tests.batch.conftest import STEPS
 from tests.reliability.conftest import CLI_TIMEOUT, assert_one_line_error, interrupt_when_paused, run_cli
 from vssflow.runtime.errors import VideoError, describe
+from vssflow.runtime.files import partial_path
 from vssflow.runtime.runner import EXIT_SOME_FAILED
 
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -58,10 +59,12 @@ def _done_when(clips, out, tiny_model, singles, *extra):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["a.wav", "sub", "sub/b.wav"]
 
     again = run_cli("vssflow.runtime.cli", clips, "--model", tiny_model, "--output-dir", out, "--format", "wav",
-                    "--steps", STEPS, "--skip-existing", "--json", *extra)
+                    "--steps", STEPS, "--skip-existing", "--report", out.parent / "report.jsonl", "--json", *extra)
     assert again.returncode == EXIT_SOME_FAILED, again.stderr
     assert [row["status"] for row in _lines(again.stdout)[:-1]] == ["skipped", "failed", "skipped"]
     assert "skipped" in again.stderr
+    # the rerun's rows follow the first run's, whose figures stay
+    assert _lines((out.parent / "report.jsonl").read_text()) == rows + _lines(again.stdout)
 
 
 def test_folder_with_a_broken_file(clips, tmp_path, tiny_model, singles):
@@ -297,3 +300,37 @@ def test_a_report_that_cannot_be_written_ends_the_batch_with_exit_5(disk, clips,
         assert [row["input"] for row in _lines(report.read_text())] == [str(clips / "a.mp4")]
     assert_one_line_error(r, 5, "cannot write the report", "No space left on device")
     assert (out / "a.wav").is_file() and sf.info(out / "a.wav").duration == 4.0 and _partials(out) == []
+
+
+def test_a_second_run_on_the_same_report_is_refused_while_the_first_writes_it(clips, tmp_path, tiny_model):
+    """Two runs sharing one --report would interleave into invalid JSON: the second is refused in one
+    line (exit 5) while the first (stopped mid-batch) holds the report, and the first ends intact."""
+    report = tmp_path / "report.jsonl"
+    second = {}
+    def stopped():
+        second["run"] = run_cli("vssflow.runtime.cli", clips, "--model", tiny_model, "--output-dir", tmp_path / "out2",
+                                "--format", "wav", "--steps", "1", "--report", report)
+    rc, err = interrupt_when_paused([clips, "--model", tiny_model, "--output-dir", tmp_path / "out", "--format", "wav",
+                                     "--steps", "1", "--report", report], signal.SIGCONT, while_stopped=stopped)
+    assert_one_line_error(second["run"], 5, str(report), "another vssflow-run is writing this report")
+    assert [p for p in (tmp_path / "out2").rglob("*")] == []                # nothing written
+    assert rc == EXIT_SOME_FAILED, err
+    *items, summary = _lines(report.read_text())
+    assert [row["status"] for row in items] == ["ok", "failed", "ok"] and summary["summary"]
+
+
+def test_partial_files_of_a_run_that_is_gone_are_removed_by_the_next_run(clips, tmp_path):
+    """A SIGKILL leaves a `.partial` file; the next batch into that folder removes it (its writer's
+    process is gone), never one of a live run (this test's own process stands for one)."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()                                                    # ended and reaped: its pid names no process
+    dead = partial_path(out / "sub" / "b.wav", pid=gone.pid)
+    live = partial_path(out / "a.wav", pid=os.getpid())
+    for p in (dead, live):
+        p.write_bytes(b"half a file")
+    assert dead.name.startswith(".b.") and dead.name.endswith(".partial.wav") and _partials(out) != []
+    r = run_cli("vssflow.runtime.cli", clips, "--model", tmp_path / "nomodel", "--output-dir", out)
+    assert_one_line_error(r, 3, "no such model folder")           # after the clean-up, before any model
+    assert _partials(out) == [live]

@@ -15,7 +15,7 @@ import numpy as np
 from . import extras
 from .backends import BACKENDS, PREPROCESS
 from .errors import OutputError, VideoError, VssflowError, VssflowInputError, describe
-from .files import atomic_output, check_writable
+from .files import atomic_output, check_writable, remove_stale_partials
 from .output import OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
 from .session import GenerateOptions
@@ -232,6 +232,7 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
         raise VideoError(f"{video}: {'not a regular file' if video.exists() else 'no such file'}")
     plan = plan_output(video, output, format=out_format)
     check_writable(plan.path.parent)                    # before the model loads, not after generating
+    remove_stale_partials(plan.path.parent)             # of a killed run into this folder
     if plan.note:
         say(plan.note)
     if skip_existing and plan.path.exists():
@@ -311,7 +312,8 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
     if use_ray:
         from . import ray_batch
         ray_batch.check_ray()                       # exit 4 with the install line, before any model loads
-    report = runner.Report(report_path, sys.stdout if ui.as_json else None)
+    remove_stale_partials(output_dir, recursive=True)        # of a killed run into this folder
+    report = runner.Report(report_path, sys.stdout if ui.as_json else None, append=skip_existing)
     known, todo = runner.split(planned, skip_existing)
     bar = BatchProgress([str(p.name) for p in planned], [p.index for p in todo], sys.stderr,
                         steps=None if options.solver == "dopri5" else options.steps) if ui.interactive else None
