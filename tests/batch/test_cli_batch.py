@@ -334,3 +334,17 @@ def test_partial_files_of_a_run_that_is_gone_are_removed_by_the_next_run(clips, 
     r = run_cli("vssflow.runtime.cli", clips, "--model", tmp_path / "nomodel", "--output-dir", out)
     assert_one_line_error(r, 3, "no such model folder")           # after the clean-up, before any model
     assert _partials(out) == [live]
+
+
+def test_quiet_hides_progress_never_failures_in_the_format_of_a_single_run(clips, tmp_path, tiny_model):
+    """-q: the broken file's line alone on stderr, the line a single run of it prints; its row names
+    no output (none was written)."""
+    broken = clips / "broken.mp4"
+    single = run_cli("vssflow.runtime.cli", broken, "--model", tiny_model, "-o", tmp_path / "b.wav", "-q")
+    batch = run_cli("vssflow.runtime.cli", clips, "--model", tiny_model, "--output-dir", tmp_path / "out",
+                    "--format", "wav", "--steps", "1", "-q", "--json")
+    assert batch.returncode == EXIT_SOME_FAILED
+    assert batch.stderr.splitlines() == single.stderr.splitlines() and len(single.stderr.splitlines()) == 1
+    assert single.stderr.startswith(f"vssflow-run: error: {broken}: ")
+    assert [row["output"] for row in _lines(batch.stdout)[:-1]] == [
+        str(tmp_path / "out" / "a.wav"), None, str(tmp_path / "out" / "sub" / "b.wav")]

@@ -324,6 +324,13 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
         else:
             bar.say(f"[vssflow-run] {msg}")
 
+    def fail(msg: str) -> None:                   # -q or not: a single run's error line
+        line = f"vssflow-run: error: {msg}"
+        if bar is None:
+            click.echo(line, err=True)
+        else:
+            bar.say(line)
+
     tell(f"{len(planned)} item(s): {len(todo)} to generate, {sum(r['status'] == 'skipped' for r in known.values())} "
          f"skipped, {sum(r['status'] == 'failed' for r in known.values())} refused")
     rows: list[dict] = []
@@ -342,7 +349,11 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
             report.write(r)
             if bar is not None:
                 bar.row(r)
-            tell(_row_line(planned[r["index"]].name, r))
+            if r["status"] == "failed":
+                fail(r["error"] if str(planned[r["index"]].name) in r["error"]
+                     else f"{planned[r['index']].name}: {r['error']}")
+            else:
+                tell(_row_line(planned[r["index"]].name, r))
         done = runner.summary(rows, time.perf_counter() - t0)
         report.write(done)
     finally:
@@ -357,10 +368,7 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
 def _row_line(name, r: dict) -> str:
     if r["status"] == "ok":
         return f"ok {name} -> {r['output']} ({r['seconds']:.2f} s)"
-    if r["status"] == "skipped":
-        return f"skipped {name}: {r['output']} exists"
-    about = "" if str(name) in r["error"] else f" {name}"
-    return f"failed{about} (exit {r['exit_code']}): {r['error']}"
+    return f"skipped {name}: {r['output']} exists"
 
 
 if __name__ == "__main__":

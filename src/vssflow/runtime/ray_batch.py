@@ -113,7 +113,7 @@ def in_order(rows: Iterator[dict], order: Sequence[int], planned: dict[int, Plan
             yield pending.pop(order[position])
             position += 1
     for k in order[position:]:
-        yield pending.pop(k) if k in pending else runner.row(planned[k], "failed", error=NO_RESULT,
+        yield pending.pop(k) if k in pending else runner.row(planned[k], "failed", output=None, error=NO_RESULT,
                                                               exit_code=EXIT_INTERNAL)
 
 

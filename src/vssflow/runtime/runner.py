@@ -5,7 +5,8 @@
 
 An item ends `ok` (its output written, complete: `output.write_output` renames a finished
 temporary file into place), `skipped` (`skip_existing` and its output exists) or `failed` (its
-`error`, one line, and the `exit_code` a single `vssflow-run` of it would have given). One
+`error`, one line, and the `exit_code` a single `vssflow-run` of it would have given; `output`
+None, as nothing was written). One
 bad item never stops the others. `--ray` (`ray_batch.py`) makes the same rows.
 """
 
@@ -37,9 +38,10 @@ def row(p: Planned, status: str, **fields) -> dict:
 
 
 def failed(p: Planned, e: BaseException, wall: float | None = None) -> dict:
-    """The row of an item that raised `e`: its one-line message and the exit code it would give alone."""
+    """The row of an item that raised `e`: its one-line message and the exit code it would give
+    alone; no `output`, as nothing was written."""
     message, code = describe(e)
-    return row(p, "failed", error=message, exit_code=code, wall=wall)
+    return row(p, "failed", output=None, error=message, exit_code=code, wall=wall)
 
 
 def finish(p: Planned, outcome, wall: float) -> dict:
