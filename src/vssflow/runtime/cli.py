@@ -255,27 +255,27 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
 
     def progress(event: dict) -> None:
         if event["kind"] == "fallback" and len(chunks.fallbacks) == 1:      # once, as it happens
-            if bar is not None:
-                click.echo(file=sys.stderr)
             said.append(chunks.notes[-1])
-            say(f"warning: {said[-1]}")
-        if bar is not None and event["kind"] == "step":
-            bar.label = f"window {event['window'] + 1}/{info.n_windows}"
-            bar.update(1)
+            if bar is not None:
+                bar.say(f"[vssflow-run] warning: {said[-1]}")
+            else:
+                say(f"warning: {said[-1]}")
+        if bar is not None:
+            bar.event(event)
 
     chunks, info = session.stream(video, options, ref_audio=ref_audio, noise=noise_arr,
                                   keep_intermediates=dump_intermediates is not None, progress=progress)
     o = info.options
     say(f"{video.name}: {info.duration:.2f} s, {info.n_windows} window(s); backend {info.backend}, "
         f"{o.solver}{'' if o.solver == 'dopri5' else f' {o.steps} steps'}, cfg {o.cfg}")
-    if ui.interactive and o.solver != "dopri5":
-        bar = click.progressbar(length=info.n_windows * o.steps, label="generating", file=sys.stderr)
-        bar.__enter__()
+    if ui.interactive and o.solver != "dopri5":     # the batch's line, for one item of known windows
+        from .progress import BatchProgress
+        bar = BatchProgress([video.name], [0], sys.stderr, steps=o.steps, windows=[info.n_windows])
     try:
         samples = write_output(plan, chunks, info.sample_rate)
     finally:
         if bar is not None:
-            bar.__exit__(None, None, None)
+            bar.close()
     for note in chunks.notes:
         if note not in said:
             say(note)
