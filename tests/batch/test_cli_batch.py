@@ -47,6 +47,7 @@ def _done_when(clips, out, tiny_model, singles, *extra):
     r = run_cli("vssflow.runtime.cli", clips, "--model", tiny_model, "--output-dir", out, "--format", "wav",
                 "--steps", STEPS, "--report", out.parent / "report.jsonl", "--json", *extra)
     assert r.returncode == EXIT_SOME_FAILED and "Traceback" not in r.stderr, r.stderr
+    assert "logging.cc" not in r.stderr and "\x1b[" not in r.stderr + r.stdout     # none of Ray's own lines
     rows = _lines(r.stdout)
     assert rows == _lines((out.parent / "report.jsonl").read_text())
     *items, summary = rows

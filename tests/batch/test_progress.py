@@ -77,3 +77,11 @@ def test_a_short_single_run_shows_seconds_not_minutes():
     etas = [eta for _, eta in _window(bar, t, None, 0, steps=25, step_s=0.1, encoders_s=3.0) if eta is not None]
     assert etas and max(etas) < 3.0
     assert bar.line().startswith("clip.mp4: vocoder (window 1/1)")
+
+
+def test_a_note_is_drawn_at_once_before_any_event():
+    """--ray: the line shows what the run does from the start, not only once an item is done."""
+    out = io.StringIO()
+    bar = BatchProgress(["a.mp4", "b.mp4"], [0, 1], out, steps=25, every=60)
+    bar.note("starting Ray")
+    assert out.getvalue() == "\r[0/2] starting Ray · 0 ok, 0 skipped, 0 failed"

@@ -338,7 +338,8 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
         if use_ray:
             from . import ray_batch
             stream = ray_batch.run_ray(planned, known, todo, model.path(tell), options, session=model.settings(),
-                                       address=ray_address, workers=ray_workers, batch=batch)
+                                       address=ray_address, workers=ray_workers, batch=batch,
+                                       status=bar.note if bar is not None else None)
         else:
             session = model.session(tell)
             stream = runner.merge(planned, known, runner.run_local(

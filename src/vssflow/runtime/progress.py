@@ -81,6 +81,11 @@ class BatchProgress:
         self.current = f"{self.names[self.to_run[k]]}: {stage} (window {w + 1}{f'/{of}' if of else ''})"
         self._draw()
 
+    def note(self, text: str) -> None:
+        """What the run does before any item's events come (starting Ray, say), drawn at once."""
+        self.current = text
+        self._draw(force=True)
+
     def row(self, r: dict) -> None:
         self.counts[r["status"]] += 1
         if r["index"] in self.to_run:
