@@ -11,10 +11,11 @@ it, by `..`, an absolute path or a symbolic link, is refused with its line: exit
 goes into the output folder, named after its input (its path below the folder searched or the
 manifest's folder, else its name).
 
-Refused before anything runs: an output folder this process cannot write in (exit 5); an output (or the report) that would replace any item's input,
-its video or reference voice, found by real path and by device and inode, so that symbolic and
-hard links count (exit 5); two items that would write the same file (exit 5); a batch with
-nowhere to write (exit 2); a manifest that cannot be read (exit 2). An item whose own output
+Refused before anything runs: an output folder this process cannot write in (exit 5); an
+output (or the report) that would replace any item's input, its video or reference voice, found
+by real path and by device and inode, so that symbolic and hard links count (exit 5); two items
+that would write the same file (exit 5); a batch with nowhere to write (exit 2); a manifest that
+cannot be read (exit 2). An item whose own output
 cannot be planned (a codec its container cannot hold, say) fails alone, with exit code 5 in its row.
 """
 
@@ -210,7 +211,7 @@ def plan_items(inputs: Sequence[Path], *, manifest: Path | None = None, output_d
     planned = []
     for k, (item, name, below, fmt) in enumerate(entries):
         try:
-            if fmt == "":                       # a row's output without an extension: refused as a single run refuses it
+            if fmt == "":                       # a row's output with no extension: refused as -o refuses it
                 plan = plan_output(item.video, output_dir / below)
             else:
                 plan = plan_output(item.video, format=fmt, folder=output_dir, relative=below)
