@@ -107,7 +107,7 @@ def test_noise_file_and_intermediates_reproduce_a_run(tiny_model, clip4, tmp_pat
 
 
 @pytest.mark.parametrize("args,code,message", [
-    (["missing.mp4"], 2, "no such file"),
+    (["missing.mp4"], 10, "no such file"),                  # the video's code, as in a batch's row
     (["{clip}", "-o", "{tmp}/out.xyz"], 5, "unknown output type"),
     # refused before the model loads (that would fail with 3)
     (["{clip}", "-o", "{tmp}/out.webm", "--model", "{tmp}/nomodel"], 5,

@@ -14,8 +14,8 @@ import numpy as np
 
 from . import extras
 from .backends import BACKENDS, PREPROCESS
-from .errors import OutputError, VssflowError, VssflowInputError, describe
-from .files import atomic_output
+from .errors import OutputError, VideoError, VssflowError, VssflowInputError, describe
+from .files import atomic_output, check_writable, remove_stale_partials
 from .output import INPUT_AUDIO, OUTPUT_FORMATS, SOUND_EXTENSIONS, VIDEO_EXTENSIONS, plan_output, write_output
 from .precision import PRECISIONS
 from .session import GenerateOptions
@@ -187,9 +187,10 @@ def main(videos, model_dir, output, input_audio, transcript, speech_start, speec
             code = _run(videos[0], model, options, ui, output=output, ref_audio=ref_audio, noise=noise,
                         dump_intermediates=dump_intermediates, out_format=out_format, skip_existing=skip_existing,
                         input_audio=input_audio)
-    except VssflowError as e:
-        click.echo(f"vssflow-run: error: {e}", err=True)
-        sys.exit(e.exit_code)
+    except VssflowError as e:                  # the one mapping of errors to codes, as a batch's rows use it
+        message, code = describe(e)
+        click.echo(f"vssflow-run: error: {message}", err=True)
+        sys.exit(code)
     except KeyboardInterrupt:
         click.echo("vssflow-run: interrupted; " + ("finished outputs were kept, none was left half-written" if many
                                                    else "no output was written"), err=True)
@@ -264,10 +265,12 @@ class _Model:
 def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, output, ref_audio, noise,
          dump_intermediates, out_format, skip_existing, input_audio) -> int:
     say = ui.say
-    options.check()                            # before the model loads (or the demo exports)
-    if not video.is_file():
-        raise VssflowInputError(f"{video}: no such file")
+    options.check()                                     # before the model loads (or the demo exports)
+    if not video.is_file():                             # the video's code (10), as a batch's row and Session say it
+        raise VideoError(f"{video}: {'not a regular file' if video.exists() else 'no such file'}")
     plan = plan_output(video, output, format=out_format, input_audio=input_audio)
+    check_writable(plan.path.parent)                    # before the model loads, not after generating
+    remove_stale_partials(plan.path.parent)             # of a killed run into this folder
     if plan.note:
         say(plan.note)
     if skip_existing and plan.path.exists():
@@ -290,27 +293,27 @@ def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, outpu
 
     def progress(event: dict) -> None:
         if event["kind"] == "fallback" and len(chunks.fallbacks) == 1:      # once, as it happens
-            if bar is not None:
-                click.echo(file=sys.stderr)
             said.append(chunks.notes[-1])
-            say(f"warning: {said[-1]}")
-        if bar is not None and event["kind"] == "step":
-            bar.label = f"window {event['window'] + 1}/{info.n_windows}"
-            bar.update(1)
+            if bar is not None:
+                bar.say(f"[vssflow-run] warning: {said[-1]}")
+            else:
+                say(f"warning: {said[-1]}")
+        if bar is not None:
+            bar.event(event)
 
     chunks, info = session.stream(video, options, ref_audio=ref_audio, noise=noise_arr,
                                   keep_intermediates=dump_intermediates is not None, progress=progress)
     o = info.options
     say(f"{video.name}: {info.duration:.2f} s, {info.n_windows} window(s); backend {info.backend}, "
         f"{o.solver}{'' if o.solver == 'dopri5' else f' {o.steps} steps'}, cfg {o.cfg}")
-    if ui.interactive and o.solver != "dopri5":
-        bar = click.progressbar(length=info.n_windows * o.steps, label="generating", file=sys.stderr)
-        bar.__enter__()
+    if ui.interactive and o.solver != "dopri5":     # the batch's line, for one item of known windows
+        from .progress import BatchProgress
+        bar = BatchProgress([video.name], [0], sys.stderr, steps=o.steps, windows=[info.n_windows])
     try:
         samples = write_output(plan, chunks, info.sample_rate)
     finally:
         if bar is not None:
-            bar.__exit__(None, None, None)
+            bar.close()
     notes = [*chunks.notes, *plan.notes]
     for note in notes:
         if note not in said:
@@ -345,14 +348,15 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
     options = dataclasses.replace(options, transcript=None, speech_start=None, speech_end=None)  # per item
     options.check()
     planned = plan_items(list(videos), manifest=manifest, output_dir=output_dir, format=out_format,
-                         fields={**per_item, "ref_audio": ref_audio})
+                         fields={**per_item, "ref_audio": ref_audio}, report=report_path)
     if input_audio == "drop":                   # plans keep the input's own sound unless told
         planned = [p if p.plan is None else
                    dataclasses.replace(p, plan=dataclasses.replace(p.plan, keep_input_audio=False)) for p in planned]
     if use_ray:
         from . import ray_batch
         ray_batch.check_ray()                       # exit 4 with the install line, before any model loads
-    report = runner.Report(report_path, sys.stdout if ui.as_json else None)
+    remove_stale_partials(output_dir, recursive=True)        # of a killed run into this folder
+    report = runner.Report(report_path, sys.stdout if ui.as_json else None, append=skip_existing)
     known, todo = runner.split(planned, skip_existing)
     bar = BatchProgress([str(p.name) for p in planned], [p.index for p in todo], sys.stderr,
                         steps=None if options.solver == "dopri5" else options.steps) if ui.interactive else None
@@ -363,6 +367,13 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
         else:
             bar.say(f"[vssflow-run] {msg}")
 
+    def fail(msg: str) -> None:                   # -q or not: a single run's error line
+        line = f"vssflow-run: error: {msg}"
+        if bar is None:
+            click.echo(line, err=True)
+        else:
+            bar.say(line)
+
     tell(f"{len(planned)} item(s): {len(todo)} to generate, {sum(r['status'] == 'skipped' for r in known.values())} "
          f"skipped, {sum(r['status'] == 'failed' for r in known.values())} refused")
     rows: list[dict] = []
@@ -370,7 +381,8 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
         if use_ray:
             from . import ray_batch
             stream = ray_batch.run_ray(planned, known, todo, model.path(tell), options, session=model.settings(),
-                                       address=ray_address, workers=ray_workers, batch=batch)
+                                       address=ray_address, workers=ray_workers, batch=batch,
+                                       status=bar.note if bar is not None else None)
         else:
             session = model.session(tell)
             stream = runner.merge(planned, known, runner.run_local(
@@ -381,26 +393,26 @@ def _run_batch(videos, model: _Model, options: GenerateOptions, ui: _Ui, *, ref_
             report.write(r)
             if bar is not None:
                 bar.row(r)
-            tell(_row_line(planned[r["index"]].name, r))
+            if r["status"] == "failed":
+                fail(r["error"] if str(planned[r["index"]].name) in r["error"]
+                     else f"{planned[r['index']].name}: {r['error']}")
+            else:
+                tell(_row_line(planned[r["index"]].name, r))
+        done = runner.summary(rows, time.perf_counter() - t0)
+        report.write(done)
     finally:
         if bar is not None:
             bar.close()
-        done = runner.summary(rows, time.perf_counter() - t0)
-        if len(rows) == len(planned):
-            report.write(done)
-            tell(f"{done['ok']} ok, {done['skipped']} skipped, {done['failed']} failed; "
-                 f"{done['seconds']:.2f} s of audio in {done['wall']:.1f} s")
         report.close()
+    tell(f"{done['ok']} ok, {done['skipped']} skipped, {done['failed']} failed; "
+         f"{done['seconds']:.2f} s of audio in {done['wall']:.1f} s")
     return done["exit_code"]
 
 
 def _row_line(name, r: dict) -> str:
     if r["status"] == "ok":
         return f"ok {name} -> {r['output']} ({r['seconds']:.2f} s)" + "".join(f"; {n}" for n in r.get("notes") or ())
-    if r["status"] == "skipped":
-        return f"skipped {name}: {r['output']} exists"
-    about = "" if str(name) in r["error"] else f" {name}"
-    return f"failed{about} (exit {r['exit_code']}): {r['error']}"
+    return f"skipped {name}: {r['output']} exists"
 
 
 if __name__ == "__main__":

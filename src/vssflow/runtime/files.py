@@ -4,14 +4,20 @@ A file is written under a hidden temporary name beside its target and renamed ov
 when complete (`atomic_output`); a model folder is built under a temporary name and swapped in
 (`atomic_folder`). On any error or interrupt the temporary file or folder is removed, so a
 reader never sees half a result and an existing one survives a failed write.
+
+Only SIGKILL (or a crash) can leave a temporary file: `.NAME.HOST-PID-TOKEN.partial.EXT`, named
+after its writer's machine and process, so that the next run into that folder removes it once
+that process is gone (`remove_stale_partials`), and never a live run's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +34,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError(f"{path}: the folder {path.parent} does not exist")
-    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(6)}.partial{path.suffix}")
+    tmp = partial_path(path)
     try:
         tmp.touch(mode=0o600, exist_ok=False)
         yield tmp
@@ -37,6 +43,60 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# This machine in a partial file's name (no dots: the name is split on them); on a shared
+# filesystem a process of another machine is never taken for gone.
+HOST = socket.gethostname().replace(".", "_") or "localhost"
+PARTIAL = re.compile(r"^\.(?P<stem>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)-[0-9a-f]{12}\.partial(\.[^.]*)?$")
+
+
+def partial_path(path: str | os.PathLike, pid: int | None = None) -> Path:
+    """The hidden temporary name `path` is written under by process `pid` (default: this one)."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.{HOST}-{os.getpid() if pid is None else pid}-"
+                          f"{secrets.token_hex(6)}.partial{path.suffix}")
+
+
+def remove_stale_partials(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Remove the partial files in `folder` (and below, if `recursive`) whose writer, a process of
+    this machine, is gone (a SIGKILL); those of live processes, or of other machines, stay."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        if not recursive:
+            dirs.clear()
+        for name in files:
+            m = PARTIAL.match(name)
+            if m and m["host"] == HOST and not _alive(int(m["pid"])):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(root, name))
+                    removed.append(Path(root, name))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):      # another user's live process; a pid no process has
+        return True
+    return True
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise OutputError unless a file can be made in `folder`, the existing folder or its
+    nearest existing parent (a file is made and removed: permission bits do not tell root's
+    case, a read-only mount's or an immutable folder's)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        fd, name = tempfile.mkstemp(prefix=".vssflow-check-", dir=folder)
+    except OSError as e:
+        raise OutputError(f"{folder}: cannot write in this folder ({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:

@@ -24,6 +24,7 @@ folder is opened in the driver first (exit 3 there). Ray is optional (`pip insta
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import logging
@@ -32,9 +33,10 @@ import pickle
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from . import extras, runner
@@ -84,18 +86,23 @@ class SessionWorker:
 # --- the batch -----------------------------------------------------------------------------------
 def run_ray(planned: list[Planned], known: dict[int, dict], todo: list[Planned], model_dir: Path, options, *,
             session: dict | None = None, address: str | None = None, workers: int | None = None,
-            batch: int | None = None, num_cpus: int | None = None) -> Iterator[dict]:
+            batch: int | None = None, num_cpus: int | None = None,
+            status: Callable[[str], None] | None = None) -> Iterator[dict]:
     """Every item's row, in item order: `known` ones (planning failures, skipped) in place, the
     others from the actors as they finish. `session`: each actor's `Session` keywords (backend,
-    device, preprocess, precision). Starts (or connects to) Ray, and ends it, itself."""
+    device, preprocess, precision). Starts (or connects to) Ray, and ends it, itself; `status`
+    hears what it is doing until rows come (the actors send no finer progress)."""
+    status = status or (lambda text: None)
     session = dict(session or {})
     ModelFolder.open(model_dir, verify_hashes=session.pop("verify_hashes", False))   # exit 3 here, not in an actor
     if not todo:
         yield from runner.merge(planned, known, iter(()))
         return
+    status("starting Ray" if address is None else f"connecting to Ray at {address}")
     with ray_instance(address, num_cpus=num_cpus) as ray:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         workers = workers or max(1, gpus)
+        status(f"generating on {min(workers, len(todo))} Ray actor(s): rows come as their items finish")
         rows = _rows(ray, todo, model_dir, options, workers=workers, gpus_per_worker=1 if gpus else 0,
                      session=session, batch=batch)
         by_index = {p.index: p for p in todo}
@@ -113,7 +120,7 @@ def in_order(rows: Iterator[dict], order: Sequence[int], planned: dict[int, Plan
             yield pending.pop(order[position])
             position += 1
     for k in order[position:]:
-        yield pending.pop(k) if k in pending else runner.row(planned[k], "failed", error=NO_RESULT,
+        yield pending.pop(k) if k in pending else runner.row(planned[k], "failed", output=None, error=NO_RESULT,
                                                               exit_code=EXIT_INTERNAL)
 
 
@@ -172,6 +179,33 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@contextlib.contextmanager
+def _stderr_to(path: Path | None) -> Iterator[None]:
+    """File descriptor 2 (where Ray's C++ code logs) appended to `path` for the block; None: unchanged."""
+    if path is None:
+        yield
+        return
+    sys.stderr.flush()
+    saved, fd = os.dup(2), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def _no_colour_at_exit() -> None:
+    """Ray's autoscaler CLI logger runs `colorama.init()` on import, whose exit handler writes a
+    colour reset (ESC [0m) to a terminal's stdout after everything vssflow printed: unregistered."""
+    for name in ("colorama.initialise", "ray.thirdparty_files.colorama.initialise"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "reset_all"):
+            atexit.unregister(module.reset_all)
+
+
 def local_environ(home: Path) -> dict[str, str]:
     """What a local instance needs to stay on this machine, and quiet.
 
@@ -218,8 +252,12 @@ def ray_instance(address: str | None = None, *, num_cpus: int | None = None, num
                 kwargs = {"num_cpus": num_cpus, "num_gpus": num_gpus, "include_dashboard": False,
                           "object_store_memory": object_store_memory, "_temp_dir": str(own_dir / "s")}
             on_sigterm = signal.getsignal(signal.SIGTERM)
-            ray.init(address=address or "local", logging_level=logging.ERROR if quiet else logging.INFO,
-                     log_to_driver=not quiet, **kwargs)
+            # The driver's core worker says on stderr that it read RAY_BACKEND_LOG_LEVEL
+            # (logging.cc:303) before that level holds: into the session's log instead.
+            with _stderr_to(own_dir / "driver.err" if local and quiet else None):
+                ray.init(address=address or "local", logging_level=logging.ERROR if quiet else logging.INFO,
+                         log_to_driver=not quiet, **kwargs)
+            _no_colour_at_exit()
         if callable(on_sigterm):        # ray.init replaced it with sys.exit(15): keep the caller's own
             signal.signal(signal.SIGTERM, on_sigterm)
         if quiet:                       # Ray Data's INFO lines and warnings still go to its log file
@@ -228,7 +266,8 @@ def ray_instance(address: str | None = None, *, num_cpus: int | None = None, num
         try:
             yield ray
         finally:
-            ray.shutdown()
+            with _stderr_to(own_dir / "driver.err" if local and quiet else None):
+                ray.shutdown()
     except Exception:
         own_dir = None                  # keep the logs of a run that failed
         raise

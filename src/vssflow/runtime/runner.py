@@ -5,19 +5,22 @@
 
 An item ends `ok` (its output written, complete: `output.write_output` renames a finished
 temporary file into place), `skipped` (`skip_existing` and its output exists) or `failed` (its
-`error`, one line, and the `exit_code` a single `vssflow-run` of it would have given). One
+`error`, one line, and the `exit_code` a single `vssflow-run` of it would have given; `output`
+None, as nothing was written). One
 bad item never stops the others. `--ray` (`ray_batch.py`) makes the same rows.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import stat
 import time
 from collections.abc import Iterable, Iterator
 from typing import IO
 
-from .errors import describe
+from .errors import OutputError, describe
 from .items import Planned
 from .output import make_folder, write_output
 
@@ -35,9 +38,10 @@ def row(p: Planned, status: str, **fields) -> dict:
 
 
 def failed(p: Planned, e: BaseException, wall: float | None = None) -> dict:
-    """The row of an item that raised `e`: its one-line message and the exit code it would give alone."""
+    """The row of an item that raised `e`: its one-line message and the exit code it would give
+    alone; no `output`, as nothing was written."""
     message, code = describe(e)
-    return row(p, "failed", error=message, exit_code=code, wall=wall)
+    return row(p, "failed", output=None, error=message, exit_code=code, wall=wall)
 
 
 def finish(p: Planned, outcome, wall: float) -> dict:
@@ -99,26 +103,62 @@ def summary(rows: list[dict], wall: float) -> dict:
 
 
 class Report:
-    """JSON Lines to a file (each row flushed as it comes, so an interrupted batch's report holds
-    the rows done) and/or stdout."""
+    """JSON Lines to a file and/or stdout, each row written through as it comes (the file
+    unbuffered: an interrupted batch's report holds the rows done, and nothing is left in a buffer
+    to fail later). A report file that cannot be written (a full disk) raises OutputError (exit 5):
+    the rows before stay, and so do the outputs finished.
 
-    def __init__(self, path: os.PathLike | None, stdout: IO | None):
+    The file is locked (`flock`) while open: a second run on the same report is refused (exit 5)
+    instead of interleaving with the first. `append` (a rerun with --skip-existing) adds this
+    run's rows after the earlier run's, whose figures stay; otherwise the file is emptied."""
+
+    def __init__(self, path: os.PathLike | None, stdout: IO | None, *, append: bool = False):
         self.path, self.stdout = path, stdout
-        self._file = None
+        self.file: IO[bytes] | None = None
         if path is not None:
-            try:
-                self._file = open(path, "w", encoding="utf-8")
-            except OSError as e:
-                from .errors import OutputError
-                raise OutputError(f"{path}: cannot write the report ({e.strerror or e})") from None
+            self.file = _open_locked(path, append)
 
     def write(self, line: dict) -> None:
-        text = json.dumps(line)
-        for f in (self._file, self.stdout):
-            if f is not None:
-                f.write(text + "\n")
-                f.flush()
+        text = json.dumps(line) + "\n"
+        if self.file is not None:
+            data = memoryview(text.encode())
+            try:
+                while data:                                 # a raw write may take part of it
+                    data = data[self.file.write(data):]
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot write the report ({e.strerror or e}); its rows before "
+                                  "this one and the outputs finished are kept") from None
+        if self.stdout is not None:
+            self.stdout.write(text)
+            self.stdout.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _open_locked(path: os.PathLike, append: bool) -> IO[bytes]:
+    """`path` open for writing, unbuffered, under an exclusive lock taken before anything is
+    emptied; appending after a last line cut short (a kill) starts on a line of its own."""
+    try:
+        fd = os.open(path, (os.O_RDWR | os.O_APPEND if append else os.O_WRONLY) | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the report ({e.strerror or e})") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"{path}: another vssflow-run is writing this report; wait for it to end, "
+                              "or choose another --report") from None
+        except OSError:                          # a filesystem without locks: written unlocked
+            pass
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            if not append:
+                os.ftruncate(fd, 0)
+            elif os.fstat(fd).st_size and os.pread(fd, 1, os.fstat(fd).st_size - 1) != b"\n":
+                os.write(fd, b"\n")
+        return open(fd, "wb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
