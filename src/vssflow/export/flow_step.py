@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .conditions import ConditionProjector
+from .precision import like
 from .reference import clip_to_latent_rate, synch_to_latent_rate
 from .transformer import FlowTransformer, rope_tables
 
@@ -76,15 +77,15 @@ class FlowStep(nn.Module):
         b = z.shape[0]
         n_tokens = z.shape[-1] + 1
         cos, sin = rope_tables(n_tokens, self.flow.dims.rotary_dim, z.device)
-        hz = z.transpose(1, 2) @ self.a_z.T                                            # [B, T, width]
+        # In a half module: the product in half, the residual stream from here on in FP32 (z's dtype).
+        hz = like(like(z, self.a_z).transpose(1, 2) @ self.a_z.T, z)                    # [B, T, width]
         h = torch.cat([hz + cond_bias, hz], dim=0)                                     # cond | uncond
         token = self.flow.time_token(t.expand(2 * b)).to(h.dtype)                      # [2B, 1, width]
         h = torch.cat([token, h], dim=1)                                               # [2B, 1+T, width]
         for blk, k, v in zip(self.flow.transformer_blocks, keys, values):
             h = blk.cached(h, k, v, cos, sin, conditioned=b)                           # uncond rows: c = 0
-        v_all = (h[:, 1:] @ self.p_out.T).transpose(1, 2)                              # [2B, 128, T]
-        if v_all.dtype != torch.float32:     # half graphs: the guidance mix in FP32 (export/precision.py);
-            v_all = v_all.float()            # tested at trace time, so the FP32 graph gets no extra node
+        v_all = like(like(h[:, 1:], self.p_out) @ self.p_out.T, z).transpose(1, 2)       # [2B, 128, T]
+        # the guidance mix in FP32 (`like` casts only in a half module: the FP32 graph gets no extra node)
         v_cond, v_uncond = v_all[:b], v_all[b:]
         return v_uncond + cfg * (v_cond - v_uncond)
 

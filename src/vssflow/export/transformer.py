@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
+from .precision import attention, like
 from .random_init import init_tensor
 
 ROPE_THETA = 10000.0
@@ -219,7 +220,7 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, dh = q.shape
-        o = F.scaled_dot_product_attention(q, k, v)                    # scale 1/sqrt(Dh)
+        o = attention(q, k, v)                                         # scale 1/sqrt(Dh)
         return self.to_out[0](o.transpose(1, 2).reshape(b, n, h * dh))
 
 
@@ -283,19 +284,20 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn1(self.norm1(h), cos, sin)
-        h = h + self.attn2(self.norm2(h), context, cos, sin)
-        return h + self.ff(self.norm3(h))
+        h = h + like(self.attn1(self.norm1(h), cos, sin), h)       # the residual stream keeps its dtype
+        h = h + like(self.attn2(self.norm2(h), context, cos, sin), h)
+        return h + like(self.ff(self.norm3(h)), h)
 
     def cached(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                conditioned: int) -> torch.Tensor:
         """The block with the cross-attention's key/value heads given (`[B, Hkv, M, Dh]`) for the
         first `conditioned` rows of `h`; the other rows have a zero context, and every projection
-        being bias-free their cross-attention is exactly zero: skipped."""
-        h = h + self.attn1(self.norm1(h), cos, sin)
+        being bias-free their cross-attention is exactly zero: skipped. In a half module `h` is the
+        FP32 residual stream (`flow_step.FlowStep`): each branch computes in half and is added in FP32."""
+        h = h + like(self.attn1(self.norm1(h), cos, sin), h)
         cross = self.attn2.cached(self.norm2(h[:conditioned]), k, v, cos, sin)
-        h = h + torch.cat([cross, torch.zeros_like(cross)], dim=0)
-        return h + self.ff(self.norm3(h))
+        h = h + like(torch.cat([cross, torch.zeros_like(cross)], dim=0), h)
+        return h + like(self.ff(self.norm3(h)), h)
 
 
 class FlowTransformer(nn.Module):
