@@ -242,13 +242,14 @@ class CrossAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        return self.cached(x, *self.kv_heads(context), cos, sin)
+        return self.cached(x, *self.kv(context), cos, sin)
 
     def cached(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
-        """With the context's key/value heads given (`kv_heads`, computed once per window)."""
+        """With the context's keys/values given, repeated to the query heads `[B, H, M, Dh]`
+        (`kv_heads` then `repeat_kv`: once per window)."""
         q = apply_rope_auto(self.heads(self.to_q(x), self.num_heads), cos, sin)
-        return self.attend(q, *self.repeat_kv(k, v))
+        return self.attend(q, k, v)
 
 
 class SwiGLU(nn.Module):
@@ -290,8 +291,8 @@ class Block(nn.Module):
 
     def cached(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                conditioned: int) -> torch.Tensor:
-        """The block with the cross-attention's key/value heads given (`[B, Hkv, M, Dh]`) for the
-        first `conditioned` rows of `h`; the other rows have a zero context, and every projection
+        """The block with the cross-attention's keys/values given, repeated to the query heads
+        (`[B, H, M, Dh]`), for the first `conditioned` rows of `h`; the other rows have a zero context, and every projection
         being bias-free their cross-attention is exactly zero: skipped. In a half module `h` is the
         FP32 residual stream (`flow_step.FlowStep`): each branch computes in half and is added in FP32."""
         h = h + like(self.attn1(self.norm1(h), cos, sin), h)

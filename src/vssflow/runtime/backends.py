@@ -38,6 +38,8 @@ BACKENDS = ("auto", "trt", "ort", "torch")
 PREPROCESS = ("auto", "host", "device")
 # The inputs of `flow_step` that stay the same through one window's ODE loop.
 FLOW_CONSTANTS = ("cond_bias", "keys", "values")
+# Time tokens the torch backend keeps (a fixed-step solver's 25-100 times; dopri5's differ per window).
+TIME_TOKENS_KEPT = 512
 
 
 class Arrays:
@@ -300,6 +302,7 @@ class TorchBackend(Backend):
                                "re-export with vssflow-export --torch-weights")
         self.arrays = TorchArrays(self.device)
         self._modules = None
+        self._tokens: dict[tuple[float, int], object] = {}     # time tokens by (t, rows), oldest first
         self._set_precision(precision)
 
     def _folder_precisions(self) -> tuple[str, ...]:
@@ -333,8 +336,49 @@ class TorchBackend(Backend):
             out = module(*feed.values())
         return list(out) if isinstance(out, tuple) else [out]
 
+    def velocity(self, cond: Mapping[str, np.ndarray], cfg: float) -> Callable[[float, object], object]:
+        """`Backend.velocity` with each kind of work done as often as it changes: the keys/values
+        cast to the compute dtype and repeated to the query heads once per window
+        (`FlowStep.window_kv`), each time token once per time and row count, kept across windows
+        (`time_token`: a fixed-step solver's times are the same in every window), and only
+        `FlowStep.guided` per step. The same computations as `flow_step`'s graph: the same bits."""
+        torch, up = self._torch, self.arrays.upload
+        step = self._flow_step()
+        const = {k: up(cond[k]) for k in FLOW_CONSTANTS}
+        cfg_t = self.arrays.scalar(cfg)
+        with self.lock, torch.inference_mode():
+            keys, values = step.window_kv(const["keys"], const["values"])
+        checked = False
+
+        def velocity(t: float, z):
+            nonlocal checked
+            t_t = self.arrays.scalar(t)
+            if not checked:                          # the contract, once per window
+                self.folder.contracts["flow_step"].check_feed({"z": z, "t": t_t, **const, "cfg": cfg_t})
+                checked = True
+            with self.lock, torch.inference_mode():
+                token = self._time_token(step, t, t_t, 2 * z.shape[0])
+                return step.guided(z, token, const["cond_bias"], keys, values, cfg_t)
+        return velocity
+
+    def _flow_step(self):
+        """The FlowStep module (inside its HalfStage at half precision)."""
+        module = self._stage("flow_step")
+        return getattr(module, "module", module)
+
+    def _time_token(self, step, t: float, t_t, rows: int):
+        key = (t, rows)
+        token = self._tokens.pop(key, None)
+        if token is None:
+            token = step.time_token(t_t, rows)
+            while len(self._tokens) >= TIME_TOKENS_KEPT:        # dopri5's times differ window to window
+                del self._tokens[next(iter(self._tokens))]
+        self._tokens[key] = token                                 # most recent last
+        return token
+
     def _release(self) -> None:
         self._modules = None
+        self._tokens.clear()
         if self._torch.device(self.device).type == "cuda":
             self._torch.cuda.empty_cache()
 
