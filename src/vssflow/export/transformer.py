@@ -143,7 +143,10 @@ def _cached_rope_tables(n_positions: int, rotary_dim: int, device: torch.device)
 
 
 def _in_graph() -> bool:
-    """True while tracing (TorchScript/ONNX export) or compiling: every op must stay in the graph."""
+    """True while tracing (TorchScript/ONNX export) or compiling: the RoPE tables are computed in
+    the graph (no Python cache; Inductor folds them) and the in-place Triton RoPE kernel is off
+    (Inductor fuses the rotation itself). Attention is not written out under compile: that is
+    `precision.exporting()`, tracing only."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 

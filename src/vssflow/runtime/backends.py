@@ -21,6 +21,7 @@ Nothing here imports torch, onnxruntime or tensorrt until that backend is chosen
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -291,12 +292,21 @@ class TorchBackend(Backend):
     # The policy of `export/precision.py` on the modules themselves: no graphs needed.
     precisions = PRECISIONS
 
-    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
+    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None,
+                 compile: bool = False, cuda_graphs: bool | None = None):
+        """`compile`: the flow step through `torch.compile` (`runtime/compiled.py`). `cuda_graphs`:
+        the flow step captured once per shape and replayed (`runtime/graphs.py`); None: on CUDA."""
         super().__init__(folder, device)
         extras.require("torch", "the torch backend")
         import torch
+
+        from .graphs import RunnerCache
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.compile = compile
+        self.cuda_graphs = self.on_gpu if cuda_graphs is None else cuda_graphs
+        self.runners = RunnerCache()                      # the flow step's, one per shape
+        self._compiled = None
         if "weights.pt" not in folder.manifest["files"]:
             raise BackendError(f"{folder.path}: no weights.pt: the torch backend runs the PyTorch weights; "
                                "re-export with vssflow-export --torch-weights")
@@ -342,24 +352,16 @@ class TorchBackend(Backend):
         (`FlowStep.window_kv`), each time token once per time and row count, kept across windows
         (`time_token`: a fixed-step solver's times are the same in every window), and only
         `FlowStep.guided` per step. The same computations as `flow_step`'s graph: the same bits."""
-        torch, up = self._torch, self.arrays.upload
-        step = self._flow_step()
-        const = {k: up(cond[k]) for k in FLOW_CONSTANTS}
-        cfg_t = self.arrays.scalar(cfg)
-        with self.lock, torch.inference_mode():
-            keys, values = step.window_kv(const["keys"], const["values"])
-        checked = False
+        return TorchVelocity(self, cond, cfg)
 
-        def velocity(t: float, z):
-            nonlocal checked
-            t_t = self.arrays.scalar(t)
-            if not checked:                          # the contract, once per window
-                self.folder.contracts["flow_step"].check_feed({"z": z, "t": t_t, **const, "cfg": cfg_t})
-                checked = True
-            with self.lock, torch.inference_mode():
-                token = self._time_token(step, t, t_t, 2 * z.shape[0])
-                return step.guided(z, token, const["cond_bias"], keys, values, cfg_t)
-        return velocity
+    def _guided(self, step):
+        """`step.guided`, compiled with `torch.compile` when the backend was asked to (once)."""
+        if not self.compile:
+            return step.guided
+        if self._compiled is None:
+            from .compiled import compile_fn
+            self._compiled = compile_fn(step.guided)
+        return self._compiled
 
     def _flow_step(self):
         """The FlowStep module (inside its HalfStage at half precision)."""
@@ -379,15 +381,67 @@ class TorchBackend(Backend):
     def _release(self) -> None:
         self._modules = None
         self._tokens.clear()
+        self.runners.close()
+        self._compiled = None
         if self._torch.device(self.device).type == "cuda":
             self._torch.cuda.empty_cache()
 
+    def _make_fp32(self) -> Backend:
+        return TorchBackend(self.folder, self.device, "fp32", self.compile, self.cuda_graphs)
+
     def describe(self) -> str:
-        return f"torch ({self.device}, {self.precision})"
+        extra = "".join(f", {x}" for x, on in (("compiled", self.compile), ("CUDA graphs", self.cuda_graphs)) if on)
+        return f"torch ({self.device}, {self.precision}{extra})"
 
     @property
     def on_gpu(self) -> bool:
         return str(self.device).startswith("cuda")
+
+
+class TorchVelocity:
+    """`TorchBackend.velocity(cond, cfg)`: `velocity(t, z)` for one window, each kind of work
+    done as often as it changes (see there). The step runs through the backend's runner for its
+    shape (`runtime/graphs.py`: a CUDA graph replayed on a GPU, eager on the same buffers
+    elsewhere), activated here, so `startup` holds what this window paid to compile or capture
+    ({"compile": s} or {"capture": s}, empty when a runner of this shape existed)."""
+
+    def __init__(self, backend: TorchBackend, cond: Mapping[str, np.ndarray], cfg: float):
+        from .graphs import CapturedRunner, shape_key
+        torch, arrays = backend._torch, backend.arrays
+        self.backend, self.arrays = backend, arrays
+        self.step = step = backend._flow_step()
+        const = {k: arrays.upload(cond[k]) for k in FLOW_CONSTANTS}
+        self.cfg = arrays.scalar(cfg)
+        self.checked = const
+        bias = const["cond_bias"]
+        b, t_len = bias.shape[0], bias.shape[1]
+        with backend.lock, torch.inference_mode():
+            keys, values = step.window_kv(const["keys"], const["values"])
+            z = torch.zeros((b, step.a_z.shape[1], t_len), dtype=torch.float32, device=bias.device)
+            token = backend._time_token(step, 0.0, arrays.scalar(0.0), 2 * b)
+            constant = [bias, self.cfg, *keys, *values]
+            guided, n_layers = backend._guided(step), len(keys)
+
+            def fn(z, token, bias, cfg, *kv):
+                return guided(z, token, bias, list(kv[:n_layers]), list(kv[n_layers:]), cfg)
+
+            key = ("flow_step", backend.precision, backend.compile, shape_key([z, token, *constant]))
+            t0 = time.perf_counter()
+            self.runner, new = backend.runners.get(key, lambda: CapturedRunner(
+                fn, [z, token], constant, capture=backend.cuda_graphs, warmup=backend.compile))
+            self.runner.load(*constant)                               # this window's
+        seconds = time.perf_counter() - t0
+        self.startup = {("compile" if backend.compile else "capture"): seconds} \
+            if new and (backend.compile or self.runner.graph is not None) else {}
+
+    def __call__(self, t: float, z):
+        backend = self.backend
+        t_t = self.arrays.scalar(t)
+        if self.checked:                                      # the contract, once per window
+            backend.folder.contracts["flow_step"].check_feed({"z": z, "t": t_t, **self.checked, "cfg": self.cfg})
+            self.checked = None
+        with backend.lock, backend._torch.inference_mode():
+            return self.runner.infer(z, backend._time_token(self.step, t, t_t, 2 * z.shape[0]))
 
 
 class TrtBackend(Backend):
