@@ -518,12 +518,18 @@ def _ort_has_cuda() -> bool:
 
 
 def create_backend(folder: ModelFolder, backend: str = "auto", device: str | None = None,
-                   precision: str | None = None) -> Backend:
+                   precision: str | None = None, compile: bool = False) -> Backend:
     """`auto`: TensorRT if its engines fit this GPU, else ONNX Runtime, else torch.
-    `precision`: fp32, fp16 or bf16 (torch); None: each backend's default (fp16 on a GPU)."""
+    `precision`: fp32, fp16 or bf16 (torch); None: each backend's default (fp16 on a GPU).
+    `compile`: the torch backend with its flow step through `torch.compile` (`auto` means torch)."""
+    if compile:
+        if backend not in ("auto", "torch"):
+            raise BackendError(f"compile is the torch backend's (torch.compile); the {backend} backend runs "
+                               "graphs or engines: use --backend torch")
+        backend = "torch"
     makers: dict[str, Callable[[], Backend]] = {
         "trt": lambda: TrtBackend(folder, device, precision), "ort": lambda: OrtBackend(folder, device, precision),
-        "torch": lambda: TorchBackend(folder, device, precision)}
+        "torch": lambda: TorchBackend(folder, device, precision, compile=compile)}
     if backend != "auto":
         if backend not in makers:
             raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")
