@@ -11,7 +11,8 @@ from vssflow.benchmarks.device import HEADLINE_KEYS, STAGES, main
 
 @pytest.mark.slow   # ~1-3 min on 2 cores: a tiny model, two variants, the authors' way (dopri5), a batch of 2
 def test_cpu_mode_writes_every_figure(tmp_path):
-    args = ["--device", "cpu", "--size", "tiny", "--precisions", "bf16", "--steps", "2", "--repeats", "1", "--batch-clips", "2",
+    args = ["--device", "cpu", "--size", "tiny", "--precisions", "bf16", "--steps", "2", "--repeats", "1",
+            "--batch-clips", "2",
             "--warmup", "0", "--seconds", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
             "--name", "ci", "-q"]
     result = CliRunner().invoke(main, args, catch_exceptions=False)

@@ -70,7 +70,7 @@ class Variant:
     @property
     def label(self) -> str:
         extra = ("" if self.kernels == "n/a" else f", kernels {self.kernels}") \
-            + (", CUDA graphs" if self.graphs == "on" else "") + (", compiled" if self.compile else "")
+            + {"on": ", CUDA graphs", "off": ", eager"}.get(self.graphs, "") + (", compiled" if self.compile else "")
         return f"{self.backend} {self.precision}{extra}"
 
 
@@ -342,10 +342,12 @@ def markdown(s: dict) -> str:
              f"| the authors' way, end to end | {sec(h['theirs_end_to_end_s'])} | {h['variants'].get('theirs')} |",
              "| speedup end to end | " + ("-" if h["speedup_end_to_end"] is None else f"{h['speedup_end_to_end']:.1f}x")
              + " | theirs / ours |",
-             "| audio SNR vs torch fp32 | " + ("reference" if h["audio_snr_db"] is None else f"{h['audio_snr_db']:.1f} dB")
+             "| audio SNR vs torch fp32 | "
+             + ("reference" if h["audio_snr_db"] is None else f"{h['audio_snr_db']:.1f} dB")
              + f" | {h['variants'].get('ours')} |",
-             "| clips per minute in a batch | " + ("-" if h["batch_clips_per_min"] is None
-                                                  else f"{h['batch_clips_per_min']:.1f}") + f" | {h['variants'].get('batch')} |",
+             "| clips per minute in a batch | "
+             + ("-" if h["batch_clips_per_min"] is None else f"{h['batch_clips_per_min']:.1f}")
+             + f" | {h['variants'].get('batch')} |",
              "", f"Ours: {h.get('chosen_by', '')}.", "",
              f"Flow transformer {flow['num_layers']} x {flow['width']}; a {s['clip_seconds']:g}-second clip, euler "
              f"{s['steps']} steps; milliseconds, median of {s['repeats']}; stages at one window's shapes (vocoder: "

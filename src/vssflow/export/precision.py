@@ -140,8 +140,8 @@ def _policy_class(cls: type) -> type | None:
         return cls
     if cls not in _POLICY_CLASSES:
         rule = next((r for r in POLICY if r.modules and issubclass(cls, r.modules)), None)
-        _POLICY_CLASSES[cls] = None if rule is None else type(f"Half{cls.__name__}", (_POLICY_MIXINS[rule.computes_in], cls),
-                                                              {"__module__": __name__})
+        _POLICY_CLASSES[cls] = None if rule is None else \
+            type(f"Half{cls.__name__}", (_POLICY_MIXINS[rule.computes_in], cls), {"__module__": __name__})
     return _POLICY_CLASSES[cls]
 
 

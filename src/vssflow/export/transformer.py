@@ -295,9 +295,10 @@ class Block(nn.Module):
     def cached(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                conditioned: int) -> torch.Tensor:
         """The block with the cross-attention's keys/values given, repeated to the query heads
-        (`[B, H, M, Dh]`), for the first `conditioned` rows of `h`; the other rows have a zero context, and every projection
-        being bias-free their cross-attention is exactly zero: skipped. In a half module `h` is the
-        FP32 residual stream (`flow_step.FlowStep`): each branch computes in half and is added in FP32."""
+        (`[B, H, M, Dh]`), for the first `conditioned` rows of `h`; the other rows have a zero
+        context, and every projection being bias-free their cross-attention is exactly zero:
+        skipped. In a half module `h` is the FP32 residual stream (`flow_step.FlowStep`): each
+        branch computes in half and is added in FP32."""
         h = h + like(self.attn1(self.norm1(h), cos, sin), h)
         cross = self.attn2.cached(self.norm2(h[:conditioned]), k, v, cos, sin)
         h = h + like(torch.cat([cross, torch.zeros_like(cross)], dim=0), h)
