@@ -425,7 +425,8 @@ class TorchVelocity:
             def fn(z, token, bias, cfg, *kv):
                 return guided(z, token, bias, list(kv[:n_layers]), list(kv[n_layers:]), cfg)
 
-            key = ("flow_step", backend.precision, backend.compile, shape_key([z, token, *constant]))
+            key = ("flow_step", backend.precision, backend.compile, backend.cuda_graphs,
+                   shape_key([z, token, *constant]))
             t0 = time.perf_counter()
             self.runner, new = backend.runners.get(key, lambda: CapturedRunner(
                 fn, [z, token], constant, capture=backend.cuda_graphs, warmup=backend.compile))
