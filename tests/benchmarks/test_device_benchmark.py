@@ -6,12 +6,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from vssflow.benchmarks.device import STAGES, main
+from vssflow.benchmarks.device import HEADLINE_KEYS, STAGES, main
 
 
-@pytest.mark.slow   # ~20 s on 2 cores: a tiny model, two variants, one 2-step clip each
+@pytest.mark.slow   # ~1-3 min on 2 cores: a tiny model, two variants, the authors' way (dopri5), a batch of 2
 def test_cpu_mode_writes_every_figure(tmp_path):
     args = ["--device", "cpu", "--size", "tiny", "--precisions", "bf16", "--steps", "2", "--repeats", "1",
+            "--batch-clips", "2",
             "--warmup", "0", "--seconds", "2", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
             "--name", "ci", "-q"]
     result = CliRunner().invoke(main, args, catch_exceptions=False)
@@ -27,9 +28,17 @@ def test_cpu_mode_writes_every_figure(tmp_path):
     fp32, bf16 = (v["snr_vs_torch_fp32_db"] for v in data["variants"])
     assert fp32 == {"latent": None, "mel": None, "audio": None}          # itself: an infinite SNR
     assert bf16["latent"] > 20 and bf16["audio"] > 10                  # half precision, not noise
-    assert set(data["skipped"]) == {"ort", "trt"}
+    assert set(data["skipped"]) == {"ort", "trt", "compiled"}
+    h = data["headline"]                                               # issue #19's figures, each measured
+    assert set(HEADLINE_KEYS) <= set(h) and h["gpu"] == "cpu" and h["clip_seconds"] == 2
+    assert all(h[k] > 0 for k in HEADLINE_KEYS if k not in ("gpu", "clip_seconds", "audio_snr_db"))
+    assert h["audio_snr_db"] is None or h["audio_snr_db"] >= 30         # None: the reference itself
+    assert 0 < h["ours_after_decode_s"] < h["ours_end_to_end_s"]
+    assert h["speedup_end_to_end"] == pytest.approx(h["theirs_end_to_end_s"] / h["ours_end_to_end_s"])
+    assert h["variants"]["ours"] in {v["label"] for v in data["variants"]} and "dopri5" in h["variants"]["theirs"]
+    assert data["batch"]["clips"] == 2 and data["batch"]["failed"] == []
     md = (tmp_path / "out" / "ci.md").read_text()
-    assert "| torch bf16 |" in md and "trt: not run:" in md
+    assert "| torch bf16 |" in md and "trt: not run:" in md and "| speedup end to end |" in md
 
 
 def test_a_failed_engine_build_is_reported_and_the_rest_runs(monkeypatch, tmp_path):

@@ -17,9 +17,10 @@ from vssflow.runtime.errors import BackendError, ModelFolderError
 from vssflow.runtime.model_folder import ModelFolder
 from vssflow.runtime.session import Session
 
-# A feed-forward weight of block 0 scaled by 300: the SwiGLU product of the tiny model peaks near
-# 1.1e6 (17x FP16's 65504) while FP32 stays finite through sampling, the VAE and the vocoder.
-FLOW_OVERFLOW = {"vaflow.transformer_blocks.0.ff.net.0.proj.weight": 300.0}
+# The feed-forward output weight of block 0 scaled by 3e5: its weights pass FP16's 65504 (as in
+# tests/export/test_precision.py), so FP16 is not finite, while FP32 (velocity peak ~2.5e6) stays
+# finite through sampling, the VAE and the vocoder.
+FLOW_OVERFLOW = {"vaflow.transformer_blocks.0.ff.net.2.weight": 3e5}
 # The vocoder's first convolution scaled by 1e6: its weights (up to 2e5) pass FP16's range, so the
 # FP16 graph's convolution holds infinities and gives NaN; FP32 stays finite (the output's tanh
 # saturates). Activations alone do not do it here: ONNX Runtime's CPU FP16 vocoder stayed finite

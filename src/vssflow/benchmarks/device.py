@@ -5,9 +5,11 @@ precision the machine can run, on one GPU; one command, installs nothing.
     python -m vssflow.benchmarks.device --device cpu --size tiny --precisions fp32,bf16 \\
         --steps 2 --repeats 1 --warmup 0 --seconds 2                      # CI: that it works
 
-Variants, one Session each (`Session(backend, precision)`), one after another:
-* torch at fp32, fp16 and bf16 (the half-precision policy of `export/precision.py`), with the
-  Triton kernels (frame preprocessing, RoPE) on and off (`VSSFLOW_KERNELS`), on CUDA;
+Variants, one Session each (`Session(backend, precision, compile)`), one after another:
+* torch at fp32, fp16 and bf16 (the half-precision policy of `export/precision.py`), on CUDA:
+  FP32 eager (the reference, kernels off), FP16 with its flow step captured in a CUDA graph
+  (`runtime/graphs.py`), FP16 compiled (`--compile`) and captured, then FP32 and BF16 captured,
+  FP16 eager and FP32 eager with the Triton kernels (frame preprocessing, RoPE) on;
 * ort at fp32 and fp16 (the FP32 and FP16 graphs) where onnxruntime has its CUDA provider;
 * trt at fp16 (strongly typed engines from the FP16 graphs) where TensorRT and Polygraphy build here.
 The engines are built first, from the model's graphs (`trt_build.engines_for`, as `vssflow-export
@@ -19,6 +21,14 @@ evaluation, `Session.generate` on a synthetic 10-second clip (euler, `--steps`),
 latency, and the final latent, mel and audio against the torch FP32 run (SNR). Writes
 `<name>.json` and `<name>.md` into `--out`. A time budget (`--budget`) skips variants that would
 start after it, so the whole run fits its slot (8 minutes on an H100-class GPU at full size).
+
+Beside ours, the authors' way on the same device and clip (`benchmarks/theirs.py`: eager FP32, two
+unbatched CFG passes, dopri5), end to end; and clips per minute through `generate_many` in a batch
+(`--batch-clips` copies of the clip, `--batch` windows per call) with the headline variant. The
+top-level `"headline"` holds the figures issue #19 asks for (`HEADLINE_KEYS`), each with the
+variant it comes from: ours is the fastest end to end among the variants whose audio is within
+`MIN_AUDIO_SNR_DB` of torch FP32 (the reference itself otherwise); "after decode" is that end to
+end less the run's video decoding (`frames`).
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ STAGE_SIZES = {"N": C.CLIP.frames, "S": C.SYNCH_SEGMENTS, "B": 1, "T": C.WINDOW_
                "M": C.VOCODER_CHUNK + 2 * C.VOCODER_OVERLAP}
 STAGES = ("clip_encoder", "synch_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
 REFERENCE = ("torch", "fp32", "off")
+HEADLINE_KEYS = ("gpu", "clip_seconds", "ours_after_decode_s", "ours_end_to_end_s", "theirs_end_to_end_s",
+                 "speedup_end_to_end", "audio_snr_db", "batch_clips_per_min")
+MIN_AUDIO_SNR_DB = 30.0     # issue #19's bound for a half-precision variant to count as ours
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +67,14 @@ class Variant:
     backend: str
     precision: str
     kernels: str            # on | off | n/a (the Triton kernels run on CUDA tensors only)
+    graphs: str = "n/a"     # on | off | n/a: the torch flow step captured in a CUDA graph
+    compile: bool = False   # the torch flow step through torch.compile
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision}" + ("" if self.kernels == "n/a" else f", kernels {self.kernels}")
+        extra = ("" if self.kernels == "n/a" else f", kernels {self.kernels}") \
+            + {"on": ", CUDA graphs", "off": ", eager"}.get(self.graphs, "") + (", compiled" if self.compile else "")
+        return f"{self.backend} {self.precision}{extra}"
 
 
 @contextlib.contextmanager
@@ -78,11 +95,17 @@ def kernels_switch(kernels: str):
 def variants(device: str, precisions: tuple[str, ...]) -> tuple[list[Variant], dict[str, str]]:
     """What runs here, the torch FP32 reference first; and what does not, with the reason."""
     cuda = device.startswith("cuda")
-    kernels = ("off", "on") if cuda else ("n/a",)
-    torch_variants = [Variant("torch", p, k) for p in precisions for k in kernels]
-    torch_variants.sort(key=lambda v: (v.precision != "fp32", v.kernels == "off" and v.precision != "fp32"))
-    out: list[Variant] = []
     skipped: dict[str, str] = {}
+    if cuda:        # the headline's candidates first, so a cut budget drops the others
+        half = [p for p in precisions if p != "fp32"]
+        out = [Variant("torch", "fp32", "off", "off")]
+        out += [Variant("torch", "fp16", "on", "on"), Variant("torch", "fp16", "on", "on", compile=True)] \
+            if "fp16" in half else []
+        out += [Variant("torch", "fp32", "on", "on")] + [Variant("torch", p, "on", "on") for p in half if p != "fp16"]
+        out += [Variant("torch", p, "on", "off") for p in precisions]
+    else:
+        out = [Variant("torch", p, "n/a") for p in precisions]
+        skipped["compiled"] = "torch.compile variants run on CUDA only here (on this CPU Inductor takes minutes)"
     from vssflow.runtime import extras
     has_cuda = not extras.missing("cpu") and "CUDAExecutionProvider" in extras.onnxruntime().get_available_providers()
     if cuda and has_cuda:
@@ -96,8 +119,10 @@ def variants(device: str, precisions: tuple[str, ...]) -> tuple[list[Variant], d
         out += [Variant("trt", "fp16", "n/a")] if "fp16" in precisions else []
     else:
         skipped["trt"] = reason
-    trt_first = [v for v in out if v.backend == "trt"] + [v for v in out if v.backend != "trt"]
-    return torch_variants[:1] + trt_first + torch_variants[1:], skipped
+    # The torch FP32 reference, then TensorRT (whose engines are built first: never starved by the
+    # budget), then the rest in the order above.
+    trt = [v for v in out if v.backend == "trt"]
+    return out[:1] + trt + [v for v in out[1:] if v.backend != "trt"], skipped
 
 
 def make_model(size: str, root: Path, graphs: bool, say) -> Path:
@@ -166,9 +191,81 @@ def end_to_end(session, video: Path, seed: int, steps: int, repeats: int, warmup
             "outputs": {"latent": kept["final_latent"][0], "mel": kept["mel"][0], "audio": result.audio}}
 
 
+def theirs_end_to_end(folder: Path, device: str, video: Path, seconds: float, repeats: int, warmup: int,
+                      work: Path) -> dict:
+    """The authors' way (`benchmarks/theirs.py`) on the same device and clip: eager FP32, two
+    unbatched CFG passes, dopri5; video file to waveform, timed as ours (device synchronised)."""
+    from .models import make_inputs
+    from .settings import BenchSettings
+    from .theirs import Theirs
+    settings = BenchSettings(model=folder, device=device, repeats=repeats, heavy_repeats=repeats, warmup=warmup,
+                             seconds=seconds, transcript=None)
+    audio_channels = json.loads((folder / "manifest.json").read_text())["sizes"]["audio_channels"]
+    inputs = make_inputs(work, audio_channels, seconds, 0, None, settings.speech, video=video)
+    theirs = Theirs(settings, folder, inputs.save(work / "theirs-inputs.npz"))
+    for _ in range(warmup):
+        theirs.run("end_to_end")
+    times = [theirs.run("end_to_end") for _ in range(min(max(1, repeats), 2))]   # dopri5 at full size: seconds each
+    return {"how": "the authors' way: eager FP32, two unbatched CFG passes, dopri5 (rtol = atol = 1e-5)",
+            "device": theirs.device, "load_s": theirs.load_s, "end_to_end": timing.Stat.of(times).to_json()}
+
+
+def batch_throughput(folder: Path, device: str, v: Variant, video: Path, clips: int, batch: int | None,
+                     steps: int, warmup: int) -> dict:
+    """`generate_many` over `clips` copies of the clip (seeds 0..clips-1) with variant `v`: clips per minute."""
+    from vssflow.runtime.batch import Item
+    from vssflow.runtime.session import Session
+    with kernels_switch(v.kernels), Session(folder, backend=v.backend, device=device, precision=v.precision,
+                                            verify_hashes=False, compile=v.compile) as session:
+        if v.graphs != "n/a":
+            session.backend.cuda_graphs = v.graphs == "on"
+        items = [Item(video, seed=i) for i in range(clips)]
+        for _ in range(warmup):
+            list(session.generate_many(items[:1], steps=steps, batch=batch))
+        timing.cuda_sync()
+        t0 = time.perf_counter()
+        results = list(session.generate_many(items, steps=steps, batch=batch))
+        timing.cuda_sync()
+        wall = time.perf_counter() - t0
+        failed = [f"{type(r).__name__}: {r}" for r in results if isinstance(r, BaseException)]
+        return {"variant": v.label, "clips": clips, "batch": batch or session.default_batch,
+                "seconds": wall, "clips_per_min": 60.0 * (clips - len(failed)) / wall, "failed": failed}
+
+
+def _audio_snr(row: dict) -> float:
+    snr = row.get("snr_vs_torch_fp32_db", {}).get("audio", float("nan"))
+    return float("inf") if snr is None else snr          # None: identical to the reference
+
+
+def choose_ours(rows: list[dict]) -> dict:
+    """The fastest variant end to end whose audio is within `MIN_AUDIO_SNR_DB` of torch FP32."""
+    ok = [r for r in rows if _audio_snr(r) >= MIN_AUDIO_SNR_DB]
+    return min(ok or rows[:1], key=lambda r: r["end_to_end"]["total"]["median"])
+
+
+def headline(rows: list[dict], theirs: dict | None, batch: dict | None, gpu: str, seconds: float) -> dict:
+    """Issue #19's figures (`HEADLINE_KEYS`), each with the variant it comes from. None: not measured."""
+    if not rows:
+        return {k: None for k in HEADLINE_KEYS} | {"gpu": gpu, "clip_seconds": seconds, "variants": {}}
+    ours = choose_ours(rows)
+    total = ours["end_to_end"]["total"]["median"]
+    decode = ours["end_to_end"]["stage_seconds"].get("frames", 0.0)
+    theirs_s = None if theirs is None else theirs["end_to_end"]["median"]
+    snr = _audio_snr(ours)
+    return {"gpu": gpu, "clip_seconds": seconds,
+            "ours_after_decode_s": total - decode, "ours_end_to_end_s": total, "theirs_end_to_end_s": theirs_s,
+            "speedup_end_to_end": None if theirs_s is None else theirs_s / total,
+            "audio_snr_db": None if snr == float("inf") else snr,          # None: the reference itself
+            "batch_clips_per_min": None if batch is None else batch["clips_per_min"],
+            "variants": {"ours": ours["label"], "theirs": None if theirs is None else theirs["how"],
+                         "batch": None if batch is None else batch["variant"]},
+            "chosen_by": f"fastest end to end with audio >= {MIN_AUDIO_SNR_DB:g} dB against torch fp32; after "
+                         "decode: end to end less the run's video decoding (frames)"}
+
+
 def run_device_benchmark(size: str, device: str, precisions: tuple[str, ...], steps: int, repeats: int,
                          warmup: int, seconds: float, budget: float, work: Path, say,
-                         save=lambda summary: None) -> dict:
+                         save=lambda summary: None, batch_clips: int = 8, batch: int | None = None) -> dict:
     """Every variant in turn; `save(summary so far)` after each, so a run cut short keeps what it measured."""
     import torch
 
@@ -184,14 +281,25 @@ def run_device_benchmark(size: str, device: str, precisions: tuple[str, ...], st
     video = work / "clip.mp4"
     make_video(video, seconds, 25, (320, 240))
     say(f"model ready in {time.perf_counter() - t_start:.0f} s; {len(todo)} variants")
-    rows, reference = [], None
+    rows, reference, extra = [], None, {"theirs": None, "batch": None}
+    machine = timing.machine_info()
+    gpu = machine.get("gpu") or "cpu"
 
     def summary() -> dict:
-        return {"machine": timing.machine_info(), "size": size, "device": device, "steps": steps,
+        return {"headline": headline(rows, extra["theirs"], extra["batch"], gpu, seconds),
+                "machine": machine, "size": size, "device": device, "steps": steps,
                 "repeats": repeats, "warmup": warmup, "clip_seconds": seconds,
                 "model": {"folder": str(folder), "sizes": manifest["sizes"], "dims": manifest["dims"]["flow"]},
-                "engines": engine_report, "variants": rows, "skipped": skipped,
-                "wall_s": time.perf_counter() - t_start}
+                "engines": engine_report, "variants": rows, **extra, "skipped": skipped, "wall_s": time.perf_counter() - t_start}
+
+    def beside(what: str, fn) -> None:          # theirs, the batch: a failure is a finding too
+        try:
+            say(f"{what}: running")
+            extra[what] = fn()
+        except Exception as e:
+            skipped[what] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            say(f"{what}: {skipped[what]}")
+        save(summary())
     for v in todo:
         spent = time.perf_counter() - t_start
         if rows and spent > budget:
@@ -203,7 +311,9 @@ def run_device_benchmark(size: str, device: str, precisions: tuple[str, ...], st
             with kernels_switch(v.kernels):
                 t0 = time.perf_counter()
                 session = Session(folder, backend=v.backend, device=device, precision=v.precision,
-                                  verify_hashes=False)
+                                  verify_hashes=False, compile=v.compile)
+                if v.graphs != "n/a":
+                    session.backend.cuda_graphs = v.graphs == "on"
                 row = {**dataclasses.asdict(v), "label": v.label, "backend_described": session.describe()}
                 say(f"{v.label}: stages")
                 row["stages"] = time_stages(session, repeats, warmup)
@@ -230,6 +340,11 @@ def run_device_benchmark(size: str, device: str, precisions: tuple[str, ...], st
         rows.append(row)
         say(f"{v.label}: end to end {row['end_to_end']['total']['median']:.3f} s")
         save(summary())
+        if len(rows) == 1:       # the authors' way right after our reference, before the budget can cut it
+            beside("theirs", lambda: theirs_end_to_end(folder, device, video, seconds, repeats, warmup, work))
+    if rows:
+        best = next(v for v in todo if v.label == choose_ours(rows)["label"])
+        beside("batch", lambda: batch_throughput(folder, device, best, video, batch_clips, batch, steps, warmup))
     return summary()
 
 
@@ -240,7 +355,25 @@ def _ms(stat: dict | None) -> str:
 def markdown(s: dict) -> str:
     gpu = s["machine"].get("gpu") or "CPU"
     flow = s["model"]["dims"]
+    h = s["headline"]
+
+    def sec(x):
+        return "not measured" if x is None else f"{x:.3f} s"
     lines = [f"# Device benchmark: {gpu}, {s['size']} model (random weights)", "",
+             "| headline | value | from |", "|---|---|---|",
+             f"| {h['clip_seconds']:g}-second clip, after decode | {sec(h['ours_after_decode_s'])} | "
+             f"{h['variants'].get('ours')} |",
+             f"| end to end | {sec(h['ours_end_to_end_s'])} | {h['variants'].get('ours')} |",
+             f"| the authors' way, end to end | {sec(h['theirs_end_to_end_s'])} | {h['variants'].get('theirs')} |",
+             "| speedup end to end | " + ("-" if h["speedup_end_to_end"] is None else f"{h['speedup_end_to_end']:.1f}x")
+             + " | theirs / ours |",
+             "| audio SNR vs torch fp32 | "
+             + ("reference" if h["audio_snr_db"] is None else f"{h['audio_snr_db']:.1f} dB")
+             + f" | {h['variants'].get('ours')} |",
+             "| clips per minute in a batch | "
+             + ("-" if h["batch_clips_per_min"] is None else f"{h['batch_clips_per_min']:.1f}")
+             + f" | {h['variants'].get('batch')} |",
+             "", f"Ours: {h.get('chosen_by', '')}.", "",
              f"Flow transformer {flow['num_layers']} x {flow['width']}; a {s['clip_seconds']:g}-second clip, euler "
              f"{s['steps']} steps; milliseconds, median of {s['repeats']}; stages at one window's shapes (vocoder: "
              f"one streamed chunk of {C.VOCODER_CHUNK} mel frames + overlap). torch "
@@ -289,14 +422,18 @@ def _precisions(ctx, param, value: str) -> tuple[str, ...]:
 @click.option("--repeats", type=int, default=3, show_default=True, help="Timed runs of each stage and of the clip.")
 @click.option("--warmup", type=int, default=1, show_default=True, help="Untimed runs before them (0: CI's mode).")
 @click.option("--seconds", type=float, default=10.0, show_default=True, help="Length of the synthetic clip.")
-@click.option("--budget", type=float, default=390.0, show_default=True,
+@click.option("--budget", type=float, default=330.0, show_default=True,
               help="Seconds after which no further variant starts (the model's making counts).")
+@click.option("--batch-clips", type=int, default=8, show_default=True,
+              help="Copies of the clip through generate_many for the clips-per-minute figure.")
+@click.option("--batch", type=int, default=None, help="Windows per flow-step call there (default: the Session's).")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder for the model and the clip (kept, so a rerun skips making them). Default: a temporary one.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT, show_default=True)
 @click.option("--name", default=None, help="File name stem [device-<gpu or cpu>-<size>].")
 @click.option("-q", "--quiet", is_flag=True)
-def main(size, device, precisions, steps, repeats, warmup, seconds, budget, work, out, name, quiet):
+def main(size, device, precisions, steps, repeats, warmup, seconds, budget, batch_clips, batch, work, out, name,
+         quiet):
     """Time every stage and a clip end to end at each precision and backend this machine runs."""
     import torch
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -308,7 +445,8 @@ def main(size, device, precisions, steps, repeats, warmup, seconds, budget, work
         gpu = (torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu").lower()
         stem = name or f"device-{''.join(c if c.isalnum() else '-' for c in gpu).strip('-')}-{size}"
         summary = run_device_benchmark(size, device, precisions, steps, repeats, warmup, seconds, budget, work, say,
-                                       save=lambda s: write(s, Path(out), stem))
+                                       save=lambda s: write(s, Path(out), stem), batch_clips=batch_clips,
+                                       batch=batch)
     paths = write(summary, Path(out), stem)
     click.echo(markdown(summary))
     for kind, p in paths.items():

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vssflow.export.errors import CheckpointError
+from vssflow.export.precision import softmax
 from vssflow.export.random_init import init_tensor, randn
 
 HEAD_DIM = 64  # OpenAI CLIP: heads = width // 64
@@ -127,7 +128,7 @@ class MultiheadSelfAttention(nn.Module):
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # [B, L, 3D]
         qkv = qkv.reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]  # [B, H, L, hd]
-        attn = torch.softmax((q * (d // self.heads) ** -0.5) @ k.transpose(-1, -2), dim=-1)
+        attn = softmax((q * (d // self.heads) ** -0.5) @ k.transpose(-1, -2), dim=-1)
         out = (attn @ v).transpose(1, 2).reshape(b, n, d)  # [B, L, D]
         return self.out_proj(out)
 

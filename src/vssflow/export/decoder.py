@@ -26,6 +26,7 @@ from torch import nn
 from vssflow.runtime.contracts import SAMPLE_RATE
 
 from .errors import CheckpointError
+from .precision import attention
 from .random_init import init_tensor, randn
 
 GROUP_NORM_EPS = 1e-6          # diffusers' VAE resnets, mid-block attention and conv_norm_out
@@ -296,7 +297,7 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W]
         t = self.group_norm(x).flatten(2).transpose(1, 2)                      # [B, H*W, C]
         q, k, v = (proj(t).unsqueeze(1) for proj in (self.to_q, self.to_k, self.to_v))  # [B, 1, HW, C]
-        o = F.scaled_dot_product_attention(q, k, v).squeeze(1)                   # [B, HW, C], scale 1/sqrt(C)
+        o = attention(q, k, v).squeeze(1)                                       # [B, HW, C], scale 1/sqrt(C)
         return x + self.to_out[0](o).transpose(1, 2).reshape_as(x)             # reshape_as: no baked shape
 
 

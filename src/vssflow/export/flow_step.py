@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .conditions import ConditionProjector
+from .precision import like
 from .reference import clip_to_latent_rate, synch_to_latent_rate
 from .transformer import FlowTransformer, rope_tables
 
@@ -63,6 +64,10 @@ class FlowStep(nn.Module):
 
     z `[B, 128, T]`, t `[1]`, cond_bias `[B, T, width]`, keys/values `[L, B, Hkv, 1+T, Dh]`,
     cfg `[1]` -> guided velocity of the audio channels `[B, 128, T]`.
+
+    `forward` is the exported graph: `window_kv` (once per window), `time_token` (once per time:
+    the same for every window) and `guided` (every step). The torch backend calls the three
+    itself, so a step does only the step's work (`runtime/backends.py`, `TorchBackend.velocity`).
     """
 
     def __init__(self, flow: FlowTransformer, audio_channels: int):
@@ -73,18 +78,35 @@ class FlowStep(nn.Module):
         self.register_buffer("p_out", fold_output(flow, audio_channels).detach().clone())
 
     def forward(self, z, t, cond_bias, keys, values, cfg):
+        keys, values = self.window_kv(keys, values)
+        return self.guided(z, self.time_token(t, 2 * z.shape[0]), cond_bias, keys, values, cfg)
+
+    def window_kv(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Once per window: each block's cross-attention keys/values `[L, B, Hkv, 1+T, Dh]` in the
+        compute dtype (half in a half module), repeated to the query heads: L of `[B, H, 1+T, Dh]`."""
+        pairs = [blk.attn2.repeat_kv(like(k, self.a_z), like(v, self.a_z))
+                 for blk, k, v in zip(self.flow.transformer_blocks, keys, values)]
+        return [k for k, _ in pairs], [v for _, v in pairs]
+
+    def time_token(self, t: torch.Tensor, rows: int) -> torch.Tensor:
+        """The time token of `t` `[1]` for `rows` rows (both CFG passes): `[rows, 1, width]`, in
+        `t`'s dtype (FP32: the residual stream's). Depends on `t` only: the same in every window."""
+        return like(self.flow.time_token(t.expand(rows)), t)
+
+    def guided(self, z, token, cond_bias, keys, values, cfg):
+        """The step: z `[B, 128, T]`, `token` of `time_token`, `cond_bias`, keys/values of
+        `window_kv`, cfg `[1]` -> guided velocity `[B, 128, T]`."""
         b = z.shape[0]
         n_tokens = z.shape[-1] + 1
         cos, sin = rope_tables(n_tokens, self.flow.dims.rotary_dim, z.device)
-        hz = z.transpose(1, 2) @ self.a_z.T                                            # [B, T, width]
+        # In a half module: the product in half, the residual stream from here on in FP32 (z's dtype).
+        hz = like(like(z, self.a_z).transpose(1, 2) @ self.a_z.T, z)                    # [B, T, width]
         h = torch.cat([hz + cond_bias, hz], dim=0)                                     # cond | uncond
-        token = self.flow.time_token(t.expand(2 * b)).to(h.dtype)                      # [2B, 1, width]
-        h = torch.cat([token, h], dim=1)                                               # [2B, 1+T, width]
+        h = torch.cat([like(token, h), h], dim=1)                                      # [2B, 1+T, width]
         for blk, k, v in zip(self.flow.transformer_blocks, keys, values):
             h = blk.cached(h, k, v, cos, sin, conditioned=b)                           # uncond rows: c = 0
-        v_all = (h[:, 1:] @ self.p_out.T).transpose(1, 2)                              # [2B, 128, T]
-        if v_all.dtype != torch.float32:     # half graphs: the guidance mix in FP32 (export/precision.py);
-            v_all = v_all.float()            # tested at trace time, so the FP32 graph gets no extra node
+        v_all = like(like(h[:, 1:], self.p_out) @ self.p_out.T, z).transpose(1, 2)       # [2B, 128, T]
+        # the guidance mix in FP32 (`like` casts only in a half module: the FP32 graph gets no extra node)
         v_cond, v_uncond = v_all[:b], v_all[b:]
         return v_uncond + cfg * (v_cond - v_uncond)
 

@@ -1,28 +1,29 @@
 """Half precision as one policy, for the FP16 ONNX graphs and the torch half mode.
 
-The policy, written once (`FP32_OPS`, `HALF_OPS`, `PROMOTE_OPS`, `FP32_MODULES`, `FP32_PARAMS`):
+The policy, written once (`POLICY`, and the islands below that the stage modules call):
 
 * weights, matrix products and convolutions in FP16 (BF16 for the torch bf16 mode);
-* LayerNorm/GroupNorm/InstanceNorm/BatchNorm, softmax (attention included), sin/cos and
-  reductions computed in FP32: their inputs cast up, their result cast back to the dtype of
-  their input, so every node sees one type (what a strongly typed TensorRT network needs);
+* LayerNorm/GroupNorm, softmax (attention included), sin/cos and reductions computed in FP32:
+  their inputs cast up, their result cast back to the dtype of their input, so every node sees
+  one type (what a strongly typed TensorRT network needs);
 * the model's own FP32 code stays FP32: RoPE tables and rotation (`transformer.apply_rope`), the
-  timestep Fourier features (`time_proj.weight` is kept FP32), and arithmetic that mixes an FP32
-  tensor (a stage input: `cond_bias`, `cfg`) with an FP16 one is promoted to FP32 explicitly, so
-  the flow step's residual stream and its guidance mix are FP32;
+  timestep Fourier features (`time_proj.weight` is kept FP32), the flow step's residual stream and
+  its guidance mix (`flow_step.py`, `transformer.Block`, cast explicitly with `like`);
 * stage inputs and outputs stay FP32: the contracts are the same at every precision.
 
-How: `half_stage(module)` copies a stage module with its parameters in half (norm parameters and
-`time_proj.weight` kept FP32) and runs it under `Fp16Policy`, a `TorchFunctionMode` that applies
-the rules above to every torch call. The same wrapper is traced by the TorchScript exporter into
-`<stage>.fp16.onnx` (the casts become explicit `Cast` nodes) and is the torch backend's half mode
-(eager, CUDA; CPU for checking). Why this way and not a graph converter (onnxconverter-common's
-`convert_float_to_float16` with a block list) or ModelOpt AutoCast: a graph converter sees only op
-types, so the FP32 arithmetic that feeds sin/cos (RoPE positions x frequencies, 2 pi t W) and the
-guidance mix become FP16 unless blocked node by node, by names the exporter makes up; it also
-clamps weights to +-1e4 and needs the whole FP32 proto in memory (the full flow step is 1.7 GB,
-the protobuf limit 2 GB). ModelOpt pulls cupy, onnxruntime-gpu and a pinned onnx. Measurements:
-export/PRECISION.md.
+How: in the modules' own code, so a half forward costs no more Python than an FP32 one.
+`half_module(module)` copies a stage with its parameters in half and gives each module a rule
+names its policy class (`POLICY`): a Linear/Conv casts its input to its weight's dtype, a
+LayerNorm/GroupNorm (its parameters kept FP32) computes in FP32 and casts back. The functional
+islands, `softmax` and `attention`, are what the stage modules call in place of `torch.softmax`
+and `F.scaled_dot_product_attention`; on FP32 tensors they are those calls exactly (no cast, no
+node), so the FP32 modules and graphs are unchanged. `half_stage` wraps the half module with FP32
+outputs. The TorchScript exporter traces that wrapper into `<stage>.fp16.onnx` (the casts become
+explicit `Cast` nodes), and the torch backend runs it, eager, captured in a CUDA graph or
+compiled: one rule set for both. `policy_violations` checks an ONNX graph against the same
+`POLICY`. Why not a graph converter (onnxconverter-common's `convert_float_to_float16`) or
+ModelOpt AutoCast, and not `torch.autocast` (it casts FP32 weights on every call, and its op
+lists differ between CPU and CUDA): export/PRECISION.md.
 """
 
 from __future__ import annotations
@@ -35,32 +36,34 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_map
 
 from .errors import ExportError
 
+
 # --- the policy ---------------------------------------------------------------------------------
-# torch functions by name (`torch.softmax`, `F.softmax` and `Tensor.softmax` are all "softmax").
-FP32_OPS = frozenset({
-    "layer_norm", "group_norm", "instance_norm", "batch_norm",          # normalizations
-    "softmax", "log_softmax",                                           # attention weights
-    "sin", "cos",                                                       # RoPE, timestep features
-    "mean", "sum", "var", "std", "var_mean", "std_mean", "norm", "logsumexp", "cumsum",  # reductions
-})
-HALF_OPS = frozenset({
-    "linear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d",
-    "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "einsum",
-})
-PROMOTE_OPS = frozenset({
-    "add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul", "__mul__", "__rmul__",
-    "div", "__truediv__", "__rtruediv__", "cat", "concat", "concatenate", "stack", "where",
-    "maximum", "minimum",
-})
-ATTENTION_OPS = frozenset({"scaled_dot_product_attention"})
-# Parameters that stay FP32 in a half module: those of the FP32 ops above, and the stored
-# Fourier frequencies of the time token (2 pi t W must be exact before sin/cos).
-FP32_MODULES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One line of the policy: what computes in which type, as torch modules and as ONNX ops."""
+
+    what: str
+    computes_in: str                       # "half" or "float32"
+    modules: tuple[type, ...]              # torch modules that follow it (their class swapped in a half module)
+    onnx_ops: tuple[str, ...]              # the ONNX ops it becomes
+
+
+POLICY = (
+    Rule("matrix products and convolutions", "half",
+         (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+         ("MatMul", "Gemm", "Conv", "ConvTranspose")),    # not Einsum: RoPE's positions x frequencies
+    Rule("normalizations", "float32", (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase),
+         ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization")),
+    Rule("softmax, attention's included (`softmax`, `attention`)", "float32", (), ("Softmax", "LogSoftmax")),
+    Rule("sin/cos of RoPE and of the time features (their code is FP32)", "float32", (), ("Sin", "Cos")),
+    Rule("reductions", "float32", (),
+         ("ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "CumSum")),
+)
+# Parameters that stay FP32 in a half module besides the normalizations': the stored Fourier
+# frequencies of the time token (2 pi t W must be exact before sin/cos).
 FP32_PARAMS = ("time_proj.weight",)
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -70,76 +73,91 @@ def _floating(x) -> bool:
     return isinstance(x, torch.Tensor) and x.is_floating_point()
 
 
-class Fp16Policy(TorchFunctionMode):
-    """Applies the policy to every torch call made while it is active (eager or traced).
+def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`x` in `ref`'s dtype; `x` itself when it already is (no node in a traced FP32 graph)."""
+    return x if x.dtype == ref.dtype else x.to(ref.dtype)
 
-    `half`: the reduced dtype (float16, or bfloat16 for the torch bf16 mode).
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+# --- the islands the stage modules call ----------------------------------------------------------
+
+def softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """`torch.softmax` computed in FP32, returned in `x`'s dtype."""
+    return like(torch.softmax(_fp32(x), dim=dim), x)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Softmax attention (no mask, no dropout): `F.scaled_dot_product_attention` in FP32; in half
+    (`q`'s dtype, `k` and `v` cast to it) the products in half and the softmax in FP32.
+
+    Eager or compiled CUDA keeps the fused kernel (flash / memory-efficient attention accumulate and
+    take the softmax in FP32 themselves); traced for export, or on a CPU, it is written out, so the
+    graph shows the casts.
     """
-
-    def __init__(self, half: torch.dtype = torch.float16):
-        super().__init__()
-        self.half = half
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        tensors = [a for a in _leaves((args, kwargs)) if _floating(a)]
-        if not tensors:
-            return func(*args, **kwargs)
-        has_half = any(t.dtype == self.half for t in tensors)
-        has_fp32 = any(t.dtype == torch.float32 for t in tensors)
-        if name in ATTENTION_OPS:
-            return _attention(self.half, *args, **kwargs)
-        if name in HALF_OPS and has_half and has_fp32:
-            args, kwargs = _cast((args, kwargs), torch.float32, self.half)
-        elif name in FP32_OPS and has_half:
-            out_dtype = tensors[0].dtype
-            args, kwargs = _cast((args, kwargs), self.half, torch.float32)
-            return tree_map(lambda o: o.to(out_dtype) if _floating(o) else o, func(*args, **kwargs))
-        elif name in PROMOTE_OPS and has_half and has_fp32:
-            args, kwargs = _cast((args, kwargs), self.half, torch.float32)
-        return func(*args, **kwargs)
-
-
-def _leaves(tree):
-    out = []
-    tree_map(out.append, tree)
-    return out
-
-
-def _cast(tree, src: torch.dtype, dst: torch.dtype):
-    return tree_map(lambda a: a.to(dst) if isinstance(a, torch.Tensor) and a.dtype == src else a, tree)
-
-
-def _attention(half: torch.dtype, q, k, v, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
-               scale: float | None = None, **kw) -> torch.Tensor:
-    """Softmax attention, the products in half and the softmax in FP32.
-
-    Eager CUDA keeps the fused kernel (flash / memory-efficient attention accumulate and take the
-    softmax in FP32 themselves); traced or on a CPU it is written out, so the graph shows the casts.
-    """
-    if attn_mask is not None or is_causal or dropout_p or kw:
-        raise NotImplementedError("Fp16Policy: attention with a mask, causality or dropout")
-    q, k, v = (x.to(half) for x in (q, k, v))
-    if q.is_cuda and not _in_graph():
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    k, v = like(k, q), like(v, q)
+    if q.is_cuda and not exporting():
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     weights = torch.softmax(((q * scale) @ k.transpose(-2, -1)).float(), dim=-1)   # [.., Nq, Nk] fp32
-    return weights.to(half) @ v
+    return weights.to(q.dtype) @ v
 
 
-def _in_graph() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+def exporting() -> bool:
+    """True while a graph is traced for export (TorchScript / ONNX): every op must stay in the graph,
+    written out. (Not under `torch.compile`, which takes the fused kernels.)"""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+# --- half modules ----------------------------------------------------------------------------------
+
+class _HalfInput:
+    """A matrix product or convolution: its input cast to its (half) weight's dtype, so FP32 stage
+    inputs and the FP32 residual stream meet half weights."""
+
+    def forward(self, x):
+        return super().forward(like(x, self.weight))
+
+
+class _Fp32Island:
+    """A normalization computed in FP32 (its parameters are), its result in its input's dtype."""
+
+    def forward(self, x):
+        return like(super().forward(_fp32(x)), x)
+
+
+_POLICY_MIXINS = {"half": _HalfInput, "float32": _Fp32Island}
+_POLICY_CLASSES: dict[type, type] = {}
+
+
+def _policy_class(cls: type) -> type | None:
+    """The class a module of `cls` becomes in a half module (None: unchanged)."""
+    if issubclass(cls, (_HalfInput, _Fp32Island)):       # already one (stages share modules)
+        return cls
+    if cls not in _POLICY_CLASSES:
+        rule = next((r for r in POLICY if r.modules and issubclass(cls, r.modules)), None)
+        _POLICY_CLASSES[cls] = None if rule is None else \
+            type(f"Half{cls.__name__}", (_POLICY_MIXINS[rule.computes_in], cls), {"__module__": __name__})
+    return _POLICY_CLASSES[cls]
 
 
 def half_module(module: nn.Module, half: torch.dtype = torch.float16, copy_: bool = True) -> nn.Module:
-    """`module` with its parameters and buffers in `half`, except `FP32_MODULES`' and
-    `FP32_PARAMS`'. Integer buffers are untouched. A copy (the original unchanged), or with
-    `copy_=False` the module itself, converted in place (the torch backend: one set of weights)."""
+    """`module` with its parameters and buffers in `half` (the normalizations' and `FP32_PARAMS`
+    kept FP32) and each module of `POLICY` given its rule. Integer buffers are untouched. A copy
+    (the original unchanged), or with `copy_=False` the module itself, converted in place (stages
+    that share modules, as the condition stage and the flow step share the transformer's blocks,
+    may each be converted)."""
     m = (copy.deepcopy(module) if copy_ else module).to(half)
     for sub in m.modules():
-        if isinstance(sub, FP32_MODULES):
-            sub.float()
+        cls = _policy_class(type(sub))
+        if cls is not None:
+            sub.__class__ = cls
+            if issubclass(cls, _Fp32Island):
+                sub.float()
     for name, p in m.named_parameters():
         if name.endswith(FP32_PARAMS):
             p.data = p.data.float()
@@ -147,18 +165,21 @@ def half_module(module: nn.Module, half: torch.dtype = torch.float16, copy_: boo
 
 
 class HalfStage(nn.Module):
-    """A stage under the policy: FP32 inputs and outputs, `half` inside (`half_module` + `Fp16Policy`)."""
+    """A stage under the policy: FP32 inputs and outputs, `half` inside (`half_module`)."""
 
     def __init__(self, module: nn.Module, half: torch.dtype = torch.float16, copy_: bool = True):
         super().__init__()
         self.module, self.half = half_module(module, half, copy_), half
 
     def forward(self, *args):
-        with Fp16Policy(self.half):
-            out = self.module(*args)
-        if isinstance(out, tuple):
-            return tuple(o.float() if _floating(o) else o for o in out)
-        return out.float()
+        return fp32_outputs(self.module(*args))
+
+
+def fp32_outputs(out):
+    """A stage's output(s) in FP32: the contract at every precision."""
+    if isinstance(out, tuple):
+        return tuple(_fp32(o) if _floating(o) else o for o in out)
+    return _fp32(out)
 
 
 def half_stage(module: nn.Module, precision: str = "fp16", copy_: bool = True) -> nn.Module:
@@ -229,10 +250,8 @@ def check_fp16(stage: str, report: Mapping[str, Agreement]) -> None:
 _FLOAT = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64"}
 # ops whose float inputs legitimately differ in type (a cast, or a float operand that is a shape)
 _MIXED_OK = {"Cast", "CastLike", "Resize", "Upsample"}
-_HALF_COMPUTE = {"MatMul", "Gemm", "Conv", "ConvTranspose"}   # not Einsum: RoPE's positions x frequencies
-_FP32_COMPUTE = {"LayerNormalization", "GroupNormalization", "InstanceNormalization", "BatchNormalization",
-                 "Softmax", "LogSoftmax", "Sin", "Cos", "ReduceMean", "ReduceSum", "ReduceSumSquare",
-                 "ReduceL2", "ReduceLogSumExp", "CumSum"}
+_HALF_COMPUTE = frozenset(op for r in POLICY if r.computes_in == "half" for op in r.onnx_ops)
+_FP32_COMPUTE = frozenset(op for r in POLICY if r.computes_in == "float32" for op in r.onnx_ops)
 
 
 def graph_types(model) -> dict[str, str]:

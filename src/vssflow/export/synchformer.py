@@ -39,6 +39,7 @@ from torch import nn
 
 from vssflow.export.clip import MultiheadSelfAttention  # nn.MultiheadAttention's layout
 from vssflow.export.errors import CheckpointError
+from vssflow.export.precision import softmax
 from vssflow.export.random_init import init_tensor, randn
 from vssflow.runtime.contracts import SEGMENT_FRAMES, SEGMENT_STEP
 
@@ -257,7 +258,7 @@ class DividedAttention(nn.Module):
         h, hd = self.heads, d // self.heads
         qkv = self.qkv(x).reshape(b, n, 3, h, hd).permute(2, 0, 3, 1, 4)  # [3, B, H, L, hd]
         q, k, v = qkv[0] * self.scale, qkv[1], qkv[2]  # [B, H, L, hd]
-        cls_out = torch.softmax(q[:, :, :1] @ k.transpose(-1, -2), dim=-1) @ v  # [B, H, 1, hd]
+        cls_out = softmax(q[:, :, :1] @ k.transpose(-1, -2), dim=-1) @ v  # [B, H, 1, hd]
 
         def groups(t: torch.Tensor) -> torch.Tensor:  # [B, H, F*N, hd] -> [B, H, G, len, hd]
             t = t.reshape(b, h, frames, patches, hd)
@@ -267,7 +268,7 @@ class DividedAttention(nn.Module):
         n_groups = q_.shape[2]
         k_ = torch.cat([k[:, :, None, :1].expand(b, h, n_groups, 1, hd), k_], dim=3)
         v_ = torch.cat([v[:, :, None, :1].expand(b, h, n_groups, 1, hd), v_], dim=3)
-        out = torch.softmax(q_ @ k_.transpose(-1, -2), dim=-1) @ v_  # [B, H, G, len, hd]
+        out = softmax(q_ @ k_.transpose(-1, -2), dim=-1) @ v_  # [B, H, G, len, hd]
         if self.axis == "time":
             out = out.transpose(2, 3)  # [B, H, F, N, hd]
         out = torch.cat([cls_out, out.reshape(b, h, frames * patches, hd)], dim=2)  # [B, H, L, hd]
@@ -328,7 +329,7 @@ class ClsAggregation(nn.Module):
         w, bias = self.self_attn.in_proj_weight, self.self_attn.in_proj_bias
         q = F.linear(xn[:, :1], w[:d], bias[:d]).reshape(b, 1, h, hd).transpose(1, 2)  # [B,H,1,hd]
         kv = F.linear(xn, w[d:], bias[d:]).reshape(b, n + 1, 2, h, hd).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax((q * hd ** -0.5) @ kv[0].transpose(-1, -2), dim=-1)  # [B, H, 1, 1+N]
+        attn = softmax((q * hd ** -0.5) @ kv[0].transpose(-1, -2), dim=-1)  # [B, H, 1, 1+N]
         y = x[:, 0] + self.self_attn.out_proj((attn @ kv[1]).reshape(b, d))  # [B, D]
         return y + self.linear2(F.gelu(self.linear1(self.norm2(y))))
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CheckpointError
+from .precision import attention, like
 from .random_init import init_tensor
 
 ROPE_THETA = 10000.0
@@ -142,7 +143,10 @@ def _cached_rope_tables(n_positions: int, rotary_dim: int, device: torch.device)
 
 
 def _in_graph() -> bool:
-    """True while tracing (TorchScript/ONNX export) or compiling: every op must stay in the graph."""
+    """True while tracing (TorchScript/ONNX export) or compiling: the RoPE tables are computed in
+    the graph (no Python cache; Inductor folds them) and the in-place Triton RoPE kernel is off
+    (Inductor fuses the rotation itself). Attention is not written out under compile: that is
+    `precision.exporting()`, tracing only."""
     return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
@@ -219,7 +223,7 @@ class Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, dh = q.shape
-        o = F.scaled_dot_product_attention(q, k, v)                    # scale 1/sqrt(Dh)
+        o = attention(q, k, v)                                         # scale 1/sqrt(Dh)
         return self.to_out[0](o.transpose(1, 2).reshape(b, n, h * dh))
 
 
@@ -241,13 +245,14 @@ class CrossAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        return self.cached(x, *self.kv_heads(context), cos, sin)
+        return self.cached(x, *self.kv(context), cos, sin)
 
     def cached(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> torch.Tensor:
-        """With the context's key/value heads given (`kv_heads`, computed once per window)."""
+        """With the context's keys/values given, repeated to the query heads `[B, H, M, Dh]`
+        (`kv_heads` then `repeat_kv`: once per window)."""
         q = apply_rope_auto(self.heads(self.to_q(x), self.num_heads), cos, sin)
-        return self.attend(q, *self.repeat_kv(k, v))
+        return self.attend(q, k, v)
 
 
 class SwiGLU(nn.Module):
@@ -283,19 +288,21 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, context: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
-        h = h + self.attn1(self.norm1(h), cos, sin)
-        h = h + self.attn2(self.norm2(h), context, cos, sin)
-        return h + self.ff(self.norm3(h))
+        h = h + like(self.attn1(self.norm1(h), cos, sin), h)       # the residual stream keeps its dtype
+        h = h + like(self.attn2(self.norm2(h), context, cos, sin), h)
+        return h + like(self.ff(self.norm3(h)), h)
 
     def cached(self, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                conditioned: int) -> torch.Tensor:
-        """The block with the cross-attention's key/value heads given (`[B, Hkv, M, Dh]`) for the
-        first `conditioned` rows of `h`; the other rows have a zero context, and every projection
-        being bias-free their cross-attention is exactly zero: skipped."""
-        h = h + self.attn1(self.norm1(h), cos, sin)
+        """The block with the cross-attention's keys/values given, repeated to the query heads
+        (`[B, H, M, Dh]`), for the first `conditioned` rows of `h`; the other rows have a zero
+        context, and every projection being bias-free their cross-attention is exactly zero:
+        skipped. In a half module `h` is the FP32 residual stream (`flow_step.FlowStep`): each
+        branch computes in half and is added in FP32."""
+        h = h + like(self.attn1(self.norm1(h), cos, sin), h)
         cross = self.attn2.cached(self.norm2(h[:conditioned]), k, v, cos, sin)
-        h = h + torch.cat([cross, torch.zeros_like(cross)], dim=0)
-        return h + self.ff(self.norm3(h))
+        h = h + like(torch.cat([cross, torch.zeros_like(cross)], dim=0), h)
+        return h + like(self.ff(self.norm3(h)), h)
 
 
 class FlowTransformer(nn.Module):

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable, Mapping
 
@@ -43,6 +44,8 @@ BACKENDS = ("auto", "trt", "ort", "torch")
 PREPROCESS = ("auto", "host", "device")
 # The inputs of `flow_step` that stay the same through one window's ODE loop.
 FLOW_CONSTANTS = ("cond_bias", "keys", "values")
+# Time tokens the torch backend keeps (a fixed-step solver's 25-100 times; dopri5's differ per window).
+TIME_TOKENS_KEPT = 512
 
 
 class Arrays:
@@ -393,17 +396,27 @@ class TorchBackend(Backend):
     # The policy of `export/precision.py` on the modules themselves: no graphs needed.
     precisions = PRECISIONS
 
-    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
+    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None,
+                 compile: bool = False, cuda_graphs: bool | None = None):
+        """`compile`: the flow step through `torch.compile` (`runtime/compiled.py`). `cuda_graphs`:
+        the flow step captured once per shape and replayed (`runtime/graphs.py`); None: on CUDA."""
         super().__init__(folder, device)
         extras.require("torch", "the torch backend")
         import torch
+
+        from .graphs import RunnerCache
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.compile = compile
+        self.cuda_graphs = self.on_gpu if cuda_graphs is None else cuda_graphs
+        self.runners = RunnerCache()                      # the flow step's, one per shape
+        self._compiled = None
         if "weights.pt" not in folder.manifest["files"]:
             raise BackendError(f"{folder.path}: no weights.pt: the torch backend runs the PyTorch weights; "
                                "re-export with vssflow-export --torch-weights")
         self.arrays = TorchArrays(self.device)
         self._modules = None
+        self._tokens: dict[tuple[float, int], object] = {}     # time tokens by (t, rows), oldest first
         self._set_precision(precision)
 
     def _folder_precisions(self) -> tuple[str, ...]:
@@ -432,19 +445,61 @@ class TorchBackend(Backend):
     def _load(self, name: str):
         return self._all_modules()[name]
 
+    def exact(self):
+        """The context every FP32 call on a GPU runs in: TF32 off (`no_tf32`), captured graphs included."""
+        return no_tf32(self._torch) if self.on_gpu and self.precision == "fp32" else contextlib.nullcontext()
+
     def _infer(self, stage, module, feed):
-        exact = no_tf32(self._torch) if self.on_gpu and self.precision == "fp32" else contextlib.nullcontext()
-        with self._torch.inference_mode(), exact:
+        with self._torch.inference_mode(), self.exact():
             out = module(*feed.values())
         return list(out) if isinstance(out, tuple) else [out]
 
+    def velocity(self, cond: Mapping[str, np.ndarray], cfg: float) -> Callable[[float, object], object]:
+        """`Backend.velocity` with each kind of work done as often as it changes: the keys/values
+        cast to the compute dtype and repeated to the query heads once per window
+        (`FlowStep.window_kv`), each time token once per time and row count, kept across windows
+        (`time_token`: a fixed-step solver's times are the same in every window), and only
+        `FlowStep.guided` per step. The same computations as `flow_step`'s graph: the same bits."""
+        return TorchVelocity(self, cond, cfg)
+
+    def _guided(self, step):
+        """`step.guided`, compiled with `torch.compile` when the backend was asked to (once)."""
+        if not self.compile:
+            return step.guided
+        if self._compiled is None:
+            from .compiled import compile_fn
+            self._compiled = compile_fn(step.guided)
+        return self._compiled
+
+    def _flow_step(self):
+        """The FlowStep module (inside its HalfStage at half precision)."""
+        module = self._stage("flow_step")
+        return getattr(module, "module", module)
+
+    def _time_token(self, step, t: float, t_t, rows: int):
+        key = (t, rows)
+        token = self._tokens.pop(key, None)
+        if token is None:
+            token = step.time_token(t_t, rows)
+            while len(self._tokens) >= TIME_TOKENS_KEPT:        # dopri5's times differ window to window
+                del self._tokens[next(iter(self._tokens))]
+        self._tokens[key] = token                                 # most recent last
+        return token
+
     def _release(self) -> None:
         self._modules = None
+        self._tokens.clear()
+        self.runners.close()
+        self._compiled = None
         if self._torch.device(self.device).type == "cuda":
             self._torch.cuda.empty_cache()
 
+    def _make_fp32(self) -> Backend:
+        return TorchBackend(self.folder, self.device, "fp32", self.compile, self.cuda_graphs)
+
     def describe(self) -> str:
-        return f"torch ({self.device}, {self.precision})"
+        extra = "".join(f", {x}" for x, on in (("compiled", self.compile), ("CUDA graphs", self.cuda_graphs)) if on)
+        return f"torch ({self.device}, {self.precision}{extra})"
 
     @property
     def on_gpu(self) -> bool:
@@ -462,6 +517,53 @@ def no_tf32(torch):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+class TorchVelocity:
+    """`TorchBackend.velocity(cond, cfg)`: `velocity(t, z)` for one window, each kind of work
+    done as often as it changes (see there). The step runs through the backend's runner for its
+    shape (`runtime/graphs.py`: a CUDA graph replayed on a GPU, eager on the same buffers
+    elsewhere), activated here, so `startup` holds what this window paid to compile or capture
+    ({"compile": s} or {"capture": s}, empty when a runner of this shape existed)."""
+
+    def __init__(self, backend: TorchBackend, cond: Mapping[str, np.ndarray], cfg: float):
+        from .graphs import CapturedRunner, shape_key
+        torch, arrays = backend._torch, backend.arrays
+        self.backend, self.arrays = backend, arrays
+        self.step = step = backend._flow_step()
+        const = {k: arrays.upload(cond[k]) for k in FLOW_CONSTANTS}
+        self.cfg = arrays.scalar(cfg)
+        self.checked = const
+        bias = const["cond_bias"]
+        b, t_len = bias.shape[0], bias.shape[1]
+        with backend.lock, torch.inference_mode(), backend.exact():
+            keys, values = step.window_kv(const["keys"], const["values"])
+            z = torch.zeros((b, step.a_z.shape[1], t_len), dtype=torch.float32, device=bias.device)
+            token = backend._time_token(step, 0.0, arrays.scalar(0.0), 2 * b)
+            constant = [bias, self.cfg, *keys, *values]
+            guided, n_layers = backend._guided(step), len(keys)
+
+            def fn(z, token, bias, cfg, *kv):
+                return guided(z, token, bias, list(kv[:n_layers]), list(kv[n_layers:]), cfg)
+
+            key = ("flow_step", backend.precision, backend.compile, backend.cuda_graphs,
+                   shape_key([z, token, *constant]))
+            t0 = time.perf_counter()
+            self.runner, new = backend.runners.get(key, lambda: CapturedRunner(
+                fn, [z, token], constant, capture=backend.cuda_graphs, warmup=backend.compile))
+            self.runner.load(*constant)                               # this window's
+        seconds = time.perf_counter() - t0
+        self.startup = {("compile" if backend.compile else "capture"): seconds} \
+            if new and (backend.compile or self.runner.graph is not None) else {}
+
+    def __call__(self, t: float, z):
+        backend = self.backend
+        t_t = self.arrays.scalar(t)
+        if self.checked:                                      # the contract, once per window
+            backend.folder.contracts["flow_step"].check_feed({"z": z, "t": t_t, **self.checked, "cfg": self.cfg})
+            self.checked = None
+        with backend.lock, backend._torch.inference_mode(), backend.exact():
+            return self.runner.infer(z, backend._time_token(self.step, t, t_t, 2 * z.shape[0]))
 
 
 class TrtBackend(Backend):
@@ -609,12 +711,18 @@ def _ort_has_cuda() -> bool:
 
 
 def create_backend(folder: ModelFolder, backend: str = "auto", device: str | None = None,
-                   precision: str | None = None) -> Backend:
+                   precision: str | None = None, compile: bool = False) -> Backend:
     """`auto`: TensorRT if its engines fit this GPU, else ONNX Runtime, else torch.
-    `precision`: fp32, fp16 or bf16 (torch); None: each backend's default (fp16 on a GPU)."""
+    `precision`: fp32, fp16 or bf16 (torch); None: each backend's default (fp16 on a GPU).
+    `compile`: the torch backend with its flow step through `torch.compile` (`auto` means torch)."""
+    if compile:
+        if backend not in ("auto", "torch"):
+            raise BackendError(f"compile is the torch backend's (torch.compile); the {backend} backend runs "
+                               "graphs or engines: use --backend torch")
+        backend = "torch"
     makers: dict[str, Callable[[], Backend]] = {
         "trt": lambda: TrtBackend(folder, device, precision), "ort": lambda: OrtBackend(folder, device, precision),
-        "torch": lambda: TorchBackend(folder, device, precision)}
+        "torch": lambda: TorchBackend(folder, device, precision, compile=compile)}
     if backend != "auto":
         if backend not in makers:
             raise BackendError(f"unknown backend {backend!r}: expected one of {', '.join(BACKENDS)}")

@@ -105,6 +105,10 @@ def _raise_on_sigterm() -> None:
                    "engines), else fp32 (the torch backend's eager half mode is slower on a GPU). fp16: the FP16 graphs (ort; on a CPU through casts: slow, for checking "
                    "accuracy), the FP16 engines (trt) or the torch modules in half; bf16: torch only. A window "
                    "whose FP16 values are not finite is generated again in FP32, and the summary says so.")
+@click.option("--compile", "compile_", is_flag=True,
+              help="The torch backend (chosen by it) with its flow step through torch.compile; the compiled "
+                   "kernels are cached in ~/.cache/vssflow/inductor (or TORCHINDUCTOR_CACHE_DIR) for later starts. "
+                   "The seconds spent compiling are in the run's timings.")
 @click.option("--preprocess", type=click.Choice(PREPROCESS), default="auto", show_default=True,
               help="Where frames are resized and normalised: auto: on the GPU when the backend runs on one "
                    "(torch) and Triton is installed for the kernels, else on the host. Same result either "
@@ -144,7 +148,8 @@ def _raise_on_sigterm() -> None:
 @click.option("--ray-workers", type=click.IntRange(1, None), default=None,
               help="Actors, one Session each (default: one per GPU of the cluster, else 1).")
 def main(videos, model_dir, output, input_audio, transcript, speech_start, speech_end, ref_audio, solver, steps,
-         cfg, seed, noise, backend, device, precision, preprocess, verify, dump_intermediates, as_json, quiet, manifest,
+         cfg, seed, noise, backend, device, precision, compile_, preprocess, verify, dump_intermediates, as_json, quiet,
+         manifest,
          output_dir, out_format, report, skip_existing, batch, workers, use_ray, ray_address, ray_workers):
     """Generate sound effects and speech for VIDEO and write them to a file; or for many clips
     (several VIDEOs, folders searched for videos, or --manifest) into --output-dir.
@@ -167,7 +172,8 @@ def main(videos, model_dir, output, input_audio, transcript, speech_start, speec
     141, as a Unix tool killed by SIGPIPE (outputs written so far are complete).
     """
     ui = _Ui(interactive=sys.stderr.isatty() and not quiet, quiet=quiet, as_json=as_json)
-    model = _Model(model_dir, backend, device, preprocess, verify, None if precision == "auto" else precision)
+    model = _Model(model_dir, backend, device, preprocess, verify, None if precision == "auto" else precision,
+                   compile_)
     options = GenerateOptions(transcript, speech_start, speech_end, solver, steps, cfg, seed)
     many = (len(videos) != 1 or any(v.is_dir() for v in videos) or manifest is not None
             or output_dir is not None or report is not None or use_ray or ray_address is not None)
@@ -237,6 +243,7 @@ class _Model:
     preprocess: str
     verify: bool
     precision: str | None = None        # None: the backend's default (fp16 on a GPU)
+    compile: bool = False               # the torch backend's flow step through torch.compile
 
     def path(self, say) -> Path:
         if self.folder is not None:
@@ -248,7 +255,7 @@ class _Model:
     def settings(self) -> dict:
         """The `Session` keywords: here, and for each actor of a `--ray` batch."""
         return dict(backend=self.backend, device=self.device, preprocess=self.preprocess, verify_hashes=self.verify,
-                    precision=self.precision)
+                    precision=self.precision, compile=self.compile)
 
     def session(self, say):
         from .session import Session

@@ -59,12 +59,17 @@ class Session:
     what it needs, else fp32 (`Backend.half_by_default`). A window whose half-precision values are
     not finite is generated again in FP32 (`window.generate`; `generate_many`'s batches through
     `window.generate_rows`).
+
+    `compile`: the torch backend (chosen by it) with its flow step through `torch.compile`, Inductor's
+    cache kept across processes (`runtime/compiled.py`); the seconds a run spent compiling are in its
+    timings (`compile`).
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
-                 verify_hashes: bool = False, preprocess: str = "auto", precision: str | None = None):
+                 verify_hashes: bool = False, preprocess: str = "auto", precision: str | None = None,
+                 compile: bool = False):
         self.folder = ModelFolder.open(model_dir, verify_hashes=verify_hashes)
-        self.backend = create_backend(self.folder, backend, device, precision)
+        self.backend = create_backend(self.folder, backend, device, precision, compile)
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
         self.encoders = Encoders()           # each distinct frame / segment encoded once (features.py)
