@@ -49,17 +49,8 @@ def tensorrt(version: str, strongly_typed: bool = True, contracts=None, memory=N
     return trt
 
 
-class FakeEngine:
-    """An ICudaEngine of a stage as the trt backend reads it: I/O as in the contract, a scratch size."""
-
-    def __init__(self, stage, contract, memory, log):
-        self.stage, self.contract, self.memory, self.log = stage, contract, memory, log
-        self.tensors = {s.name: ("in" if s in contract.inputs else "out", f"DataType.{s.dtype}",
-                                 tuple(-1 if isinstance(a, str) else a for a in s.shape))
-                        for s in contract.inputs + contract.outputs}
-        self.num_io_tensors = len(self.tensors)
-        self.device_memory_size_v2 = 1000 * (1 + len(stage))          # stages differ in scratch size
-        log.memory_sizes[stage] = self.device_memory_size_v2
+class TensorTable:
+    """An ICudaEngine's I/O queries over `self.tensors` (name -> (mode, dtype, shape))."""
 
     def get_tensor_name(self, i):
         return list(self.tensors)[i]
@@ -72,6 +63,19 @@ class FakeEngine:
 
     def get_tensor_shape(self, name):
         return self.tensors[name][2]
+
+
+class FakeEngine(TensorTable):
+    """An ICudaEngine of a stage as the trt backend reads it: I/O as in the contract, a scratch size."""
+
+    def __init__(self, stage, contract, memory, log):
+        self.stage, self.contract, self.memory, self.log = stage, contract, memory, log
+        self.tensors = {s.name: ("in" if s in contract.inputs else "out", f"DataType.{s.dtype}",
+                                 tuple(-1 if isinstance(a, str) else a for a in s.shape))
+                        for s in contract.inputs + contract.outputs}
+        self.num_io_tensors = len(self.tensors)
+        self.device_memory_size_v2 = 1000 * (1 + len(stage))          # stages differ in scratch size
+        log.memory_sizes[stage] = self.device_memory_size_v2
 
     def create_execution_context(self, strategy):
         assert strategy == "user"

@@ -12,6 +12,7 @@ import types
 
 import pytest
 
+from tests.export import fake_trt
 from vssflow.runtime import trt_engine
 from vssflow.runtime.contracts import ModelSizes, stage_contracts
 from vssflow.runtime.errors import BackendError
@@ -23,7 +24,7 @@ TRT = types.SimpleNamespace(TensorIOMode=types.SimpleNamespace(INPUT="in", OUTPU
 CONTRACT = stage_contracts(ModelSizes())["flow_step"]
 
 
-class Engine:
+class Engine(fake_trt.TensorTable):
     """What `check_io` reads of an ICudaEngine: the contract's tensors, dynamic where it is symbolic,
     with `changes` (name -> (dtype, shape)) applied."""
 
@@ -37,18 +38,6 @@ class Engine:
         for name in extra:
             self.tensors[name] = ("out", "DataType.FLOAT", (1,))
         self.num_io_tensors = len(self.tensors)
-
-    def get_tensor_name(self, i):
-        return list(self.tensors)[i]
-
-    def get_tensor_mode(self, name):
-        return self.tensors[name][0]
-
-    def get_tensor_dtype(self, name):
-        return self.tensors[name][1]
-
-    def get_tensor_shape(self, name):
-        return self.tensors[name][2]
 
 
 def test_an_engine_of_the_contract_passes():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
         build_engines_for(engines_for, None if source == click.core.ParameterSource.DEFAULT else precision, progress)
         return
 
-    try:
+    with _one_line_errors("nothing was written"):
         extras.require("export", "vssflow-export")
         if not no_verify:
             extras.require("cpu", "checking each graph with ONNX Runtime (or pass --no-verify)")
@@ -133,35 +134,34 @@ def main(checkpoint, synchformer, rawnet, assets, precision, backend, max_second
                                     options=ExportOptions(precision, backend, max_seconds, not no_verify,
                                                           torch_weights),
                                     replace=force, progress=progress)
+    click.echo(_summary(manifest, out))
+
+
+@contextlib.contextmanager
+def _one_line_errors(outcome: str):
+    """Every failure as one line and its exit code (`outcome`: what became of the model folder, which
+    is written under a temporary name), a bug included; click's own usage errors pass through."""
+    try:
+        yield
     except VssflowError as e:
         click.echo(f"vssflow-export: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        click.echo("vssflow-export: interrupted; nothing was written", err=True)
+        click.echo(f"vssflow-export: interrupted; {outcome}", err=True)
         sys.exit(130)
     except click.ClickException:
         raise
-    except Exception as e:                     # the model folder is written under a temporary name
+    except Exception as e:
         from vssflow.runtime.cli import exit_on_internal_error
-        exit_on_internal_error("vssflow-export", e, "nothing was written")
-    click.echo(_summary(manifest, out))
+        exit_on_internal_error("vssflow-export", e, outcome)
 
 
 def build_engines_for(folder: Path, precision: str | None, progress) -> None:
     """`--engines-for`: this GPU's engines from the folder's graphs (`trt_build.engines_for`); one
     line and exit 4 where TensorRT cannot build here, the folder unchanged on any failure."""
-    try:
+    with _one_line_errors("the model folder is unchanged"):
         from .trt_build import engines_for
         report = engines_for(folder, precision, progress)
-    except VssflowError as e:
-        click.echo(f"vssflow-export: error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("vssflow-export: interrupted; the model folder is unchanged", err=True)
-        sys.exit(130)
-    except Exception as e:
-        from vssflow.runtime.cli import exit_on_internal_error
-        exit_on_internal_error("vssflow-export", e, "the model folder is unchanged")
     built = ", ".join(f"{k} {v['precision']} {v['seconds']} s" for k, v in report.items())
     click.echo(f"TensorRT engines: {built or 'all already there'}\nmodel folder: {folder}")
 
