@@ -12,6 +12,7 @@ contracts, the graph precisions, every file with its sha256, and the versions us
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import platform
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -111,43 +112,51 @@ def half_trace_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def export_half(module: torch.nn.Module, contract: StageContract, path: Path, device: str = "cpu") -> None:
-    """`<stage>.fp16.onnx`: the stage under the half-precision policy, traced on `device`."""
+@contextlib.contextmanager
+def half_copy(module: torch.nn.Module, device: str = "cpu") -> Iterator[torch.nn.Module]:
+    """The stage under the half-precision policy (`precision.half_stage`) on `device`, freed on exit:
+    one copy serves the trace and the export's check."""
     from .precision import half_stage
     half = half_stage(module).to(device)
     try:
-        export_onnx(half, contract, path, device)
+        yield half
     finally:
         del half
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
 
-def check_half(contract: StageContract, fp32_path: Path, fp16_path: Path,
-               module: torch.nn.Module | None = None, device: str = "cpu") -> dict:
-    """The FP16 graph against the FP32 graph (ONNX Runtime, CPU) on the contract's sample inputs:
-    output -> {snr_db, max_abs_err, finite}. Raises ExportError naming the stage if a value is
-    not finite.
+def export_half(module: torch.nn.Module, contract: StageContract, path: Path, device: str = "cpu") -> None:
+    """`<stage>.fp16.onnx`: the stage under the half-precision policy, traced on `device`."""
+    with half_copy(module, device) as half:
+        export_onnx(half, contract, path, device)
+
+
+def check_feed(contract: StageContract) -> dict[str, np.ndarray]:
+    """The inputs the export's FP16 check runs both graphs and the half module on."""
+    return contract.sample("opt", seed=1, **CHECK_SIZES)
+
+
+def nonfinite_outputs(half: torch.nn.Module, contract: StageContract, device: str = "cpu") -> list[str]:
+    """The outputs of the half module (`half_copy`, on `device`) that are not finite on `check_feed`.
 
     ONNX Runtime's CPU provider computes a run of FP16 nodes in FP32 and rounds only at the graph's
     casts, so an activation past 65504 inside such a run stays finite there while a GPU (and the
-    torch half mode) overflows. So where `module` is given, its half copy (what was traced) runs on
-    the same inputs on `device` too, every activation stored in half: a non-finite output there
-    counts as the graph's."""
-    from .precision import Agreement, check_fp16, compare_graphs, half_stage
-    feed = contract.sample("opt", seed=1, **CHECK_SIZES)
-    report = compare_graphs(fp32_path, fp16_path, contract, feed=feed)
-    if module is not None:
-        half = half_stage(module).to(device)
-        try:
-            with torch.inference_mode():
-                out = half(*(torch.from_numpy(feed[s.name]).to(device) for s in contract.inputs))
-            out = out if isinstance(out, tuple) else (out,)
-            for spec, o in zip(contract.outputs, out):
-                if not bool(torch.isfinite(o).all()):
-                    report[spec.name] = Agreement(float("nan"), float("inf"), False)
-        finally:
-            del half
+    torch half mode) overflows; the half module stores every activation in half, as a GPU does."""
+    feed = check_feed(contract)
+    with torch.inference_mode():
+        out = half(*(torch.from_numpy(feed[s.name]).to(device) for s in contract.inputs))
+    out = out if isinstance(out, tuple) else (out,)
+    return [spec.name for spec, o in zip(contract.outputs, out) if not bool(torch.isfinite(o).all())]
+
+
+def check_half(contract: StageContract, fp32_path: Path, fp16_path: Path, nonfinite: Iterable[str] = ()) -> dict:
+    """The FP16 graph against the FP32 graph (ONNX Runtime, CPU) on `check_feed`: output ->
+    {snr_db, max_abs_err, finite}, the outputs in `nonfinite` (`nonfinite_outputs` of the module
+    traced) counted as not finite. Raises ExportError naming the stage if a value is not finite."""
+    from .precision import Agreement, check_fp16, compare_graphs
+    report = compare_graphs(fp32_path, fp16_path, contract, feed=check_feed(contract))
+    report.update({name: Agreement(float("nan"), float("inf"), False) for name in nonfinite})
     check_fp16(contract.name, report)
     return {k: a.to_json() for k, a in report.items()}
 
@@ -269,12 +278,13 @@ def export_model(checkpoint: str | os.PathLike, synchformer: str | os.PathLike, 
                 progress(f"{name}: tracing the FP16 graph on {half_device}"
                          + (" (torch's FP16 CPU kernels: minutes at full size)" if half_device == "cpu" else ""))
                 half_path = tmp / graph_name(name, "fp16")
-                export_half(modules[name], contracts[name], half_path, half_device)
-                entry["fp16"] = {"seconds": round(time.perf_counter() - t0, 2)}
+                with half_copy(modules[name], half_device) as half:     # one copy: the trace, then the check
+                    export_onnx(half, contracts[name], half_path, half_device)
+                    entry["fp16"] = {"seconds": round(time.perf_counter() - t0, 2)}
+                    overflow = nonfinite_outputs(half, contracts[name], half_device) if options.verify else []
                 if options.verify:
                     progress(f"{name}: checking the FP16 graph against the FP32 graph")
-                    entry["fp16"]["agreement"] = check_half(contracts[name], path, half_path,
-                                                            modules[name], half_device)
+                    entry["fp16"]["agreement"] = check_half(contracts[name], path, half_path, overflow)
             report[name] = entry
         if options.torch_weights:
             from .torch_stages import save_weights
