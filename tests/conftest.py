@@ -1,9 +1,17 @@
 import os
+import signal
 
 import pytest
 
 # Tests run on CPU, deterministic, with few threads (CI has 2 cores).
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_configure(config):
+    # scripts/test.sh ends a run past its budget with SIGINT, for pytest's summary and slowest
+    # tests; a shell that started this one in the background had SIGINT ignored, so listen again.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _has_cuda() -> bool:
