@@ -5,13 +5,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# What the machine gave this run: cores, load, and the share of CPU time taken by the hypervisor
-# (steal) since boot, before and after, so a slow CI run can be told from slow tests.
+# What the machine gave this run: cores, load, and the share of CPU time the hypervisor took
+# (steal) since the previous line, so a slow CI run can be told from slow tests.
+stat_before=""
 machine() {
-  awk -v when="$1" -v cores="$(nproc)" -v load="$(cut -d' ' -f1-3 /proc/loadavg)" '/^cpu /{
-    total = 0; for (i = 2; i <= NF; i++) total += $i
-    printf "machine %s: %s cores, load %s, steal %.1f%% of CPU time since boot\n", when, cores, load,
-           total ? 100 * $9 / total : 0 }' /proc/stat
+  local now; now=$(grep '^cpu ' /proc/stat)
+  awk -v when="$1" -v cores="$(nproc)" -v load="$(cut -d' ' -f1-3 /proc/loadavg)" -v prev="$stat_before" '{
+    split(prev, p); total = 0; for (i = 2; i <= NF; i++) total += $i - (prev ? p[i] : 0)
+    printf "machine %s: %s cores, load %s, steal %.1f%% of CPU time %s\n", when, cores, load,
+           total ? 100 * ($9 - (prev ? p[9] : 0)) / total : 0, prev ? "since the line above" : "since boot" }' <<<"$now"
+  stat_before=$now
 }
 machine "before set-up"
 bash scripts/setup.sh export,cpu,dev,ray,kernels   # ray: the --ray batch test (ray[data], ~15-30 s, ~500 MB)
