@@ -122,11 +122,11 @@ def test_weights_pt_only_when_asked(tiny_assets, tmp_path):
     """weights.pt repeats every weight (GBs at full size): written only with --torch-weights."""
     from vssflow.export.onnx_export import ExportOptions, export_model
     plain = export_model(tiny_assets["checkpoint"], tiny_assets["synchformer"], tmp_path / "plain",
-                         options=ExportOptions(verify=False))
+                         options=ExportOptions(verify=False, precision="fp32"))
     assert "weights.pt" not in plain["files"] and not (tmp_path / "plain" / "weights.pt").exists()
     r = run_cli("vssflow.export.cli", "--checkpoint", tiny_assets["checkpoint"], "--synchformer",
                 tiny_assets["synchformer"], "--out", tmp_path / "with", "--backend", "onnx", "--no-verify",
-                "--torch-weights", "-q")
+                "--torch-weights", "--precision", "fp32", "-q")
     assert r.returncode == 0, r.stderr
     assert "weights.pt" in _manifest(tmp_path / "with")["files"]
     assert Session(tmp_path / "with", backend="torch").backend.name == "torch"

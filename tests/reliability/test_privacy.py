@@ -84,7 +84,7 @@ def test_a_run_stores_nothing_outside_the_cache_and_opens_no_connection(fresh, t
                        cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     r = subprocess.run([sys.executable, "-m", "vssflow.export.cli", "--demo", "--out", "model", "--backend", "onnx",
-                        "--no-verify", "-q"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+                        "--no-verify", "--precision", "fp32", "-q"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     assert [f for f in _files(home) if not f.startswith(".cache/vssflow/")] == []
     assert any(f.startswith(".cache/vssflow/demo-model/") for f in _files(home))

@@ -210,7 +210,8 @@ def test_export_unexpected_error_is_one_line_and_exit_1(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 def test_export_without_tensorrt_says_it_skipped_the_engines(tmp_path):
-    r = run("vssflow.export.cli", "--demo", "--out", str(tmp_path / "demo"), "--backend", "all", "--no-verify", "-q")
+    r = run("vssflow.export.cli", "--demo", "--out", str(tmp_path / "demo"), "--backend", "all", "--no-verify", "-q",
+            "--precision", "fp32")                       # FP16 graphs are not the point: half the export
     assert r.returncode == 0, r.stderr
     trt = [line for line in r.stdout.splitlines() if line.startswith("TensorRT")]
     if engines.cuda_gpu_visible():
@@ -315,7 +316,7 @@ def test_export_refuses_an_unwritable_parent_at_once(tmp_path):
 def test_demo_writes_torch_weights_when_asked(tmp_path):
     """weights.pt is opt-in for the demo as for any model (the test above: not without it)."""
     r = run("vssflow.export.cli", "--demo", "--out", str(tmp_path / "w"), "--backend", "onnx", "--no-verify", "-q",
-            "--torch-weights")
+            "--torch-weights", "--precision", "fp32")
     assert r.returncode == 0, r.stderr
     assert "weights.pt" in json.loads((tmp_path / "w" / "manifest.json").read_text())["files"]
 
