@@ -2,7 +2,8 @@
 # Sets up .venv with everything the tests need (CPU only) and runs them. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh export,cpu,dev,ray,kernels   # ray: the --ray batch test (ray[data], ~15-30 s, ~500 MB)
+bash scripts/setup.sh export,cpu,dev,ray,kernels,serve   # ray: the --ray batch test (ray[data], ~15-30 s, ~500 MB);
+                                                        # serve: vssflow-serve's tests (starlette, uvicorn)
 . .venv/bin/activate
 # The `pytest` script, not `python -m pytest`: -m would put the repository root on sys.path. With
 # --import-mode=importlib (pyproject.toml) the tests import only the installed vssflow.* packages.
