@@ -165,6 +165,10 @@ def test_a_request_without_the_token_gets_401(server, clip4):
         assert json.loads(body) == {"error": "a valid token is needed: send the header 'Authorization: Bearer TOKEN'",
                                     "exit_code": 2}
     assert healthz(server)["ready"]                                  # health needs no token
+    with pytest.raises(urllib.error.HTTPError) as e:                 # Starlette's own refusals: JSON too
+        urllib.request.urlopen(server.url("/v1/nothing"), timeout=60)
+    assert e.value.code == 404
+    assert json.loads(e.value.read()) == {"error": "GET /v1/nothing: Not Found", "exit_code": 2}
     assert not server.matching(TOKEN)                                # never logged
 
 

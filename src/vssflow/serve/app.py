@@ -23,11 +23,12 @@ from pathlib import Path
 
 import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from vssflow.runtime.errors import VssflowError, describe, http_status
+from vssflow.runtime.errors import VssflowError, VssflowInputError, describe, http_status
 from vssflow.runtime.output import plan_output, write_output
 
 from .form import Job, RequestError, read_job
@@ -64,7 +65,8 @@ def create_app(session, limits: Limits, token: bytes | None = None) -> Starlette
     """The application around `session`; `token`: the bearer token every /v1 request must carry."""
     service = _Service(session, limits, token)
     return Starlette(routes=[Route("/v1/generate", service.generate, methods=["POST"]),
-                             Route("/healthz", service.healthz, methods=["GET"])])
+                             Route("/healthz", service.healthz, methods=["GET"])],
+                     exception_handlers={HTTPException: _http_exception})
 
 
 def generate_file(session, job: Job, folder: Path) -> Answer:
@@ -115,6 +117,9 @@ class _Service:
                                        headers={"X-Audio-Seconds": f"{answer.seconds:.3f}", "X-NFE": str(answer.nfe)})
             folder = None                                                      # the response removes it
             return response
+        except ClientDisconnect:             # gone mid-upload: nobody to answer, and no bug
+            _log(request, 499, t0, "the client left during the upload")
+            return Response(status_code=400)
         except Exception as e:
             return self._error(request, e, t0, tmp)
         finally:
@@ -161,6 +166,13 @@ class _FileThenRemove(FileResponse):
             shutil.rmtree(self.folder, ignore_errors=True)
             _log(self.request, self.status_code, self.t0,
                  f"{self.headers['x-audio-seconds']} s of audio, {self.headers['x-nfe']} NFE")
+
+
+async def _http_exception(request: Request, e: HTTPException) -> Response:
+    """Starlette's own refusals (no such path, a method a path does not take) in the same JSON."""
+    _log(request, e.status_code, time.perf_counter(), e.detail)
+    return JSONResponse({"error": f"{request.method} {request.url.path}: {e.detail}",
+                         "exit_code": VssflowInputError.exit_code}, status_code=e.status_code, headers=e.headers)
 
 
 def _log(request: Request, status: int, t0: float, what: str = "") -> None:
