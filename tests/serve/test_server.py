@@ -117,6 +117,16 @@ def test_without_the_serve_extra_one_line_names_it(tmp_path):
                                                       "pip install 'vssflow[serve]' (missing: starlette)"), r.stderr
 
 
+def test_a_port_in_use_is_one_line(tiny_model, tmp_path):
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "vssflow.serve.cli", "--model", str(tiny_model), "--port", str(port)],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().endswith(
+        f"vssflow-serve: error: cannot listen on 127.0.0.1 port {port} (Address already in use)"), r.stderr
+
+
 def test_healthz_says_what_is_loaded(server):
     assert healthz(server) == {"model": "tiny", "backend": "ort", "precision": "fp32", "ready": True,
                                "in_flight": 0, "demo_model": False}

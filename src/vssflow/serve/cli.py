@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from vssflow.runtime.errors import VssflowError, VssflowInputError, describe
 from vssflow.runtime.precision import PRECISIONS
 
 TOOL = "vssflow-serve"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,14 +55,18 @@ def main(model_dir, host, port, backend, device, precision, token_file, max_uplo
         extras.require("serve", TOOL)
         token = _read_token(token_file) if token_file is not None else None
         session = _session(model_dir, backend, device, None if precision == "auto" else precision)
+        sock = _listen(host, port)                  # once the model is ready: no client waits on a load
     except VssflowError as e:
         message, code = describe(e)
         click.echo(f"{TOOL}: error: {message}", err=True)
         sys.exit(code)
+    if token is None and host not in LOOPBACK:
+        logging.getLogger("vssflow.serve").warning(
+            "warning: listening on %s without --token-file: anyone who can reach this machine can use it", host)
     from .app import Limits, create_app
     app = create_app(session, Limits(int(max_upload_mb * 2**20), max_concurrent), token)
     try:
-        _serve(app, host, port)
+        _serve(app, sock, host)
     finally:
         session.close()
     sys.exit(0)
@@ -88,16 +95,25 @@ def _session(model_dir: Path, backend: str, device: str | None, precision: str |
     return session
 
 
-def _serve(app, host: str, port: int) -> None:
-    """Run `app` under uvicorn until SIGTERM or SIGINT; then it stops accepting, finishes the
-    requests in flight, and returns."""
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)      # create_server's own text repeats the address
+        raise VssflowInputError(f"cannot listen on {host} port {port} ({why})") from None
+
+
+def _serve(app, sock: socket.socket, host: str) -> None:
+    """Run `app` under uvicorn on `sock` until SIGTERM or SIGINT; then it stops accepting,
+    finishes the requests in flight, and returns."""
     import uvicorn
 
     class Server(uvicorn.Server):
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
-                bound = self.servers[0].sockets[0].getsockname()
+                bound = sock.getsockname()
                 logging.getLogger("vssflow.serve").info(
                     "listening on http://%s:%d (%s)", host if ":" not in host else f"[{host}]", bound[1],
                     "Ctrl-C or SIGTERM stops it")
@@ -106,9 +122,9 @@ def _serve(app, host: str, port: int) -> None:
     # before it started: a clean stop is exit 0, not death by SIGTERM.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
                             lifespan="off")
-    Server(config).run()
+    Server(config).run(sockets=[sock])
     logging.getLogger("vssflow.serve").info("stopped")
 
 
