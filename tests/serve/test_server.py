@@ -1,6 +1,6 @@
 """`vssflow-serve` as a client meets it: one real server process for the module, real HTTP requests.
 
-The server runs with a token, a 1 MB upload limit and one request at a time, its TMPDIR a folder of
+The server runs with a token, a 1 MB upload limit and two requests at a time, its TMPDIR a folder of
 the test's, so that every upload's folder can be seen to go. Tests wait on events (the line it
 prints when it listens, its one line per request, its exit), never on time.
 """
@@ -60,6 +60,10 @@ class Server:
         assert ok, f"no {count} lines with {needle!r}:\n" + "\n".join(self.lines)
         return self.matching(needle)
 
+    def served(self) -> int:
+        """Requests answered 200 so far, each logged once its upload folder is gone."""
+        return len(self.matching("POST /v1/generate 200"))
+
     def matching(self, needle: str) -> list[str]:
         return [line for line in self.lines if needle in line]
 
@@ -73,7 +77,7 @@ def server(tiny_model, tmp_path_factory):
     (root / "token").write_text(TOKEN + "\n")
     (root / "tmp").mkdir()
     server = Server(["--model", tiny_model, "--port", 0, "--token-file", root / "token", "--max-upload-mb", 1,
-                     "--max-concurrent", 1], env={**os.environ, "TMPDIR": str(root / "tmp")}, cwd=root)
+                     "--max-concurrent", 2], env={**os.environ, "TMPDIR": str(root / "tmp")}, cwd=root)
     server.tmp = root / "tmp"
     yield server
     if server.proc.poll() is None:
@@ -133,6 +137,7 @@ def test_healthz_says_what_is_loaded(server):
 
 
 def test_the_same_wav_as_the_cli(server, tiny_model, clip4, tmp_path):
+    before = server.served()
     cli = subprocess.Popen([sys.executable, "-m", "vssflow.runtime.cli", clip4, "--model", tiny_model, "--seed", "3",
                             "--steps", "1", "-o", tmp_path / "x.wav", "-q"], cwd=tmp_path, stderr=subprocess.PIPE)
     status, headers, body = post(server, {"video": ("clip4.mp4", clip4.read_bytes())},
@@ -142,7 +147,26 @@ def test_the_same_wav_as_the_cli(server, tiny_model, clip4, tmp_path):
     assert headers["X-Audio-Seconds"] == "4.000" and headers["X-NFE"] == "1"
     assert cli.wait(timeout=300) == 0, cli.stderr.read()
     assert body == (tmp_path / "x.wav").read_bytes()
-    server.wait_for_lines("POST /v1/generate 200", 1)        # logged once its folder is gone
+    server.wait_for_lines("POST /v1/generate 200", before + 1)   # logged once its folder is gone
+    assert list(server.tmp.iterdir()) == []
+    server.cli_wav = body
+
+
+def test_concurrent_requests_each_get_their_own_result(server, clip4):
+    """Two at once share the Session (taking turns stage by stage): each answer is its own seed's."""
+    from concurrent.futures import ThreadPoolExecutor
+    video = {"video": ("clip4.mp4", clip4.read_bytes())}
+    before = server.served()
+    alone = getattr(server, "cli_wav", None)
+    if alone is None:                            # run alone (-k): seed 3 on its own first
+        alone = post(server, video, {"format": "wav", "seed": "3", "steps": "1"})[2]
+        before += 1
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda seed: post(server, video, {"format": "wav", "seed": seed, "steps": "1"}),
+                                ["3", "5"]))
+    assert [status for status, _, _ in answers] == [200, 200]
+    assert answers[0][2] == alone and answers[1][2] != alone
+    server.wait_for_lines("POST /v1/generate 200", before + 2)
     assert list(server.tmp.iterdir()) == []
 
 
@@ -162,9 +186,10 @@ def test_bad_uploads_get_the_clis_line_and_the_next_request_is_served(server, cl
         assert (status, answer["exit_code"]) == (want_status, want_code), answer
         assert headers["Content-Type"] == "application/json" and needle in answer["error"], answer
         assert "vssflow-serve-" not in answer["error"]              # the server's folders are its own
+    before = server.served()
     status, headers, body = post(server, video, {"format": "flac", "steps": "1"})
     assert status == 200 and headers["Content-Type"] == "audio/flac" and body[:4] == b"fLaC"
-    server.wait_for_lines("POST /v1/generate 200", 2)
+    server.wait_for_lines("POST /v1/generate 200", before + 1)
     assert list(server.tmp.iterdir()) == []
 
 
@@ -199,28 +224,33 @@ def test_an_upload_over_the_limit_gets_413_before_it_is_read(server):
     r = conn.getresponse()
     assert r.status == 413 and json.loads(r.read())["exit_code"] == 2
     conn.close()
-    server.wait_for_lines("POST /v1/generate 413", 2)
+    server.wait_for_lines("POST /v1/generate 413", 2)             # answered, and folders removed
     assert list(server.tmp.iterdir()) == []
 
 
 def test_busy_is_503_and_sigterm_finishes_the_request_in_flight(server, clip4):
-    """Last: it stops the module's server. A request half uploaded holds the one place: another
-    gets 503; SIGTERM then lets the first finish (200) and the server exit 0, leaving no file."""
+    """Last: it stops the module's server. Two requests half uploaded hold both places: a third
+    gets 503; SIGTERM then lets both finish (200) and the server exit 0, leaving no file."""
     body, content_type = multipart({"video": ("clip4.mp4", clip4.read_bytes())}, {"format": "wav", "steps": "1"})
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
-    conn.putrequest("POST", "/v1/generate")
-    for k, v in {**AUTH, "Content-Type": content_type, "Content-Length": str(len(body))}.items():
-        conn.putheader(k, v)
-    conn.endheaders()
-    conn.send(body[:1000])
-    assert any(healthz(server)["in_flight"] for _ in range(10_000))  # once the server has admitted it
+    conns = []
+    for _ in range(2):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        conn.putrequest("POST", "/v1/generate")
+        for k, v in {**AUTH, "Content-Type": content_type, "Content-Length": str(len(body))}.items():
+            conn.putheader(k, v)
+        conn.endheaders()
+        conn.send(body[:1000])
+        conns.append(conn)
+    assert any(healthz(server)["in_flight"] == 2 for _ in range(10_000))  # once the server has admitted both
     status, headers, answer = post(server, {"video": ("clip4.mp4", clip4.read_bytes())}, {})
     assert status == 503 and headers["Retry-After"] and json.loads(answer)["exit_code"] == 75
     server.proc.send_signal(signal.SIGTERM)
-    conn.send(body[1000:])
-    r = conn.getresponse()
-    assert r.status == 200 and r.getheader("Content-Type") == "audio/wav" and r.read()[:4] == b"RIFF"
-    conn.close()
+    for conn in conns:
+        conn.send(body[1000:])
+    for conn in conns:
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type") == "audio/wav" and r.read()[:4] == b"RIFF"
+        conn.close()
     assert server.proc.wait(timeout=120) == 0, "\n".join(server.lines)
     assert server.lines[-1].endswith("stopped")
     assert list(server.tmp.iterdir()) == []
