@@ -36,8 +36,9 @@ def run_blocked(blocked: tuple[str, ...], tool: str, *args, cwd, env=None, prelu
 
 
 def test_runtime_is_the_base_of_the_package_graph(tiny_model, clip4, tmp_path):
-    """export and kernels build on the runtime, never the other way: importing every runtime
-    module, and a whole ONNX Runtime generation, load no module of vssflow.export or vssflow.kernels."""
+    """export, kernels and serve build on the runtime, never the other way: importing every runtime
+    module, and a whole ONNX Runtime generation, load no module of vssflow.export, vssflow.kernels or
+    vssflow.serve (nor Starlette)."""
     code = textwrap.dedent(f"""
         import pkgutil, sys
         import vssflow.runtime
@@ -45,7 +46,8 @@ def test_runtime_is_the_base_of_the_package_graph(tiny_model, clip4, tmp_path):
             __import__("vssflow.runtime." + m.name)
         from vssflow.runtime import Session
         Session({str(tiny_model)!r}, backend="ort").generate({str(clip4)!r}, steps=1)
-        upward = sorted(m for m in sys.modules if m.startswith(("vssflow.export", "vssflow.kernels")))
+        upward = sorted(m for m in sys.modules
+                        if m.startswith(("vssflow.export", "vssflow.kernels", "vssflow.serve", "starlette")))
         assert not upward, upward
         print("ok")
     """)
@@ -81,10 +83,11 @@ def test_plain_install_has_packages_data_and_scripts(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (target / "vssflow" / "runtime" / "data" / "token_list.json").is_file()
     assert not (target / "vssflow" / "__init__.py").exists()          # an implicit namespace package
-    for script in ("vssflow-run", "vssflow-export"):
+    for script in ("vssflow-run", "vssflow-export", "vssflow-serve"):
         assert (target / "bin" / script).is_file()
     env = {**os.environ, "PYTHONPATH": str(target)}
-    code = ("import vssflow.export, vssflow.runtime, vssflow.kernels, vssflow.benchmarks, vssflow.runtime.text as t;"
+    code = ("import vssflow.export, vssflow.runtime, vssflow.kernels, vssflow.benchmarks, vssflow.serve, "
+            "vssflow.runtime.text as t;"
             "assert str(vssflow.runtime.__file__).startswith(%r); print(len(t.token_table()))" % str(target))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                        timeout=120)

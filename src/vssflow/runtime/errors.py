@@ -2,6 +2,7 @@
 
 One root, `VssflowError`: the command-line tools print any of them without a traceback and exit
 with its `exit_code`. The export's errors (`vssflow.export.errors`) derive from it too.
+`vssflow-serve` answers the same line as JSON, with the HTTP status `HTTP_STATUS` gives its code.
 """
 
 
@@ -70,3 +71,25 @@ class OutputError(VssflowInputError):
 class NonFiniteError(ModelFolderError):
     """A window whose latent or mel is not finite even in FP32: the model's weights overflow, and
     nothing sound can be written."""
+
+
+# The HTTP status `vssflow-serve` answers each exit code with: what the client sent cannot be used
+# (an option, the video, the transcript, the voice, a format that cannot hold the video) is 422;
+# the server's own model folder or backend failing, and bugs, are 500. An error raised by the
+# server itself (a malformed request, no token, too large, busy) carries its own `http_status`.
+HTTP_STATUS = {
+    EXIT_INTERNAL: 500,
+    VssflowInputError.exit_code: 422,
+    VideoError.exit_code: 422,
+    TranscriptError.exit_code: 422,
+    AudioError.exit_code: 422,
+    ModelFolderError.exit_code: 500,
+    BackendError.exit_code: 500,
+    OutputError.exit_code: 422,
+}
+
+
+def http_status(e: BaseException) -> int:
+    """The HTTP status of an error's answer: its own `http_status`, else its exit code's."""
+    status = getattr(e, "http_status", None)
+    return status if status is not None else HTTP_STATUS.get(describe(e)[1], 500)

@@ -25,7 +25,8 @@ DISTRIBUTION = "vssflow"
 _MODULE_OF = {"onnxruntime-gpu": "onnxruntime", "pillow": "PIL"}
 # What each optional package of vssflow needs, when the metadata cannot say (a source tree on sys.path).
 _FALLBACK = {"export": ("torch", "onnx", "onnxscript"), "torch": ("torch",), "cpu": ("onnxruntime",),
-             "kernels": ("triton",), "ray": ("ray",)}
+             "kernels": ("triton",), "ray": ("ray",),
+             "serve": ("starlette", "uvicorn", "python-multipart")}
 
 
 def requirements(extra: str) -> tuple[str, ...]:

@@ -34,6 +34,7 @@ class Format:
     sample_rate: int | None = None              # the encoder's rate; None: the model's (16 kHz)
     video_codecs: frozenset[str] = frozenset()  # codecs it can hold, copied; empty: sound only
     audio_codecs: frozenset[str] = frozenset()  # the input's sound tracks it can hold, copied after ours
+    media_type: str = "application/octet-stream"  # its MIME type, as vssflow-serve answers with it
 
     @property
     def has_video(self) -> bool:
@@ -70,20 +71,22 @@ OPUS_RATE = 48_000   # Opus decoders always give 48 kHz (RFC 7845 §5.1): encode
 
 FORMATS: dict[str, Format] = {
     # the sound alone, for an editor
-    ".wav": Format("wav", "pcm_f32le"),
-    ".flac": Format("flac", "flac"),                   # 16-bit
-    ".ogg": Format("ogg", "libopus", OPUS_RATE),
-    ".opus": Format("opus", "libopus", OPUS_RATE),
-    ".mp3": Format("mp3", "libmp3lame"),               # 16 kHz is MPEG-2 Layer III
-    ".m4a": Format("ipod", "aac"),
+    ".wav": Format("wav", "pcm_f32le", media_type="audio/wav"),
+    ".flac": Format("flac", "flac", media_type="audio/flac"),                   # 16-bit
+    ".ogg": Format("ogg", "libopus", OPUS_RATE, media_type="audio/ogg"),
+    ".opus": Format("opus", "libopus", OPUS_RATE, media_type="audio/ogg"),   # RFC 7845: Ogg Opus
+    ".mp3": Format("mp3", "libmp3lame", media_type="audio/mpeg"),               # 16 kHz is MPEG-2 Layer III
+    ".m4a": Format("ipod", "aac", media_type="audio/mp4"),
     # the input's video with the sound
-    ".mp4": Format("mp4", "aac", video_codecs=MP4_VIDEO, audio_codecs=MP4_AUDIO),
-    ".m4v": Format("mp4", "aac", video_codecs=MP4_VIDEO, audio_codecs=MP4_AUDIO),
-    ".mov": Format("mov", "aac", video_codecs=MOV_VIDEO, audio_codecs=MOV_AUDIO),
-    ".mkv": Format("matroska", "aac", video_codecs=MKV_VIDEO, audio_codecs=MKV_AUDIO),
-    ".webm": Format("webm", "libopus", OPUS_RATE, video_codecs=WEBM_VIDEO, audio_codecs=WEBM_AUDIO),
-    ".avi": Format("avi", "pcm_s16le", video_codecs=AVI_VIDEO, audio_codecs=AVI_AUDIO),  # PCM: exact, plays everywhere
-    ".ts": Format("mpegts", "aac", video_codecs=TS_VIDEO, audio_codecs=TS_AUDIO),
+    ".mp4": Format("mp4", "aac", video_codecs=MP4_VIDEO, audio_codecs=MP4_AUDIO, media_type="video/mp4"),
+    ".m4v": Format("mp4", "aac", video_codecs=MP4_VIDEO, audio_codecs=MP4_AUDIO, media_type="video/mp4"),
+    ".mov": Format("mov", "aac", video_codecs=MOV_VIDEO, audio_codecs=MOV_AUDIO, media_type="video/quicktime"),
+    ".mkv": Format("matroska", "aac", video_codecs=MKV_VIDEO, audio_codecs=MKV_AUDIO, media_type="video/x-matroska"),
+    ".webm": Format("webm", "libopus", OPUS_RATE, video_codecs=WEBM_VIDEO, audio_codecs=WEBM_AUDIO,
+                    media_type="video/webm"),
+    ".avi": Format("avi", "pcm_s16le", video_codecs=AVI_VIDEO, audio_codecs=AVI_AUDIO,  # PCM: exact, plays everywhere
+                   media_type="video/x-msvideo"),
+    ".ts": Format("mpegts", "aac", video_codecs=TS_VIDEO, audio_codecs=TS_AUDIO, media_type="video/mp2t"),
 }
 OUTPUT_FORMATS = tuple(ext[1:] for ext in FORMATS)      # "wav", "flac", ...: a click.Choice's choices
 SOUND_EXTENSIONS = tuple(ext for ext, fmt in FORMATS.items() if not fmt.has_video)

@@ -1,0 +1,10 @@
+"""`vssflow-serve`: the runtime as an HTTP service, one `Session` behind one ASGI application.
+
+    vssflow-serve --model models/vssflow --port 8000
+    curl -F video=@clip.mp4 -F format=wav -F seed=3 http://127.0.0.1:8000/v1/generate -o clip.wav
+
+`form.py` reads a request: the multipart upload streamed to a private folder, its fields checked
+as `vssflow-run` checks its options; `app.py` is the application (auth, limits, the generation in
+a worker thread, errors as JSON); `cli.py` is the command. Needs the serve extra (Starlette,
+uvicorn, python-multipart): nothing here imports them until the command runs.
+"""

@@ -1,0 +1,132 @@
+"""`vssflow-serve --model DIR`: the runtime as an HTTP service (see `vssflow.serve`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import click
+
+from vssflow.runtime import extras
+from vssflow.runtime.backends import BACKENDS
+from vssflow.runtime.errors import VssflowError, VssflowInputError, describe
+from vssflow.runtime.precision import PRECISIONS
+
+TOOL = "vssflow-serve"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vssflow", prog_name=TOOL, message="%(prog)s %(version)s")
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Model folder from vssflow-export.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0: every interface; put a token on it with --token-file).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on; 0: a free one (the 'listening on' line says which).")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="As vssflow-run's --backend.")
+@click.option("--device", default=None, help="cpu or cuda[:N] (default: the best available).")
+@click.option("--precision", type=click.Choice(("auto",) + PRECISIONS), default="auto", show_default=True,
+              help="As vssflow-run's --precision.")
+@click.option("--token-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A file holding the bearer token every /v1 request must send (Authorization: Bearer TOKEN).")
+@click.option("--max-upload-mb", type=click.FloatRange(0, None, min_open=True), default=100, show_default=True,
+              help="Largest request body (the video, the voice and the fields), in MB; larger ones get 413.")
+@click.option("--max-concurrent", type=click.IntRange(1, None), default=4, show_default=True,
+              help="Requests handled at once (uploading, waiting for the model or generating); more get 503.")
+def main(model_dir, host, port, backend, device, precision, token_file, max_upload_mb, max_concurrent):
+    """Serve VSSFlow over HTTP: POST /v1/generate (multipart: a `video` file, an optional
+    `ref_audio` file, and vssflow-run's options as fields) answers with the file vssflow-run
+    would write; GET /healthz says what is loaded. Stop it with SIGTERM or Ctrl-C: it stops
+    accepting, finishes the requests in flight, and exits 0.
+
+    \b
+    Example:
+      vssflow-serve --model models/vssflow --port 8000
+      curl -F video=@clip.mp4 -F format=wav -F seed=3 http://127.0.0.1:8000/v1/generate -o clip.wav
+    """
+    logging.basicConfig(level=logging.INFO, format=f"[{TOOL}] %(message)s", stream=sys.stderr)
+    try:
+        extras.require("serve", TOOL)
+        token = _read_token(token_file) if token_file is not None else None
+        session = _session(model_dir, backend, device, None if precision == "auto" else precision)
+        sock = _listen(host, port)                  # once the model is ready: no client waits on a load
+    except VssflowError as e:
+        message, code = describe(e)
+        click.echo(f"{TOOL}: error: {message}", err=True)
+        sys.exit(code)
+    if token is None and host not in LOOPBACK:
+        logging.getLogger("vssflow.serve").warning(
+            "warning: listening on %s without --token-file: anyone who can reach this machine can use it", host)
+    from .app import Limits, create_app
+    app = create_app(session, Limits(int(max_upload_mb * 2**20), max_concurrent), token)
+    try:
+        _serve(app, sock, host)
+    finally:
+        session.close()
+    sys.exit(0)
+
+
+def _read_token(path: Path) -> bytes:
+    try:
+        token = path.read_bytes().strip()
+    except OSError as e:
+        raise VssflowInputError(f"{path}: cannot read the token file ({e.strerror or e})") from None
+    if not token:
+        raise VssflowInputError(f"{path}: the token file is empty")
+    return token
+
+
+def _session(model_dir: Path, backend: str, device: str | None, precision: str | None):
+    from vssflow.runtime.session import Session
+    session = Session(model_dir, backend=backend, device=device, precision=precision)
+    say = logging.getLogger("vssflow.serve").info
+    for reason in session.backend.passed_over:
+        say(f"backend auto: {reason}")
+    for note in session.backend.notes:
+        say(f"backend {session.backend.name}: {note}")
+    if session.folder.is_demo:
+        say("DEMO MODEL: random weights; the sound it makes is noise")
+    return session
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)      # create_server's own text repeats the address
+        raise VssflowInputError(f"cannot listen on {host} port {port} ({why})") from None
+
+
+def _serve(app, sock: socket.socket, host: str) -> None:
+    """Run `app` under uvicorn on `sock` until SIGTERM or SIGINT; then it stops accepting,
+    finishes the requests in flight, and returns."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                bound = sock.getsockname()
+                logging.getLogger("vssflow.serve").info(
+                    "listening on http://%s:%d (%s)", host if ":" not in host else f"[{host}]", bound[1],
+                    "Ctrl-C or SIGTERM stops it")
+
+    # uvicorn raises the signal that stopped it again once it has shut down, to the handler found
+    # before it started: a clean stop is exit 0, not death by SIGTERM.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
+    config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False,
+                            lifespan="off")
+    Server(config).run(sockets=[sock])
+    logging.getLogger("vssflow.serve").info("stopped")
+
+
+if __name__ == "__main__":
+    main()
