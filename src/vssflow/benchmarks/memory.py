@@ -27,7 +27,7 @@ from pathlib import Path
 
 import click
 
-from vssflow.runtime.memory import MIB, format_bytes
+from vssflow.runtime.memory import format_bytes
 
 # The stages in the order one clip's run calls them.
 STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
@@ -77,6 +77,9 @@ def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, 
     backend = OrtBackend(folder, "cpu", "fp32", memory)
     plan = MemoryPlan.make(folder, backend.precision, max_memory)
     backend.pieces = {} if whole else dict(plan.rows)
+    if not plan.prepack:
+        backend.keep_memory()
+        memory = backend.memory
     graphs = weight_bytes(folder, backend.precision)
     measured = {}
     for stage in stages:
@@ -95,7 +98,8 @@ def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, 
             "rows_per_call": backend.pieces.get(stage)}
     end = rss()
     backend.close()
-    return {"ort_memory": memory.describe(), "plan": "encoder calls whole" if whole else plan.describe(), "base_bytes": base, "resident_after_bytes": end,
+    return {"ort_memory": memory.describe(), "plan": "encoder calls whole" if whole else plan.describe(),
+            "base_bytes": base, "resident_after_bytes": end,
             "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "stages": measured}
 
 
@@ -184,7 +188,7 @@ def table(report: dict) -> str:
 @click.option("--ort", "ort_memory", default="", help="ONNX Runtime memory settings over ours, e.g. "
               "arena=shared,mem_pattern=on,prepack=off; 'ort': ONNX Runtime's own defaults.")
 @click.option("--max-memory", default=None, help="Budget the encoder pieces are planned for (as vssflow-run's).")
-@click.option("--whole", is_flag=True, help="Encoder calls whole (no pieces), as before --max-memory (in this process).")
+@click.option("--whole", is_flag=True, help="Encoder calls whole (no pieces), as before #22 (in this process).")
 @click.option("--no-end-to-end", is_flag=True, help="Skip the vssflow-run subprocess.")
 @click.option("--quick", is_flag=True, help="Tiny model and a 2-second clip (for tests).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,

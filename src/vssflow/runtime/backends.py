@@ -169,6 +169,10 @@ class Backend:
                 self._stages[name] = self._load(name)
             return self._stages[name]
 
+    def keep_memory(self) -> None:
+        """Hold no second copy of the weights where the backend can choose (ONNX Runtime's prepacking):
+        slower, less memory. Before the first stage loads."""
+
     def load(self, stage: str) -> None:
         """Load `stage` now (a call loads it otherwise): to time or measure the load on its own."""
         self._stage(stage)
@@ -370,6 +374,9 @@ class OrtBackend(Backend):
 
     def _make_fp32(self) -> Backend:
         return OrtBackend(self.folder, self.device, "fp32", self.memory)
+
+    def keep_memory(self) -> None:
+        self.memory = dataclasses.replace(self.memory, prepack=False)
 
     def _cuda_problem(self) -> str | None:
         """Whether a session really gets the CUDA provider (tried on the folder's smallest graph), or

@@ -32,8 +32,8 @@ from . import extras, window
 from .backends import create_backend
 from .batch import default_batch, generate_many
 from .features import Encoders
-from .memory import MemoryPlan
 from .inputs import GenerateOptions, Prepared, StreamInfo, frame_windows, frames_device, prepare, speaker_embedding
+from .memory import MemoryPlan
 from .model_folder import ModelFolder
 from .results import AudioStream, Result
 from .timeline import FADE_SAMPLES, HOP_SAMPLES, WINDOW_HOP, audio_length, crossfade_windows, cut_audio, \
@@ -81,6 +81,8 @@ class Session:
             self.backend.close()
             raise
         self.backend.pieces = dict(self.memory.rows)          # the encoders' rows per call
+        if not self.memory.prepack:
+            self.backend.keep_memory()
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
         self.encoders = Encoders()           # each distinct frame / segment encoded once (features.py)
