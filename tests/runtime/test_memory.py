@@ -8,7 +8,7 @@ from vssflow.runtime import cli
 from vssflow.runtime.backends import OrtBackend, OrtMemory
 from vssflow.runtime.errors import BackendError, VssflowInputError
 from vssflow.runtime.memory import (DEFAULT_ACTIVATIONS, GIB, MIB, PIECE_STAGES, RESERVE, MemoryBudgetError,
-                                    MemoryPlan, PREPACK_EXTRA, in_pieces, parse_memory, row_bytes, weight_bytes)
+                                    MemoryPlan, in_pieces, parse_memory, row_bytes, weight_bytes)
 from vssflow.runtime.model_folder import ModelFolder
 
 
@@ -33,8 +33,8 @@ def test_plan_pieces_follow_the_budget(tiny_model):
     most = {s: folder.contracts[s].axes[folder.contracts[s].inputs[0].shape[0]][2] for s in PIECE_STAGES}
     assert free.rows == {s: min(most[s], DEFAULT_ACTIVATIONS // row_bytes(folder.contracts[s])) for s in PIECE_STAGES}
     synch_row = row_bytes(folder.contracts["synch_encoder"])
-    tight = MemoryPlan.make(folder, budget=weights + RESERVE + int(weights * PREPACK_EXTRA) + 3 * synch_row)
-    assert tight.prepack and tight.rows["synch_encoder"] == 3 and 1 <= tight.rows["clip_encoder"] <= 100
+    tight = MemoryPlan.make(folder, budget=weights + RESERVE + 3 * synch_row)
+    assert tight.rows["synch_encoder"] == 3 and 1 <= tight.rows["clip_encoder"] <= 100
     assert MemoryPlan.make(folder, budget=weights + RESERVE).rows == {s: 1 for s in PIECE_STAGES}
 
 
@@ -78,7 +78,7 @@ def test_ort_memory_settings_give_the_same_bits(tiny_model, setting):
 def test_ort_memory_parse():
     assert OrtMemory.parse("") == OrtMemory()
     assert OrtMemory.parse("ort") == OrtMemory(arena="session", mem_pattern=True, prepack=True)
-    assert OrtMemory.parse("arena=shared,prepack=off") == OrtMemory(arena="shared", prepack=False)
+    assert OrtMemory.parse("arena=shared,prepack=on") == OrtMemory(arena="shared", prepack=True)
     with pytest.raises(BackendError):
         OrtMemory.parse("arena=big")
 
@@ -99,12 +99,12 @@ def test_cli_max_memory_not_a_size_is_exit_2(tiny_model, clip4, tmp_path):
 
 
 def test_session_plans_for_max_memory(tiny_model):
-    from vssflow.runtime.memory import MIN_ACTIVATIONS
     from vssflow.runtime.session import Session
     folder = ModelFolder.open(tiny_model)
     weights = sum(weight_bytes(folder).values())
-    with Session(tiny_model, backend="ort", device="cpu", max_memory=weights + RESERVE + MIN_ACTIVATIONS) as s:
-        assert not s.memory.prepack and not s.backend.memory.prepack           # no room for prepacked copies
-        assert s.backend.pieces == dict(s.memory.rows) and set(s.backend.pieces) == set(PIECE_STAGES)
+    synch_row = row_bytes(folder.contracts["synch_encoder"])
+    with Session(tiny_model, backend="ort", device="cpu", max_memory=weights + RESERVE + 2 * synch_row) as s:
+        assert s.memory.budget == weights + RESERVE + 2 * synch_row
+        assert s.backend.pieces == dict(s.memory.rows) and s.backend.pieces["synch_encoder"] == 2
     with Session(tiny_model, backend="ort", device="cpu") as s:
-        assert s.memory.prepack and s.backend.memory.prepack and s.memory.budget is None
+        assert s.memory.budget is None and s.backend.pieces == dict(MemoryPlan.make(folder).rows)

@@ -77,9 +77,6 @@ def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, 
     backend = OrtBackend(folder, "cpu", "fp32", memory)
     plan = MemoryPlan.make(folder, backend.precision, max_memory)
     backend.pieces = {} if whole else dict(plan.rows)
-    if not plan.prepack:
-        backend.keep_memory()
-        memory = backend.memory
     graphs = weight_bytes(folder, backend.precision)
     measured = {}
     for stage in stages:

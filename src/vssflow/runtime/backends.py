@@ -169,10 +169,6 @@ class Backend:
                 self._stages[name] = self._load(name)
             return self._stages[name]
 
-    def keep_memory(self) -> None:
-        """Hold no second copy of the weights where the backend can choose (ONNX Runtime's prepacking):
-        slower, less memory. Before the first stage loads."""
-
     def load(self, stage: str) -> None:
         """Load `stage` now (a call loads it otherwise): to time or measure the load on its own."""
         self._stage(stage)
@@ -241,11 +237,14 @@ class OrtMemory:
     pattern its stage ever ran, grown by doubling), "shared" (one arena for every session, grown as
     requested: `kSameAsRequested`), "off" (no arena: the allocator's, so a stage's activations go
     back when its call ends). `mem_pattern`: ONNX Runtime's planned block per input shape (more for
-    every new shape). `prepack`: weights of matrix products also copied in the layout MLAS computes in."""
+    every new shape). `prepack`: weights of matrix products also copied in the layout MLAS computes in:
+    off, as measured at full size on a 2-core CPU, it saves 524 MiB of the flow step's 1633 MiB graph and
+    three quarters of its load time (8 s against 32 s) for no measurable cost per call (6.11 s against
+    6.09 s, median of 3)."""
 
     arena: str = "off"
     mem_pattern: bool = False
-    prepack: bool = True
+    prepack: bool = False
 
     ARENAS = ("session", "shared", "off")
 
@@ -374,9 +373,6 @@ class OrtBackend(Backend):
 
     def _make_fp32(self) -> Backend:
         return OrtBackend(self.folder, self.device, "fp32", self.memory)
-
-    def keep_memory(self) -> None:
-        self.memory = dataclasses.replace(self.memory, prepack=False)
 
     def _cuda_problem(self) -> str | None:
         """Whether a session really gets the CUDA provider (tried on the folder's smallest graph), or

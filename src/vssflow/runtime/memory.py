@@ -40,11 +40,7 @@ ACTIVATIONS_PER_INPUT = 14
 RESERVE = 640 * MIB
 # The activations an encoder call may take when no budget is given.
 DEFAULT_ACTIVATIONS = 1 * GIB
-# What ONNX Runtime's CPU prepacking adds to the weights (MLAS's layout for matrix products, kept
-# beside the originals): measured on the full flow step, 524 MiB over a 1633 MiB graph; load 4x slower.
-PREPACK_EXTRA = 0.33
-# The least a budget must leave for activations (the decoders' and a one-row encoder call's).
-MIN_ACTIVATIONS = 256 * MIB
+
 _UNITS = {"": 1, "b": 1, "k": KIB, "kb": KIB, "kib": KIB, "m": MIB, "mb": MIB, "mib": MIB,
           "g": GIB, "gb": GIB, "gib": GIB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
 
@@ -101,19 +97,16 @@ class MemoryPlan:
 
     `budget`: bytes (None: none given); `weights`: every stage's graph bytes; `rows`: rows per call
     of each stage of `PIECE_STAGES` (at most the contract's maximum); `activations`: what the
-    pieces were sized to; `prepack`: whether ONNX Runtime may keep prepacked copies of the weights
-    (faster; off where the budget has no room for them)."""
+    pieces were sized to."""
 
     budget: int | None
     weights: int
     activations: int
     rows: Mapping[str, int]
-    prepack: bool = True
 
     @classmethod
     def make(cls, folder, precision: str = "fp32", budget: int | str | None = None) -> MemoryPlan:
         weights = sum(weight_bytes(folder, precision).values())
-        prepack = True
         if budget is None:
             activations = DEFAULT_ACTIVATIONS
         else:
@@ -124,21 +117,19 @@ class MemoryPlan:
                     f"--max-memory {format_bytes(budget)} cannot fit this model: its weights alone take "
                     f"{format_bytes(weights)}, and the runtime {format_bytes(RESERVE)} more; give at least "
                     f"{format_bytes(need)} (or use the FP16 graphs, --precision fp16)")
-            prepack = need + int(weights * PREPACK_EXTRA) + MIN_ACTIVATIONS <= budget
-            activations = min(DEFAULT_ACTIVATIONS, budget - need - (int(weights * PREPACK_EXTRA) if prepack else 0))
+            activations = min(DEFAULT_ACTIVATIONS, budget - need)
         rows = {}
         for stage in PIECE_STAGES:
             contract = folder.contracts[stage]
             axis = contract.inputs[0].shape[0]
             most = contract.axes[axis][2]
             rows[stage] = int(max(1, min(most, activations // row_bytes(contract))))
-        return cls(budget, weights, activations, rows, prepack)
+        return cls(budget, weights, activations, rows)
 
     def describe(self) -> str:
         budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
         pieces = ", ".join(f"{k} {v} rows" for k, v in self.rows.items())
-        return (f"{budget}: weights {format_bytes(self.weights)}, encoder calls of {pieces}"
-                f"{'' if self.prepack else ', weights not prepacked'}")
+        return f"{budget}: weights {format_bytes(self.weights)}, encoder calls of {pieces}"
 
 
 def in_pieces(call, feed: Mapping[str, object], rows: int) -> dict[str, object]:

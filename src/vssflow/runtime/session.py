@@ -81,8 +81,6 @@ class Session:
             self.backend.close()
             raise
         self.backend.pieces = dict(self.memory.rows)          # the encoders' rows per call
-        if not self.memory.prepack:
-            self.backend.keep_memory()
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
         self.encoders = Encoders()           # each distinct frame / segment encoded once (features.py)
