@@ -32,6 +32,7 @@ import numpy as np
 
 from . import cuda_driver, engines, extras, trt_engine
 from .errors import BackendError, ModelFolderError, VssflowError
+from .memory import in_pieces
 from .model_folder import ModelFolder
 from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, require_graphs, stage_precision
 
@@ -105,6 +106,9 @@ class Backend:
         self._stages: dict[str, object] = {}
         self.precision = "fp32"
         self._fp32: Backend | None = None
+        # Rows per call of the stages whose rows are independent (`memory.MemoryPlan.rows`): a longer
+        # call runs in pieces, the same bits in less memory. Empty: every call whole.
+        self.pieces: dict[str, int] = {}
 
     def _set_precision(self, precision: str | None) -> None:
         """`precision`, or by default fp16 on a GPU where the folder has FP16 graphs and this backend
@@ -139,6 +143,7 @@ class Backend:
             if self._fp32 is None:
                 self._fp32 = self._make_fp32()
                 self._fp32.lock = self.lock
+                self._fp32.pieces = self.pieces
             return self._fp32
 
     def _make_fp32(self) -> Backend:
@@ -164,14 +169,22 @@ class Backend:
                 self._stages[name] = self._load(name)
             return self._stages[name]
 
+    def load(self, stage: str) -> None:
+        """Load `stage` now (a call loads it otherwise): to time or measure the load on its own."""
+        self._stage(stage)
+
     def run_native(self, stage: str, feed: Mapping[str, object]) -> dict[str, object]:
         """`stage` on a feed of numpy arrays or this backend's own; outputs in its own arrays."""
         contract = self.folder.contracts[stage]
         contract.check_feed(feed)
+        names = [s.name for s in contract.outputs]
         with self.lock:
-            out = self._infer(stage, self._stage(stage), {s.name: self.arrays.upload(feed[s.name])
-                                                          for s in contract.inputs})
-        return dict(zip((s.name for s in contract.outputs), out))
+            runner = self._stage(stage)
+            feed = {s.name: self.arrays.upload(feed[s.name]) for s in contract.inputs}
+
+            def call(part):
+                return dict(zip(names, self._infer(stage, runner, part)))
+            return in_pieces(call, feed, self.pieces[stage]) if stage in self.pieces else call(feed)
 
     def run(self, stage: str, feed: Mapping[str, object]) -> dict[str, np.ndarray]:
         """`stage` on a feed (numpy arrays, or this backend's own); numpy outputs by name."""
@@ -215,6 +228,68 @@ class Backend:
         self.close()
 
 
+@dataclasses.dataclass(frozen=True)
+class OrtMemory:
+    """How ONNX Runtime holds memory on the CPU (`python -m vssflow.benchmarks.memory --ort ...`
+    measures each against the default).
+
+    `arena`: "session" (ONNX Runtime's default: a CPU arena per session, each keeping the largest
+    pattern its stage ever ran, grown by doubling), "shared" (one arena for every session, grown as
+    requested: `kSameAsRequested`), "off" (no arena: the allocator's, so a stage's activations go
+    back when its call ends). `mem_pattern`: ONNX Runtime's planned block per input shape (more for
+    every new shape). `prepack`: weights of matrix products also copied in the layout MLAS computes in:
+    off, as measured at full size on a 2-core CPU, it saves 524 MiB of the flow step's 1633 MiB graph and
+    three quarters of its load time (8 s against 32 s) for no measurable cost per call (6.11 s against
+    6.09 s, median of 3)."""
+
+    arena: str = "off"
+    mem_pattern: bool = False
+    prepack: bool = False
+
+    ARENAS = ("session", "shared", "off")
+
+    @classmethod
+    def parse(cls, text: str) -> OrtMemory:
+        """`arena=shared,mem_pattern=on,prepack=off` over the defaults ("" or "default": the defaults;
+        "ort": ONNX Runtime's own defaults)."""
+        if text.strip() == "ort":
+            return cls(arena="session", mem_pattern=True, prepack=True)
+        fields: dict[str, object] = {}
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            if part == "default":
+                continue
+            key, _, value = part.partition("=")
+            if key == "arena" and value in cls.ARENAS:
+                fields[key] = value
+            elif key in ("mem_pattern", "prepack") and value in ("on", "off"):
+                fields[key] = value == "on"
+            else:
+                raise BackendError(f"ONNX Runtime memory setting {part!r}: expected arena=session|shared|off, "
+                                   "mem_pattern=on|off or prepack=on|off")
+        return cls(**fields)
+
+    def describe(self) -> str:
+        return (f"arena={self.arena},mem_pattern={'on' if self.mem_pattern else 'off'},"
+                f"prepack={'on' if self.prepack else 'off'}")
+
+
+_SHARED_ARENA: list[bool] = []          # the process's one shared CPU arena, registered with ONNX Runtime once
+
+
+def _ort_cpu_options(ort, opts, memory: OrtMemory) -> None:
+    """Apply `memory` to SessionOptions `opts` of a session on the CPU provider."""
+    opts.enable_mem_pattern = memory.mem_pattern
+    opts.enable_cpu_mem_arena = memory.arena != "off"
+    if not memory.prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    if memory.arena == "shared":
+        if not _SHARED_ARENA:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
+            _SHARED_ARENA.append(True)
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+
+
 class OrtBackend(Backend):
     """ONNX Runtime with the best provider present: CUDA (device `cuda:N`), then CPU.
 
@@ -233,8 +308,10 @@ class OrtBackend(Backend):
     name = "ort"
     _preloaded = False          # `onnxruntime.preload_dlls()`, once per process
 
-    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None):
+    def __init__(self, folder: ModelFolder, device: str | None = None, precision: str | None = None,
+                 memory: OrtMemory = OrtMemory()):
         super().__init__(folder, device)
+        self.memory = memory
         try:
             ort = extras.onnxruntime()
         except ImportError:
@@ -286,11 +363,16 @@ class OrtBackend(Backend):
                         pass
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
+        if self.providers[0] == "CPUExecutionProvider":
+            _ort_cpu_options(self._ort, opts, self.memory)
         try:
             return self._ort.InferenceSession(str(path), opts, providers=self._provider_options())
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
             reason = " ".join(str(e).split())[:300]
             raise ModelFolderError(f"{path}: ONNX Runtime cannot load it ({reason}); re-export the model") from None
+
+    def _make_fp32(self) -> Backend:
+        return OrtBackend(self.folder, self.device, "fp32", self.memory)
 
     def _cuda_problem(self) -> str | None:
         """Whether a session really gets the CUDA provider (tried on the folder's smallest graph), or

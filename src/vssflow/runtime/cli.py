@@ -113,6 +113,9 @@ def _raise_on_sigterm() -> None:
               help="Where frames are resized and normalised: auto: on the GPU when the backend runs on one "
                    "(torch) and Triton is installed for the kernels, else on the host. Same result either "
                    "way; device without Triton (or on a CPU) runs the kernels' slow reference.")
+@click.option("--max-memory", default=None, metavar="SIZE",
+              help="Memory the run plans for (e.g. 4G, 3500M): the encoders run in pieces that fit what the "
+                   "weights leave; exit 4 where the weights alone do not fit.")
 @click.option("--verify", is_flag=True,
               help="Check the sha256 of every model file (by default only files changed since their last check).")
 @click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -148,7 +151,8 @@ def _raise_on_sigterm() -> None:
 @click.option("--ray-workers", type=click.IntRange(1, None), default=None,
               help="Actors, one Session each (default: one per GPU of the cluster, else 1).")
 def main(videos, model_dir, output, input_audio, transcript, speech_start, speech_end, ref_audio, solver, steps,
-         cfg, seed, noise, backend, device, precision, compile_, preprocess, verify, dump_intermediates, as_json, quiet,
+         cfg, seed, noise, backend, device, precision, compile_, preprocess, max_memory, verify, dump_intermediates,
+         as_json, quiet,
          manifest,
          output_dir, out_format, report, skip_existing, batch, workers, use_ray, ray_address, ray_workers):
     """Generate sound effects and speech for VIDEO and write them to a file; or for many clips
@@ -173,7 +177,7 @@ def main(videos, model_dir, output, input_audio, transcript, speech_start, speec
     """
     ui = _Ui(interactive=sys.stderr.isatty() and not quiet, quiet=quiet, as_json=as_json)
     model = _Model(model_dir, backend, device, preprocess, verify, None if precision == "auto" else precision,
-                   compile_)
+                   compile_, max_memory)
     options = GenerateOptions(transcript, speech_start, speech_end, solver, steps, cfg, seed)
     many = (len(videos) != 1 or any(v.is_dir() for v in videos) or manifest is not None
             or output_dir is not None or report is not None or use_ray or ray_address is not None)
@@ -244,6 +248,7 @@ class _Model:
     verify: bool
     precision: str | None = None        # None: the backend's default (fp16 on a GPU)
     compile: bool = False               # the torch backend's flow step through torch.compile
+    max_memory: str | None = None       # what the run plans for, "4G" (`memory.MemoryPlan`) (`memory.MemoryPlan`)
 
     def path(self, say) -> Path:
         if self.folder is not None:
@@ -255,7 +260,7 @@ class _Model:
     def settings(self) -> dict:
         """The `Session` keywords: here, and for each actor of a `--ray` batch."""
         return dict(backend=self.backend, device=self.device, preprocess=self.preprocess, verify_hashes=self.verify,
-                    precision=self.precision, compile=self.compile)
+                    precision=self.precision, compile=self.compile, max_memory=self.max_memory)
 
     def session(self, say):
         from .session import Session

@@ -17,7 +17,8 @@ computed where the window is prepared, ahead of the model), features kept in a s
 most-recently-used cache per Session. Frames prepared on the GPU (`video.FrameWindow`) are not
 hashed: there only the padding, which is known by position, is shared.
 
-Calls are filled up to the contract's maximum (`N` frames, `S` segments), across windows.
+Calls are filled up to the contract's maximum (`N` frames, `S` segments), across windows; the
+backend runs each in pieces of the rows the memory plan allows (`Backend.pieces`, `memory.py`).
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ from .backends import create_backend
 from .batch import default_batch, generate_many
 from .features import Encoders
 from .inputs import GenerateOptions, Prepared, StreamInfo, frame_windows, frames_device, prepare, speaker_embedding
+from .memory import MemoryPlan
 from .model_folder import ModelFolder
 from .results import AudioStream, Result
 from .timeline import FADE_SAMPLES, HOP_SAMPLES, WINDOW_HOP, audio_length, crossfade_windows, cut_audio, \
@@ -63,13 +64,23 @@ class Session:
     `compile`: the torch backend (chosen by it) with its flow step through `torch.compile`, Inductor's
     cache kept across processes (`runtime/compiled.py`); the seconds a run spent compiling are in its
     timings (`compile`).
+
+    `max_memory`: bytes (or "4G") the run plans for (`memory.MemoryPlan`): the encoders' calls in
+    pieces sized to what the weights leave; MemoryBudgetError (exit 4) where the weights alone do
+    not fit. None: pieces of at most `memory.DEFAULT_ACTIVATIONS`.
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
                  verify_hashes: bool = False, preprocess: str = "auto", precision: str | None = None,
-                 compile: bool = False):
+                 compile: bool = False, max_memory: int | str | None = None):
         self.folder = ModelFolder.open(model_dir, verify_hashes=verify_hashes)
         self.backend = create_backend(self.folder, backend, device, precision, compile)
+        try:
+            self.memory = MemoryPlan.make(self.folder, self.backend.precision, max_memory)
+        except Exception:
+            self.backend.close()
+            raise
+        self.backend.pieces = dict(self.memory.rows)          # the encoders' rows per call
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
         self.encoders = Encoders()           # each distinct frame / segment encoded once (features.py)

@@ -1,0 +1,221 @@
+"""`python -m vssflow.benchmarks.memory`: where the bytes are, stage by stage and end to end.
+
+    python -m vssflow.benchmarks.memory --size full --seconds 10          # FP32 graphs, ONNX Runtime, CPU
+    python -m vssflow.benchmarks.memory --quick                           # tiny model, a 2-second clip
+    python -m vssflow.benchmarks.memory --size full --ort ort             # ONNX Runtime's own defaults
+
+In this process, for each stage in pipeline order (the ort backend on the CPU, with `--ort`'s
+memory settings and `--max-memory`'s encoder pieces): the graph's bytes, the resident memory its
+load adds (weights, and what ONNX Runtime copies of them), and for its largest call as one clip's
+run sends it (a whole window) the resident growth at its peak (activations and arena, sampled
+every millisecond) and what stays after it (the arena kept), with the call's seconds. Then the
+caches' and the prefetch queue's bounds, and, unless `--no-end-to-end`, the peak resident memory
+(`ru_maxrss`) of a `vssflow-run` subprocess on a generated clip, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import click
+
+from vssflow.runtime.memory import format_bytes
+
+# The stages in the order one clip's run calls them.
+STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
+SAMPLE_SECONDS = 0.001
+DEFAULT_OUT = Path("benchmarks") / "results"
+
+
+def rss() -> int:
+    """This process's resident bytes now."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRss:
+    """`with PeakRss() as p: ...`: `p.before`, `p.peak` (sampled every `SAMPLE_SECONDS` on a thread;
+    ONNX Runtime releases the GIL while it runs) and `p.after`, resident bytes."""
+
+    def __enter__(self):
+        self.before = self.peak = rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(SAMPLE_SECONDS):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.after = rss()
+        self.peak = max(self.peak, self.after)
+
+
+def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, whole: bool = False,
+                   stages: tuple[str, ...] = STAGES) -> dict:
+    """Per stage: graph bytes, load growth, the largest call's peak growth and what it keeps."""
+    from vssflow.runtime.backends import OrtBackend, OrtMemory
+    from vssflow.runtime.memory import MemoryPlan, weight_bytes
+    from vssflow.runtime.model_folder import ModelFolder
+    folder = ModelFolder.open(folder)
+    base = rss()
+    memory = OrtMemory.parse(ort_memory)
+    backend = OrtBackend(folder, "cpu", "fp32", memory)
+    plan = MemoryPlan.make(folder, backend.precision, max_memory)
+    backend.pieces = {} if whole else dict(plan.rows)
+    graphs = weight_bytes(folder, backend.precision)
+    measured = {}
+    for stage in stages:
+        contract = folder.contracts[stage]
+        feed = contract.sample("opt")                         # one clip's window: N=100, S=30, T=250, B=1
+        with PeakRss() as load:
+            backend.load(stage)
+        with PeakRss() as call:
+            backend.run(stage, feed)
+        measured[stage] = {
+            "graph_bytes": graphs.get(stage, 0),
+            "load_bytes": load.after - load.before, "load_peak_bytes": load.peak - load.before,
+            "call_peak_bytes": call.peak - call.before, "call_kept_bytes": call.after - call.before,
+            "call_seconds": call.seconds, "load_seconds": load.seconds,
+            "input_shapes": {k: list(v.shape) for k, v in feed.items()},
+            "rows_per_call": backend.pieces.get(stage)}
+    end = rss()
+    backend.close()
+    return {"ort_memory": memory.describe(), "plan": "encoder calls whole" if whole else plan.describe(),
+            "base_bytes": base, "resident_after_bytes": end,
+            "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "stages": measured}
+
+
+def caches_and_queues(folder) -> dict:
+    """The byte bounds of what the runtime keeps besides the model: the feature caches (full) and
+    the frames of one window (the prefetch queue of `generate_many` holds `capacity` of them)."""
+    from vssflow.runtime import contracts as C
+    from vssflow.runtime.features import CLIP_CACHE, SYNCH_CACHE
+    from vssflow.runtime.model_folder import ModelFolder
+    sizes = ModelFolder.open(folder).sizes
+    frame = 3 * sizes.image_size ** 2                           # uint8 pixels of one prepared frame
+    window_frames = (C.CLIP.frames + C.SYNCH.frames) * frame
+    return {"clip_cache_bytes": CLIP_CACHE * sizes.clip_dim * 4,
+            "synch_cache_bytes": SYNCH_CACHE * C.SYNCH_TOKENS * sizes.synch_dim * 4,
+            "window_frames_bytes": window_frames,
+            "prefetch_queue_bytes_per_window": window_frames}
+
+
+def high_water(pid: int) -> int:
+    """The peak resident bytes of process `pid` so far (`VmHWM`), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None = None) -> dict:
+    """Peak resident memory of `vssflow-run` on a generated clip (ONNX Runtime, CPU): the child's
+    `VmHWM` (what `/usr/bin/time -v` reports as its maximum resident set), read until it ends."""
+    from .media import make_video
+    video = work / "clip.mp4"
+    make_video(video, seconds, 25, (320, 240))
+    cmd = [sys.executable, "-m", "vssflow.runtime.cli", str(video), "--model", str(folder), "--backend", "ort",
+           "--device", "cpu", "--precision", "fp32", "-o", str(work / "out.wav"), "-q"]
+    if max_memory is not None:
+        cmd += ["--max-memory", str(max_memory)]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    peak = 0
+    while proc.poll() is None:          # the child's own high-water mark (a fork's ru_maxrss starts at ours)
+        peak = max(peak, high_water(proc.pid))
+        time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace").strip()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise click.ClickException(f"vssflow-run exited {proc.returncode}: {err.splitlines()[-1] if err else ''}")
+    shown = ["vssflow-run" if c == "vssflow.runtime.cli" else c for c in cmd[2:]]
+    return {"command": " ".join(shown), "seconds": seconds, "peak_bytes": peak, "wall_seconds": wall}
+
+
+def table(report: dict) -> str:
+    s = report["stages"]
+    lines = [f"# Memory: {report['model']} ({report['ort_memory']}; {report['plan']})", "",
+             "| stage | graph | load adds | largest call: peak adds | kept after | call s | rows/call |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, r in s.items():
+        lines.append(f"| {name} | {format_bytes(r['graph_bytes'])} | {format_bytes(r['load_bytes'])} | "
+                     f"{format_bytes(r['call_peak_bytes'])} | {format_bytes(r['call_kept_bytes'])} | "
+                     f"{r['call_seconds']:.2f} | {r['rows_per_call'] or ''} |")
+    lines += ["", f"- before any stage: {format_bytes(report['base_bytes'])} resident; after every stage: "
+              f"{format_bytes(report['resident_after_bytes'])}; this process's peak: "
+              f"{format_bytes(report['process_peak_bytes'])}"]
+    c = report["caches"]
+    lines.append(f"- caches at most: CLIP features {format_bytes(c['clip_cache_bytes'])}, Synchformer features "
+                 f"{format_bytes(c['synch_cache_bytes'])}; frames of one window "
+                 f"{format_bytes(c['window_frames_bytes'])} (the batch prefetch queue holds `capacity` of them)")
+    e = report.get("end_to_end")
+    if e:
+        lines.append(f"- end to end, `{e['command']}` on a {e['seconds']:g}-second clip: peak "
+                     f"**{format_bytes(e['peak_bytes'])}** resident ({e['peak_bytes'] // 1024} kB), "
+                     f"{e['wall_seconds']:.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", type=click.Path(file_okay=False, exists=True, path_type=Path), default=None,
+              help="Exported model folder. Default: random weights of --size.")
+@click.option("--size", type=click.Choice(["tiny", "small", "full"]), default="small", show_default=True,
+              help="Random-weight model in the authors' layout, exported once into $VSSFLOW_HOME/bench-models.")
+@click.option("--seconds", type=float, default=10.0, show_default=True, help="Length of the end-to-end clip.")
+@click.option("--ort", "ort_memory", default="", help="ONNX Runtime memory settings over ours, e.g. "
+              "arena=shared,mem_pattern=on,prepack=off; 'ort': ONNX Runtime's own defaults.")
+@click.option("--max-memory", default=None, help="Budget the encoder pieces are planned for (as vssflow-run's).")
+@click.option("--whole", is_flag=True, help="Encoder calls whole (no pieces), as before #22 (in this process).")
+@click.option("--no-end-to-end", is_flag=True, help="Skip the vssflow-run subprocess.")
+@click.option("--quick", is_flag=True, help="Tiny model and a 2-second clip (for tests).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help=f"Write <name>.json and .md there (e.g. {DEFAULT_OUT}).")
+@click.option("--name", default=None, help="File name stem [memory-cpu-<size or folder>].")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout instead of the table.")
+def main(model, size, seconds, ort_memory, max_memory, whole, no_end_to_end, quick, out, name, as_json):
+    """Where vssflow's memory goes: weights, activations and arena per stage, caches, end to end."""
+    from vssflow.runtime.errors import VssflowError
+
+    from .models import model_folder
+    if quick:
+        size, seconds = "tiny", 2.0
+    folder = model or model_folder(size, progress=lambda m: click.echo(m, err=True))
+    try:
+        report = {"model": str(model) if model else f"{size} (random weights)",
+                  **measure_stages(folder, ort_memory, max_memory, whole), "caches": caches_and_queues(folder)}
+        if not no_end_to_end:
+            with tempfile.TemporaryDirectory(prefix="vssflow-memory-") as tmp:
+                report["end_to_end"] = end_to_end(Path(folder), seconds, Path(tmp), max_memory)
+    except VssflowError as e:
+        raise click.ClickException(str(e)) from None
+    text = table(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        stem = name or f"memory-cpu-{model.name if model else size}"
+        (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+        (out / f"{stem}.md").write_text(text)
+    click.echo(json.dumps(report, indent=1) if as_json else text)
+
+
+if __name__ == "__main__":
+    main()

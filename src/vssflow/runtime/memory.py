@@ -1,0 +1,146 @@
+"""Memory: what a model folder's stages need, and the plan the runtime keeps to (`--max-memory`).
+
+Where the bytes go (measured by `python -m vssflow.benchmarks.memory`; full size, FP32 graphs, ONNX
+Runtime on a CPU: `benchmarks/results/memory-cpu-full.md`): the weights of every stage, loaded once
+and kept; and the activations of the call in flight, of which the encoders' grow with their batch:
+CLIP encodes each frame on its own and Synchformer each 16-frame segment on its own, so a call of
+N rows holds N rows' activations (30 segments of Synchformer at once are several GiB).
+
+So the encoders run in pieces along their batch axis (`rows`), which is exact: the rows are
+independent, and each row's arithmetic is the same in any piece (tested bit for bit). A piece's
+size comes from the budget left after the weights, divided by the bytes one row's activations take,
+estimated from the contract's input shape (`row_bytes`: `ACTIVATIONS_PER_INPUT` times the bytes of
+one row's input, measured on both encoders: a ViT's tokens, and so its activations, scale with its
+pixels).
+
+`MemoryPlan.make(folder, precision, budget)`: the weights alone must fit `budget`, with `RESERVE`
+for the interpreter, libraries and one window's frames; else `MemoryBudgetError` (exit 4).
+Without a budget the encoders still run in pieces of at most `DEFAULT_ACTIVATIONS`' worth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from .errors import BackendError, VssflowInputError
+from .precision import graph_name
+
+KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
+# Stages whose calls are cut into pieces along their first (batch) axis: their rows are independent.
+PIECE_STAGES = ("clip_encoder", "synch_encoder")
+# Activation bytes per byte of one row's input, measured at full size on ONNX Runtime's CPU provider
+# (`python -m vssflow.benchmarks.memory --size full --ort ort --whole`: CLIP 12.4x, Synchformer 13.7x; rounded up).
+ACTIVATIONS_PER_INPUT = 14
+# The interpreter, numpy, ONNX Runtime's libraries, one window's frames (~70 MB) and the rest of a run
+# that is not the model: measured ~0.5 GiB resident before any stage loads.
+RESERVE = 640 * MIB
+# The activations an encoder call may take when no budget is given.
+DEFAULT_ACTIVATIONS = 1 * GIB
+
+_UNITS = {"": 1, "b": 1, "k": KIB, "kb": KIB, "kib": KIB, "m": MIB, "mb": MIB, "mib": MIB,
+          "g": GIB, "gb": GIB, "gib": GIB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
+
+
+class MemoryBudgetError(BackendError):
+    """A memory budget the model cannot keep to (exit 4, as any backend that cannot run the model)."""
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from `4G`, `4GiB`, `3500M`, `512MiB` or a plain number of bytes (units are powers of 1024)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise VssflowInputError(f"memory budget {text!r}: expected a size such as 4G, 3500M or 4GiB")
+        value = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if value <= 0:
+        raise VssflowInputError(f"memory budget {text!r}: must be more than 0 bytes")
+    return value
+
+
+def format_bytes(n: float) -> str:
+    """`3.42 GiB`, `512 MiB`, `96 KiB`."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", KIB)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}" if unit == "GiB" else f"{n / size:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def weight_bytes(folder, precision: str = "fp32") -> dict[str, int]:
+    """The bytes of each stage's graph (its weights, nearly all of it) as the backend loads it."""
+    from .precision import stage_precision
+    files = folder.manifest["files"]
+    out = {}
+    for stage in folder.contracts:
+        name = graph_name(stage, stage_precision(folder.manifest, stage, precision))
+        if name in files:
+            out[stage] = int(files[name]["bytes"])
+    return out
+
+
+def row_bytes(contract) -> int:
+    """Estimated activation bytes of one row (one frame, one segment) of an encoder call: its input's
+    bytes per row times `ACTIVATIONS_PER_INPUT`."""
+    spec = contract.inputs[0]
+    per_row = int(np.prod([d for d in spec.shape[1:]], dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+    return per_row * ACTIVATIONS_PER_INPUT
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How the runtime keeps to a budget: the rows per call of each piecewise stage.
+
+    `budget`: bytes (None: none given); `weights`: every stage's graph bytes; `rows`: rows per call
+    of each stage of `PIECE_STAGES` (at most the contract's maximum); `activations`: what the
+    pieces were sized to."""
+
+    budget: int | None
+    weights: int
+    activations: int
+    rows: Mapping[str, int]
+
+    @classmethod
+    def make(cls, folder, precision: str = "fp32", budget: int | str | None = None) -> MemoryPlan:
+        weights = sum(weight_bytes(folder, precision).values())
+        if budget is None:
+            activations = DEFAULT_ACTIVATIONS
+        else:
+            budget = parse_memory(budget)
+            need = weights + RESERVE
+            if need > budget:
+                raise MemoryBudgetError(
+                    f"--max-memory {format_bytes(budget)} cannot fit this model: its weights alone take "
+                    f"{format_bytes(weights)}, and the runtime {format_bytes(RESERVE)} more; give at least "
+                    f"{format_bytes(need)} (or use the FP16 graphs, --precision fp16)")
+            activations = min(DEFAULT_ACTIVATIONS, budget - need)
+        rows = {}
+        for stage in PIECE_STAGES:
+            contract = folder.contracts[stage]
+            axis = contract.inputs[0].shape[0]
+            most = contract.axes[axis][2]
+            rows[stage] = int(max(1, min(most, activations // row_bytes(contract))))
+        return cls(budget, weights, activations, rows)
+
+    def describe(self) -> str:
+        budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
+        pieces = ", ".join(f"{k} {v} rows" for k, v in self.rows.items())
+        return f"{budget}: weights {format_bytes(self.weights)}, encoder calls of {pieces}"
+
+
+def in_pieces(call, feed: Mapping[str, object], rows: int) -> dict[str, object]:
+    """`call(feed)` on pieces of at most `rows` along the first axis of every input, the outputs
+    concatenated along their first axis (numpy or torch): for stages whose rows are independent."""
+    n = len(next(iter(feed.values())))
+    if n <= rows:
+        return call(feed)
+    parts = [call({k: v[a:a + rows] for k, v in feed.items()}) for a in range(0, n, rows)]
+    first = next(iter(parts[0].values()))
+    if isinstance(first, np.ndarray):
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    import torch
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -1,0 +1,34 @@
+"""`python -m vssflow.benchmarks.memory`: the per-stage report's keys and its table, on the tiny model."""
+
+import os
+
+from vssflow.benchmarks.memory import PeakRss, caches_and_queues, high_water, measure_stages, table
+
+KEYS = {"graph_bytes", "load_bytes", "load_peak_bytes", "call_peak_bytes", "call_kept_bytes", "call_seconds",
+        "load_seconds", "input_shapes", "rows_per_call"}
+
+
+def test_stage_report_keys_and_table(tiny_model):
+    report = measure_stages(tiny_model, "", "700M", stages=("clip_encoder", "condition", "flow_step"))
+    assert set(report["stages"]) == {"clip_encoder", "condition", "flow_step"}
+    for name, r in report["stages"].items():
+        assert set(r) == KEYS, name
+        assert r["graph_bytes"] > 0 and r["call_peak_bytes"] >= r["call_kept_bytes"] - (1 << 20)
+    assert report["stages"]["clip_encoder"]["input_shapes"] == {"frames": [100, 3, 224, 224]}
+    assert 1 <= report["stages"]["clip_encoder"]["rows_per_call"] <= 100
+    assert report["stages"]["flow_step"]["rows_per_call"] is None
+    assert report["ort_memory"] == "arena=off,mem_pattern=off,prepack=off"          # our defaults
+    report.update(model="tiny", caches=caches_and_queues(tiny_model),
+                  end_to_end={"command": "vssflow-run clip.mp4", "seconds": 2.0, "peak_bytes": 1 << 30,
+                              "wall_seconds": 1.0})
+    text = table(report)
+    assert "| clip_encoder |" in text and "**1.00 GiB**" in text and "CLIP features" in text
+
+
+def test_peak_rss_sees_an_allocation():
+    import numpy as np
+    with PeakRss() as p:
+        a = np.ones(64 << 20, np.uint8)          # 64 MiB, touched
+        del a
+    assert p.peak - p.before >= 48 << 20 and p.seconds > 0
+    assert high_water(os.getpid()) >= p.peak

@@ -1,0 +1,110 @@
+"""The memory plan (`runtime/memory.py`): budgets, encoder pieces (the same bits), `--max-memory`."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from vssflow.runtime import cli
+from vssflow.runtime.backends import OrtBackend, OrtMemory
+from vssflow.runtime.errors import BackendError, VssflowInputError
+from vssflow.runtime.memory import (DEFAULT_ACTIVATIONS, GIB, MIB, PIECE_STAGES, RESERVE, MemoryBudgetError,
+                                    MemoryPlan, in_pieces, parse_memory, row_bytes, weight_bytes)
+from vssflow.runtime.model_folder import ModelFolder
+
+
+@pytest.mark.parametrize("text, n", [("4G", 4 * GIB), ("4GiB", 4 * GIB), ("3500M", 3500 * MIB), ("1.5g", 3 * GIB // 2),
+                                     ("4096", 4096), (123, 123)])
+def test_parse_memory(text, n):
+    assert parse_memory(text) == n
+
+
+@pytest.mark.parametrize("text", ["four", "4X", "-1G", "0"])
+def test_parse_memory_refuses_what_is_not_a_size(text):
+    with pytest.raises(VssflowInputError) as e:
+        parse_memory(text)
+    assert e.value.exit_code == 2
+
+
+def test_plan_pieces_follow_the_budget(tiny_model):
+    folder = ModelFolder.open(tiny_model)
+    weights = sum(weight_bytes(folder).values())
+    assert weights == sum(folder.manifest["files"][f"{s}.onnx"]["bytes"] for s in folder.contracts)
+    free = MemoryPlan.make(folder)
+    most = {s: folder.contracts[s].axes[folder.contracts[s].inputs[0].shape[0]][2] for s in PIECE_STAGES}
+    assert free.rows == {s: min(most[s], DEFAULT_ACTIVATIONS // row_bytes(folder.contracts[s])) for s in PIECE_STAGES}
+    synch_row = row_bytes(folder.contracts["synch_encoder"])
+    tight = MemoryPlan.make(folder, budget=weights + RESERVE + 3 * synch_row)
+    assert tight.rows["synch_encoder"] == 3 and 1 <= tight.rows["clip_encoder"] <= 100
+    assert MemoryPlan.make(folder, budget=weights + RESERVE).rows == {s: 1 for s in PIECE_STAGES}
+
+
+def test_plan_refuses_a_budget_the_weights_do_not_fit(tiny_model):
+    folder = ModelFolder.open(tiny_model)
+    with pytest.raises(MemoryBudgetError) as e:
+        MemoryPlan.make(folder, budget="1M")
+    assert e.value.exit_code == 4 and "weights alone" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_in_pieces_concatenates_along_the_first_axis():
+    calls = []
+
+    def call(feed):
+        calls.append(len(feed["x"]))
+        return {"y": feed["x"] * 2}
+    x = np.arange(10.0)
+    assert np.array_equal(in_pieces(call, {"x": x}, 4)["y"], x * 2) and calls == [4, 4, 2]
+    assert in_pieces(call, {"x": x}, 10)["y"].shape == (10,) and calls[-1] == 10
+
+
+@pytest.mark.parametrize("stage, rows, pieces", [("clip_encoder", 10, 3), ("synch_encoder", 5, 2)])
+def test_encoder_pieces_give_the_same_bits(tiny_model, stage, rows, pieces):
+    folder = ModelFolder.open(tiny_model)
+    backend = OrtBackend(folder, "cpu", "fp32")
+    feed = folder.contracts[stage].sample("opt", seed=1, N=rows, S=rows)
+    whole = backend.run(stage, feed)["features"]
+    backend.pieces = {stage: pieces}
+    assert np.array_equal(backend.run(stage, feed)["features"], whole)
+    backend.close()
+
+
+@pytest.mark.parametrize("setting", ["", "ort", "arena=shared", "arena=session,mem_pattern=on,prepack=off"])
+def test_ort_memory_settings_give_the_same_bits(tiny_model, setting):
+    folder = ModelFolder.open(tiny_model)
+    feed = folder.contracts["vae_decoder"].sample("opt", seed=2, T=50)
+    with OrtBackend(folder, "cpu", "fp32") as ref, OrtBackend(folder, "cpu", "fp32", OrtMemory.parse(setting)) as b:
+        assert np.array_equal(b.run("vae_decoder", feed)["mel"], ref.run("vae_decoder", feed)["mel"])
+
+
+def test_ort_memory_parse():
+    assert OrtMemory.parse("") == OrtMemory()
+    assert OrtMemory.parse("ort") == OrtMemory(arena="session", mem_pattern=True, prepack=True)
+    assert OrtMemory.parse("arena=shared,prepack=on") == OrtMemory(arena="shared", prepack=True)
+    with pytest.raises(BackendError):
+        OrtMemory.parse("arena=big")
+
+
+def test_cli_max_memory_too_small_is_one_line_and_exit_4(tiny_model, clip4, tmp_path):
+    r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(tmp_path / "o.wav"),
+                                      "--backend", "ort", "--max-memory", "1M", "-q"])
+    assert r.exit_code == 4, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "--max-memory 1 MiB cannot fit this model" in lines[0]
+    assert not (tmp_path / "o.wav").exists()
+
+
+def test_cli_max_memory_not_a_size_is_exit_2(tiny_model, clip4, tmp_path):
+    r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(tmp_path / "o.wav"),
+                                      "--backend", "ort", "--max-memory", "lots", "-q"])
+    assert r.exit_code == 2 and "expected a size" in r.output
+
+
+def test_session_plans_for_max_memory(tiny_model):
+    from vssflow.runtime.session import Session
+    folder = ModelFolder.open(tiny_model)
+    weights = sum(weight_bytes(folder).values())
+    synch_row = row_bytes(folder.contracts["synch_encoder"])
+    with Session(tiny_model, backend="ort", device="cpu", max_memory=weights + RESERVE + 2 * synch_row) as s:
+        assert s.memory.budget == weights + RESERVE + 2 * synch_row
+        assert s.backend.pieces == dict(s.memory.rows) and s.backend.pieces["synch_encoder"] == 2
+    with Session(tiny_model, backend="ort", device="cpu") as s:
+        assert s.memory.budget is None and s.backend.pieces == dict(MemoryPlan.make(folder).rows)
