@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up .venv with everything the tests need (CPU only) and runs them. Extra arguments go to pytest.
-# VSSFLOW_TEST_BUDGET (seconds, default 4200): past it pytest is interrupted and still prints its
+# VSSFLOW_TEST_BUDGET (seconds, default 4500): past it pytest is interrupted and still prints its
 # summary and slowest tests, so a run that would outlast CI's limit says where its time went.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,13 +35,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLI
 set +e
 # Two workers, each taking whole files (a file's fixtures and order stay as they are): many tests
 # wait on a child process (an export, a vssflow-run), and the other worker uses that core meanwhile.
-timeout --signal=INT --kill-after=120 "${VSSFLOW_TEST_BUDGET:-4200}" \
+timeout --signal=INT --kill-after=120 "${VSSFLOW_TEST_BUDGET:-4500}" \
   pytest -q -p no:cacheprovider -n "${VSSFLOW_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 machine "after tests"
 case "$rc" in
   5) echo "pytest collected no tests: treated as a failure, a test run must test something" >&2; exit 1 ;;
-  124|137) echo "the tests outlasted VSSFLOW_TEST_BUDGET=${VSSFLOW_TEST_BUDGET:-4200} s (slowest above)" >&2; exit 1 ;;
+  124|137) echo "the tests outlasted VSSFLOW_TEST_BUDGET=${VSSFLOW_TEST_BUDGET:-4500} s (slowest above)" >&2; exit 1 ;;
 esac
 exit "$rc"
