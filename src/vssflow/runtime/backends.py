@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -62,6 +62,10 @@ class Arrays:
         """`[1]` float32, as `flow_step` takes `t` and `cfg`."""
         return np.array([value], np.float32)
 
+    def concat(self, parts: Sequence[object]) -> object:
+        """`parts` joined along their first axis."""
+        return np.concatenate(parts)
+
 
 class TorchArrays(Arrays):
     """PyTorch tensors on one device (the GPU backends' buffers, the torch backend's inputs)."""
@@ -79,6 +83,9 @@ class TorchArrays(Arrays):
 
     def scalar(self, value: float):
         return self.torch.full((1,), value, dtype=self.torch.float32, device=self.device)
+
+    def concat(self, parts):
+        return self.torch.cat(list(parts))
 
 
 class Backend:
@@ -184,7 +191,8 @@ class Backend:
 
             def call(part):
                 return dict(zip(names, self._infer(stage, runner, part)))
-            return in_pieces(call, feed, self.pieces[stage]) if stage in self.pieces else call(feed)
+            return (in_pieces(call, feed, self.pieces[stage], self.arrays.concat) if stage in self.pieces
+                    else call(feed))
 
     def run(self, stage: str, feed: Mapping[str, object]) -> dict[str, np.ndarray]:
         """`stage` on a feed (numpy arrays, or this backend's own); numpy outputs by name."""

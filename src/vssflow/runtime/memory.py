@@ -27,7 +27,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from .errors import BackendError, VssflowInputError
-from .precision import graph_name
+from .precision import graph_name, stage_precision
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 # Stages whose calls are cut into pieces along their first (batch) axis: their rows are independent.
@@ -73,7 +73,6 @@ def format_bytes(n: float) -> str:
 
 def weight_bytes(folder, precision: str = "fp32") -> dict[str, int]:
     """The bytes of each stage's graph (its weights, nearly all of it) as the backend loads it."""
-    from .precision import stage_precision
     files = folder.manifest["files"]
     out = {}
     for stage in folder.contracts:
@@ -87,7 +86,7 @@ def row_bytes(contract) -> int:
     """Estimated activation bytes of one row (one frame, one segment) of an encoder call: its input's
     bytes per row times `ACTIVATIONS_PER_INPUT`."""
     spec = contract.inputs[0]
-    per_row = int(np.prod([d for d in spec.shape[1:]], dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+    per_row = int(np.prod(spec.shape[1:], dtype=np.int64)) * np.dtype(spec.dtype).itemsize
     return per_row * ACTIVATIONS_PER_INPUT
 
 
@@ -132,15 +131,12 @@ class MemoryPlan:
         return f"{budget}: weights {format_bytes(self.weights)}, encoder calls of {pieces}"
 
 
-def in_pieces(call, feed: Mapping[str, object], rows: int) -> dict[str, object]:
+def in_pieces(call, feed: Mapping[str, object], rows: int, concat=np.concatenate) -> dict[str, object]:
     """`call(feed)` on pieces of at most `rows` along the first axis of every input, the outputs
-    concatenated along their first axis (numpy or torch): for stages whose rows are independent."""
+    joined along their first axis by `concat` (the backend's `Arrays.concat`): for stages whose
+    rows are independent."""
     n = len(next(iter(feed.values())))
     if n <= rows:
         return call(feed)
     parts = [call({k: v[a:a + rows] for k, v in feed.items()}) for a in range(0, n, rows)]
-    first = next(iter(parts[0].values()))
-    if isinstance(first, np.ndarray):
-        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    import torch
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    return {k: concat([p[k] for p in parts]) for k in parts[0]}
