@@ -248,7 +248,7 @@ class _Model:
     verify: bool
     precision: str | None = None        # None: the backend's default (fp16 on a GPU)
     compile: bool = False               # the torch backend's flow step through torch.compile
-    max_memory: str | None = None       # what the run plans for, "4G" (`memory.MemoryPlan`) (`memory.MemoryPlan`)
+    max_memory: str | None = None       # what the run plans for, "4G" (`memory.MemoryPlan`)
 
     def path(self, say) -> Path:
         if self.folder is not None:
@@ -265,13 +265,18 @@ class _Model:
     def session(self, say):
         from .session import Session
         session = Session(self.path(say), **self.settings())
-        for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
-            say(f"backend auto: {reason}")
-        for note in session.backend.notes:                  # e.g. ONNX Runtime's CUDA provider did not load
-            say(f"backend {session.backend.name}: {note}")
-        if session.folder.is_demo:
-            say("DEMO MODEL: random weights; the sound it makes is noise")
+        announce(session, say)
         return session
+
+
+def announce(session, say) -> None:
+    """What a Session just loaded says before it runs (vssflow-run's lines, vssflow-serve's log)."""
+    for reason in session.backend.passed_over:          # --backend auto: what it could not use, and why
+        say(f"backend auto: {reason}")
+    for note in session.backend.notes:                  # e.g. ONNX Runtime's CUDA provider did not load
+        say(f"backend {session.backend.name}: {note}")
+    if session.folder.is_demo:
+        say("DEMO MODEL: random weights; the sound it makes is noise")
 
 
 def _run(video: Path, model: _Model, options: GenerateOptions, ui: _Ui, *, output, ref_audio, noise,

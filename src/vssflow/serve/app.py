@@ -31,7 +31,7 @@ from starlette.routing import Route
 from vssflow.runtime.errors import VssflowError, VssflowInputError, describe, http_status
 from vssflow.runtime.output import plan_output, write_output
 
-from .form import Job, RequestError, read_job
+from .form import Job, RequestError, megabytes, read_job
 
 log = logging.getLogger("vssflow.serve")
 RETRY_AFTER_SECONDS = 5                  # a 503's hint: about one short clip's turn
@@ -100,7 +100,7 @@ class _Service:
             length = request.headers.get("content-length")
             if length is not None and length.isdigit() and int(length) > self.limits.max_upload_bytes:
                 raise RequestError(f"the upload ({int(length) / 2**20:.1f} MB) is larger than this server's "
-                                   f"limit of {self.limits.max_upload_bytes / 2**20:g} MB", 413)
+                                   f"limit of {megabytes(self.limits.max_upload_bytes)}", 413)
             if self.in_flight >= self.limits.max_concurrent:
                 raise Busy(f"the server is busy ({self.in_flight} requests in flight, at most "
                            f"{self.limits.max_concurrent}): try again later")

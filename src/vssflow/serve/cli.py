@@ -83,15 +83,10 @@ def _read_token(path: Path) -> bytes:
 
 
 def _session(model_dir: Path, backend: str, device: str | None, precision: str | None):
+    from vssflow.runtime.cli import announce
     from vssflow.runtime.session import Session
     session = Session(model_dir, backend=backend, device=device, precision=precision)
-    say = logging.getLogger("vssflow.serve").info
-    for reason in session.backend.passed_over:
-        say(f"backend auto: {reason}")
-    for note in session.backend.notes:
-        say(f"backend {session.backend.name}: {note}")
-    if session.folder.is_demo:
-        say("DEMO MODEL: random weights; the sound it makes is noise")
+    announce(session, logging.getLogger("vssflow.serve").info)
     return session
 
 

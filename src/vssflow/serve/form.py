@@ -96,7 +96,7 @@ async def read_form(stream: AsyncIterator[bytes], content_type: str, folder: Pat
         async for chunk in stream:
             received += len(chunk)
             if received > max_bytes:
-                raise RequestError(f"the upload is larger than this server's limit of {_mb(max_bytes)}", 413)
+                raise RequestError(f"the upload is larger than this server's limit of {megabytes(max_bytes)}", 413)
             parser.write(chunk)
         parser.finalize()
     except MultipartParseError as e:
@@ -108,7 +108,8 @@ async def read_form(stream: AsyncIterator[bytes], content_type: str, folder: Pat
     return parts.form
 
 
-def _mb(n: int) -> str:
+def megabytes(n: int) -> str:
+    """An upload size as the server's limits are given (--max-upload-mb): `1 MB`, `2.5 MB`."""
     return f"{n / 2**20:g} MB"
 
 
