@@ -22,6 +22,7 @@ from pathlib import Path
 import click
 
 from .media import make_video
+from .timing import status_kib
 
 
 def _tree_rss_mb(root: int) -> float:
@@ -36,11 +37,7 @@ def _tree_rss_mb(root: int) -> float:
     while todo:
         pid = todo.pop()
         todo += kids.get(pid, [])
-        try:
-            total += next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                          if line.startswith("VmRSS:"))
-        except (OSError, StopIteration):
-            pass
+        total += status_kib("VmRSS", pid) or 0
     return total / 1024
 
 

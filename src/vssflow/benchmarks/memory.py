@@ -29,6 +29,8 @@ import click
 
 from vssflow.runtime.memory import format_bytes
 
+from .timing import status_kib
+
 # The stages in the order one clip's run calls them.
 STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
 SAMPLE_SECONDS = 0.001
@@ -117,14 +119,7 @@ def caches_and_queues(folder) -> dict:
 
 def high_water(pid: int) -> int:
     """The peak resident bytes of process `pid` so far (`VmHWM`), 0 once it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return (status_kib("VmHWM", pid) or 0) * 1024
 
 
 def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None = None) -> dict:

@@ -116,9 +116,11 @@ class CallTimer:
 
 # --- memory ---------------------------------------------------------------------------------------
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str, pid: int | str = "self") -> int | None:
+    """A KiB field of `/proc/PID/status` (`VmRSS`, `VmHWM`); None where there is none (the process
+    gone, not Linux)."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -128,7 +130,7 @@ def _status_kib(field: str) -> int | None:
 
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process: `VmHWM` (resettable), else `ru_maxrss`."""
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     if hwm is not None:
         return hwm * 1024
     scale = 1 if sys.platform == "darwin" else 1024          # bytes on macOS, KiB elsewhere
