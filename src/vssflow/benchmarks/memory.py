@@ -29,7 +29,7 @@ import click
 
 from vssflow.runtime.memory import format_bytes
 
-from .timing import status_kib
+from .timing import peak_rss_bytes, reset_peak_rss, status_kib
 
 # The stages in the order one clip's run calls them.
 STAGES = ("clip_encoder", "synch_encoder", "speaker_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
@@ -44,27 +44,34 @@ def rss() -> int:
 
 
 class PeakRss:
-    """`with PeakRss() as p: ...`: `p.before`, `p.peak` (sampled every `SAMPLE_SECONDS` on a thread;
-    ONNX Runtime releases the GIL while it runs) and `p.after`, resident bytes."""
+    """`with PeakRss() as p: ...`: `p.before`, `p.peak` and `p.after`, resident bytes. The peak is
+    the kernel's own high-water mark where Linux lets it be restarted at `__enter__` (`p.exact`),
+    and otherwise what a thread sampled every `SAMPLE_SECONDS` (ONNX Runtime releases the GIL while
+    it runs; a short spike between two samples can be missed); `p.sample()` takes a reading now."""
 
     def __enter__(self):
         self.before = self.peak = rss()
+        self.exact = reset_peak_rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         self._t0 = time.perf_counter()
         return self
 
+    def sample(self) -> int:
+        self.peak = max(self.peak, rss())
+        return self.peak
+
     def _sample(self):
         while not self._stop.wait(SAMPLE_SECONDS):
-            self.peak = max(self.peak, rss())
+            self.sample()
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self._t0
         self._stop.set()
         self._thread.join()
         self.after = rss()
-        self.peak = max(self.peak, self.after)
+        self.peak = max(self.sample(), peak_rss_bytes() if self.exact else 0)
 
 
 def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, whole: bool = False,
