@@ -37,3 +37,24 @@ def test_peak_rss_sees_an_allocation():
     assert p.peak - p.before >= 48 << 20 and p.seconds > 0
     # Two readings of the kernel's per-thread RSS counters, which lag by a few pages (seen: 20 KiB).
     assert high_water(os.getpid()) >= p.peak - (1 << 20)
+
+
+def test_the_authors_way_per_stage_and_the_fp16_graphs(tiny_model, tmp_path):
+    """The authors' way measured stage by stage in a process of its own, beside ours on the FP16 graphs."""
+    from vssflow.benchmarks.memory import THEIR_STAGES, measure_theirs
+    theirs = measure_theirs(tiny_model, tmp_path)
+    assert set(theirs["stages"]) == set(THEIR_STAGES) and theirs["load_bytes"] > 0
+    for r in theirs["stages"].values():
+        assert r["resident_peak_bytes"] >= theirs["base_bytes"] and r["call_peak_bytes"] >= 0 and r["call_seconds"] > 0
+    report = measure_stages(tiny_model, "", None, stages=("condition", "flow_step"), precision="fp16")
+    assert report["precision"] == "fp16"
+    report.update(model="tiny", caches=caches_and_queues(tiny_model), theirs=theirs)
+    text = table(report)
+    assert "FP16 graphs" in text and "the authors' way (eager torch FP32" in text
+    flow = next(line for line in text.splitlines() if line.startswith("| flow_step |"))
+    assert flow.count("|") == 10 and "| - | - |" not in flow            # the authors' figures beside ours
+
+
+def test_without_weights_the_authors_way_is_skipped_with_its_reason(tmp_path):
+    from vssflow.benchmarks.memory import measure_theirs
+    assert "weights.pt" in measure_theirs(tmp_path, tmp_path)["skipped"]

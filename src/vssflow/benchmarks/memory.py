@@ -3,14 +3,18 @@
     python -m vssflow.benchmarks.memory --size full --seconds 10          # FP32 graphs, ONNX Runtime, CPU
     python -m vssflow.benchmarks.memory --quick                           # tiny model, a 2-second clip
     python -m vssflow.benchmarks.memory --size full --ort ort             # ONNX Runtime's own defaults
+    python -m vssflow.benchmarks.memory --size full --precision fp16      # the FP16 graphs
 
 In this process, for each stage in pipeline order (the ort backend on the CPU, with `--ort`'s
-memory settings and `--max-memory`'s encoder pieces): the graph's bytes, the resident memory its
-load adds (weights, and what ONNX Runtime copies of them), and for its largest call as one clip's
-run sends it (a whole window) the resident growth at its peak (activations and arena, sampled
-every millisecond) and what stays after it (the arena kept), with the call's seconds. Then the
+memory settings, `--max-memory`'s encoder pieces and `--precision`'s graphs): the graph's bytes,
+the resident memory its load adds (weights, and what ONNX Runtime copies of them), and for its
+largest call as one clip's run sends it (a whole window) the resident growth at its peak
+(activations and arena: the kernel's high-water mark, restarted before the call) and what stays
+after it (the arena kept), with the call's seconds. Beside it, unless `--no-theirs`, the authors'
+way (eager torch FP32) on the same window in a process of its own, stage by stage. Then the
 caches' and the prefetch queue's bounds, and, unless `--no-end-to-end`, the peak resident memory
-(`ru_maxrss`) of a `vssflow-run` subprocess on a generated clip, as a user runs it.
+(`VmHWM`, as `/usr/bin/time -v` reports it) of a `vssflow-run` subprocess on a generated clip, as
+a user runs it.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ class PeakRss:
 
 
 def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, whole: bool = False,
-                   stages: tuple[str, ...] = STAGES) -> dict:
+                   stages: tuple[str, ...] = STAGES, precision: str = "fp32") -> dict:
     """Per stage: graph bytes, load growth, the largest call's peak growth and what it keeps."""
     from vssflow.runtime.backends import OrtBackend, OrtMemory
     from vssflow.runtime.memory import MemoryPlan, weight_bytes
@@ -83,7 +87,7 @@ def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, 
     folder = ModelFolder.open(folder)
     base = rss()
     memory = OrtMemory.parse(ort_memory)
-    backend = OrtBackend(folder, "cpu", "fp32", memory)
+    backend = OrtBackend(folder, "cpu", precision, memory)
     plan = MemoryPlan.make(folder, backend.precision, max_memory)
     backend.pieces = {} if whole else dict(plan.rows)
     graphs = weight_bytes(folder, backend.precision)
@@ -104,9 +108,56 @@ def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, 
             "rows_per_call": backend.pieces.get(stage)}
     end = rss()
     backend.close()
-    return {"ort_memory": memory.describe(), "plan": "encoder calls whole" if whole else plan.describe(),
+    return {"precision": backend.precision, "ort_memory": memory.describe(),
+            "plan": "encoder calls whole" if whole else plan.describe(),
             "base_bytes": base, "resident_after_bytes": end,
             "process_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "stages": measured}
+
+
+# The authors' way per stage: no speaker encoder (RawNet3 is ours to run; their code takes the
+# embedding as given), and the whole window's waveform in one vocoder call.
+THEIR_STAGES = ("clip_encoder", "synch_encoder", "condition", "flow_step", "vae_decoder", "vocoder")
+
+
+def measure_theirs(folder, work: Path) -> dict:
+    """The authors' way (`benchmarks.theirs`: eager torch FP32 on the CPU, the modules of the folder's
+    `weights.pt`), each stage once on one clip's window, in a child process of its own so that its
+    resident bytes are its own: what loading the modules adds, and per stage the call's peak growth
+    and the resident peak while it ran."""
+    import concurrent.futures
+    import multiprocessing
+    if not (Path(folder) / "weights.pt").is_file():
+        return {"skipped": "the model folder has no weights.pt (export with --torch-weights)"}
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_theirs_in_child, str(folder), str(work)).result()
+
+
+def _theirs_in_child(folder: str, work: str) -> dict:
+    import torch
+
+    from vssflow.runtime import contracts as C
+
+    from .models import make_inputs
+    from .settings import BenchSettings
+    from .theirs import Theirs
+    torch.set_grad_enabled(False)
+    settings = BenchSettings(model=Path(folder), device="cpu", transcript=None)
+    sizes = json.loads((Path(folder) / "manifest.json").read_text())["sizes"]
+    inputs = make_inputs(Path(work), sizes["audio_channels"], C.WINDOW_SECONDS, 0, None, settings.speech)
+    path = inputs.save(Path(work) / "inputs.npz")
+    base = rss()
+    with PeakRss() as load:
+        theirs = Theirs(settings, Path(folder), path)
+    stages = {}
+    for stage in THEIR_STAGES:
+        with PeakRss() as call:
+            theirs.run(stage)
+        stages[stage] = {"call_peak_bytes": call.peak - call.before, "resident_peak_bytes": call.peak,
+                         "call_seconds": call.seconds}
+        if stage == "condition":            # the VAE decodes the noise: the sampling loop is not run here
+            theirs.latent = theirs.x0[:, :theirs.ref.audio_channels]
+    return {"base_bytes": base, "load_bytes": load.after - load.before, "load_seconds": load.seconds,
+            "resident_after_bytes": rss(), "stages": stages}
 
 
 def caches_and_queues(folder) -> dict:
@@ -129,14 +180,15 @@ def high_water(pid: int) -> int:
     return (status_kib("VmHWM", pid) or 0) * 1024
 
 
-def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None = None) -> dict:
+def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None = None,
+               precision: str = "fp32") -> dict:
     """Peak resident memory of `vssflow-run` on a generated clip (ONNX Runtime, CPU): the child's
     `VmHWM` (what `/usr/bin/time -v` reports as its maximum resident set), read until it ends."""
     from .media import make_video
     video = work / "clip.mp4"
     make_video(video, seconds, 25, (320, 240))
     cmd = [sys.executable, "-m", "vssflow.runtime.cli", str(video), "--model", str(folder), "--backend", "ort",
-           "--device", "cpu", "--precision", "fp32", "-o", str(work / "out.wav"), "-q"]
+           "--device", "cpu", "--precision", precision, "-o", str(work / "out.wav"), "-q"]
     if max_memory is not None:
         cmd += ["--max-memory", str(max_memory)]
     t0 = time.perf_counter()
@@ -156,13 +208,19 @@ def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None 
 
 def table(report: dict) -> str:
     s = report["stages"]
-    lines = [f"# Memory: {report['model']} ({report['ort_memory']}; {report['plan']})", "",
-             "| stage | graph | load adds | largest call: peak adds | kept after | call s | rows/call |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    theirs = report.get("theirs") or {}
+    their = theirs.get("stages", {})
+    lines = [f"# Memory: {report['model']}, {report.get('precision', 'fp32').upper()} graphs "
+             f"({report['ort_memory']}; {report['plan']})", "",
+             "| stage | graph | load adds | largest call: peak adds | kept after | call s | rows/call "
+             "| authors': call peak adds | call s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in s.items():
+        t = their.get(name)
         lines.append(f"| {name} | {format_bytes(r['graph_bytes'])} | {format_bytes(r['load_bytes'])} | "
                      f"{format_bytes(r['call_peak_bytes'])} | {format_bytes(r['call_kept_bytes'])} | "
-                     f"{r['call_seconds']:.2f} | {r['rows_per_call'] or ''} |")
+                     f"{r['call_seconds']:.2f} | {r['rows_per_call'] or ''} | "
+                     + (f"{format_bytes(t['call_peak_bytes'])} | {t['call_seconds']:.2f} |" if t else "- | - |"))
     lines += ["", f"- before any stage: {format_bytes(report['base_bytes'])} resident; after every stage: "
               f"{format_bytes(report['resident_after_bytes'])}; this process's peak: "
               f"{format_bytes(report['process_peak_bytes'])}"]
@@ -170,6 +228,14 @@ def table(report: dict) -> str:
     lines.append(f"- caches at most: CLIP features {format_bytes(c['clip_cache_bytes'])}, Synchformer features "
                  f"{format_bytes(c['synch_cache_bytes'])}; frames of one window "
                  f"{format_bytes(c['window_frames_bytes'])} (the batch prefetch queue holds `capacity` of them)")
+    if "skipped" in theirs:
+        lines.append(f"- the authors' way: not measured: {theirs['skipped']}")
+    elif theirs:
+        lines.append(f"- the authors' way (eager torch FP32, a process of its own, each stage once on the same window; "
+                     f"no speaker encoder, the vocoder on the whole window): loading the modules adds "
+                     f"{format_bytes(theirs['load_bytes'])} to the {format_bytes(theirs['base_bytes'])} before; resident after "
+                     f"every stage {format_bytes(theirs['resident_after_bytes'])}; its peak "
+                     f"{format_bytes(max(t['resident_peak_bytes'] for t in their.values()))}")
     e = report.get("end_to_end")
     if e:
         lines.append(f"- end to end, `{e['command']}` on a {e['seconds']:g}-second clip: peak "
@@ -187,6 +253,10 @@ def table(report: dict) -> str:
 @click.option("--ort", "ort_memory", default="", help="ONNX Runtime memory settings over ours, e.g. "
               "arena=shared,mem_pattern=on,prepack=off; 'ort': ONNX Runtime's own defaults.")
 @click.option("--max-memory", default=None, help="Budget the encoder pieces are planned for (as vssflow-run's).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Which graphs ours runs: fp16 needs a folder exported with FP16 graphs.")
+@click.option("--theirs/--no-theirs", default=True, show_default=True,
+              help="Also measure the authors' way per stage (needs the folder's weights.pt).")
 @click.option("--whole", is_flag=True, help="Encoder calls whole (no pieces), as before #22 (in this process).")
 @click.option("--no-end-to-end", is_flag=True, help="Skip the vssflow-run subprocess.")
 @click.option("--quick", is_flag=True, help="Tiny model and a 2-second clip (for tests).")
@@ -194,26 +264,30 @@ def table(report: dict) -> str:
               help=f"Write <name>.json and .md there (e.g. {DEFAULT_OUT}).")
 @click.option("--name", default=None, help="File name stem [memory-cpu-<size or folder>].")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout instead of the table.")
-def main(model, size, seconds, ort_memory, max_memory, whole, no_end_to_end, quick, out, name, as_json):
+def main(model, size, seconds, ort_memory, max_memory, precision, theirs, whole, no_end_to_end, quick, out, name,
+         as_json):
     """Where vssflow's memory goes: weights, activations and arena per stage, caches, end to end."""
     from vssflow.runtime.errors import VssflowError
 
     from .models import model_folder
     if quick:
         size, seconds = "tiny", 2.0
-    folder = model or model_folder(size, progress=lambda m: click.echo(m, err=True))
+    folder = model or model_folder(size, progress=lambda m: click.echo(m, err=True), precision=precision)
     try:
         report = {"model": str(model) if model else f"{size} (random weights)",
-                  **measure_stages(folder, ort_memory, max_memory, whole), "caches": caches_and_queues(folder)}
-        if not no_end_to_end:
-            with tempfile.TemporaryDirectory(prefix="vssflow-memory-") as tmp:
-                report["end_to_end"] = end_to_end(Path(folder), seconds, Path(tmp), max_memory)
+                  **measure_stages(folder, ort_memory, max_memory, whole, precision=precision),
+                  "caches": caches_and_queues(folder)}
+        with tempfile.TemporaryDirectory(prefix="vssflow-memory-") as tmp:
+            if theirs:
+                report["theirs"] = measure_theirs(folder, Path(tmp))
+            if not no_end_to_end:
+                report["end_to_end"] = end_to_end(Path(folder), seconds, Path(tmp), max_memory, precision)
     except VssflowError as e:
         raise click.ClickException(str(e)) from None
     text = table(report)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        stem = name or f"memory-cpu-{model.name if model else size}"
+        stem = name or f"memory-cpu-{model.name if model else size}" + ("-fp16" if precision == "fp16" else "")
         (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
         (out / f"{stem}.md").write_text(text)
     click.echo(json.dumps(report, indent=1) if as_json else text)

@@ -28,14 +28,18 @@ def cache_root() -> Path:
     return vssflow_home() / "bench-models"
 
 
-def model_folder(size: str, seed: int = 0, root: Path | None = None, progress=lambda msg: None) -> Path:
-    """The exported random-weight model of `size`, written and exported on first use."""
+def model_folder(size: str, seed: int = 0, root: Path | None = None, progress=lambda msg: None,
+                 precision: str = "fp32") -> Path:
+    """The exported random-weight model of `size`, written and exported on first use; exported
+    again with FP16 graphs beside the FP32 ones where `precision` is fp16 and they are missing."""
     from vssflow.export.onnx_export import ExportOptions, export_random
     out = (root or cache_root()) / f"{size}-seed{seed}"
-    if (out / "manifest.json").is_file():
+    manifest = out / "manifest.json"
+    if manifest.is_file() and (precision == "fp32" or precision in json.loads(manifest.read_text())["precisions"]):
         return out
-    progress(f"writing random {size} weights in the authors' layout and exporting to {out} (once; later runs reuse it)")
-    export_random(out, size, seed, options=ExportOptions(precision="fp32", backend="onnx", verify=False,
+    progress(f"writing random {size} weights in the authors' layout and exporting to {out} "
+             f"({precision}; once: later runs reuse it)")
+    export_random(out, size, seed, options=ExportOptions(precision=precision, backend="onnx", verify=False,
                                                        torch_weights=True), replace=True,
                   progress=lambda m: progress(f"export: {m}"), note=DEMO_NOTE)
     return out
