@@ -176,8 +176,9 @@ def test_building_needs_no_torch(monkeypatch):
 
 def test_engines_for_builds_lists_and_matches(monkeypatch, tmp_path):
     """Every stage's engine from the folder's own graphs, recorded in its manifest, found by the runtime."""
+    from vssflow.export.cli import memory_lines
     from vssflow.runtime.model_folder import ModelFolder
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.tensorrt("10.3.0"))
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt.tensorrt("10.3.0", contracts=stage_contracts(ModelSizes())))
     monkeypatch.setitem(sys.modules, "torch", None)
     calls = fake_trt.polygraphy(monkeypatch, build=lambda network, config, save_timing_cache:
                                 b"engine of " + Path(network[1]).name.encode())
@@ -191,6 +192,11 @@ def test_engines_for_builds_lists_and_matches(monkeypatch, tmp_path):
     found = engines.match_engines(folder, "nvidia-h100-80gb-hbm3-sm90", "10.3.0", "fp16")
     assert found == {k: v["engine"] for k, v in report.items()}
     assert (path / found["vocoder"]).read_bytes() == b"engine of vocoder.fp16.onnx"
+    # each engine's bytes and scratch (read back from the built engine) recorded: the GPU budget printed
+    assert report["vocoder"]["bytes"] == len(b"engine of vocoder.fp16.onnx")
+    assert report["flow_step"]["scratch_bytes"] == 1000 * (1 + len("flow_step"))
+    gpu = [line for line in memory_lines(folder.manifest) if line.startswith("GPU memory, TensorRT engines:")]
+    assert len(gpu) == 1 and "shared scratch 16 KiB" in gpu[0]            # speaker_encoder's, the largest
     assert folder.manifest["report"]["tensorrt"] == report and folder.manifest["versions"]["tensorrt"] == "10.3.0"
     assert not [p for p in path.iterdir() if p.name.startswith(".engines.")]
     again = trt_build.engines_for(path)                        # nothing to do: the same names are listed

@@ -149,6 +149,8 @@ def test_export_demo_is_complete_and_atomic(tmp_path):
     assert set(manifest["files"]) >= {f"{s}.onnx" for s in ("clip_encoder", "synch_encoder", "speaker_encoder",
                                                              "condition", "flow_step", "vae_decoder", "vocoder")}
     assert "TensorRT" not in r.stdout                         # --backend onnx: no engines, no TensorRT line
+    for precision in ("FP32", "FP16"):                        # what a run of each graph set plans for
+        assert f"host memory, {precision} graphs (ONNX Runtime; planned): weights " in r.stdout
     assert "weights.pt" not in manifest["files"] and not (out / "weights.pt").exists()   # opt-in, as documented
     again = run("vssflow.export.cli", "--demo", "--out", str(out), "--backend", "onnx")
     assert again.returncode == 5 and "already exists; pass --force" in again.stderr

@@ -8,7 +8,8 @@ from vssflow.runtime import cli
 from vssflow.runtime.backends import OrtBackend, OrtMemory
 from vssflow.runtime.errors import BackendError, VssflowInputError
 from vssflow.runtime.memory import (DEFAULT_ACTIVATIONS, GIB, MIB, PIECE_STAGES, RESERVE, MemoryBudgetError,
-                                    MemoryPlan, in_pieces, parse_memory, row_bytes, weight_bytes)
+                                    MemoryPlan, device_budget, host_budget, in_pieces, parse_memory, row_bytes,
+                                    weight_bytes)
 from vssflow.runtime.model_folder import ModelFolder
 
 
@@ -27,7 +28,7 @@ def test_parse_memory_refuses_what_is_not_a_size(text):
 
 def test_plan_pieces_follow_the_budget(tiny_model):
     folder = ModelFolder.open(tiny_model)
-    weights = sum(weight_bytes(folder).values())
+    weights = sum(weight_bytes(folder.manifest).values())
     assert weights == sum(folder.manifest["files"][f"{s}.onnx"]["bytes"] for s in folder.contracts)
     free = MemoryPlan.make(folder)
     most = {s: folder.contracts[s].axes[folder.contracts[s].inputs[0].shape[0]][2] for s in PIECE_STAGES}
@@ -101,10 +102,41 @@ def test_cli_max_memory_not_a_size_is_exit_2(tiny_model, clip4, tmp_path):
 def test_session_plans_for_max_memory(tiny_model):
     from vssflow.runtime.session import Session
     folder = ModelFolder.open(tiny_model)
-    weights = sum(weight_bytes(folder).values())
+    weights = sum(weight_bytes(folder.manifest).values())
     synch_row = row_bytes(folder.contracts["synch_encoder"])
     with Session(tiny_model, backend="ort", device="cpu", max_memory=weights + RESERVE + 2 * synch_row) as s:
         assert s.memory.budget == weights + RESERVE + 2 * synch_row
         assert s.backend.pieces == dict(s.memory.rows) and s.backend.pieces["synch_encoder"] == 2
     with Session(tiny_model, backend="ort", device="cpu") as s:
         assert s.memory.budget is None and s.backend.pieces == dict(MemoryPlan.make(folder).rows)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_the_budget_the_export_prints_is_the_one_the_runtime_keeps(tiny_model, precision):
+    """`vssflow-export`'s host memory line: the least --max-memory it names is the least the runtime
+    accepts, and its plan without a budget is the one a run makes (FP16: half the weights)."""
+    folder = ModelFolder.open(tiny_model)
+    b = host_budget(folder.manifest, folder.contracts, precision)
+    MemoryPlan.make(folder, precision, b["least"])
+    with pytest.raises(MemoryBudgetError):
+        MemoryPlan.make(folder, precision, b["least"] - 1)
+    plan = MemoryPlan.make(folder, precision)
+    assert b["planned"] == plan.weights + RESERVE + max(n * row_bytes(folder.contracts[s]) for s, n in plan.rows.items())
+    if precision == "fp16":
+        assert b["weights"] < 0.75 * host_budget(folder.manifest, folder.contracts)["weights"]
+
+
+def test_device_budget_of_the_engines_built(tiny_model):
+    """Engines' bytes, the largest scratch (shared), the inputs at their largest; none without a
+    scratch size recorded."""
+    folder = ModelFolder.open(tiny_model)
+    manifest = dict(folder.manifest)
+    assert device_budget(manifest, folder.contracts) is None                 # no engines (no TensorRT here)
+    built = {s: {"bytes": 1000, "scratch_bytes": 10 * (i + 1)} for i, s in enumerate(folder.contracts)}
+    manifest["report"] = {"tensorrt": built}
+    d = device_budget(manifest, folder.contracts)
+    frames = 100 * 3 * 224 * 224 * 4
+    assert d["weights"] == 1000 * len(built) and d["scratch"] == 10 * len(built) and d["io"] > frames
+    assert d["total"] == d["weights"] + d["scratch"] + d["io"]
+    built["vocoder"]["scratch_bytes"] = None                                 # not read at build time
+    assert device_budget(manifest, folder.contracts) is None

@@ -90,7 +90,7 @@ def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, 
     backend = OrtBackend(folder, "cpu", precision, memory)
     plan = MemoryPlan.make(folder, backend.precision, max_memory)
     backend.pieces = {} if whole else dict(plan.rows)
-    graphs = weight_bytes(folder, backend.precision)
+    graphs = weight_bytes(folder.manifest, backend.precision)
     measured = {}
     for stage in stages:
         contract = folder.contracts[stage]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -49,11 +50,31 @@ def _summary(manifest: dict, out: Path) -> str:
     if trt is not None:
         lines.append("TensorRT: " + (f"skipped: {trt['skipped']}" if "skipped" in trt else
                                      ", ".join(f"{k} {v['precision']} {v['seconds']} s" for k, v in trt.items())))
+    lines += memory_lines(manifest)
     lines.append(f"precisions: {', '.join(manifest.get('precisions', ['fp32']))}")
     lines.append(f"model folder: {out}")
     if manifest.get("demo"):
         lines.append(DEMO_NOTE)
     return "\n".join(lines)
+
+
+def memory_lines(manifest: dict) -> list[str]:
+    """What a run of the folder will hold: on a host per graph precision (ONNX Runtime, planned from
+    the graphs' bytes), and on the GPU for the TensorRT engines built (`memory.device_budget`)."""
+    from vssflow.runtime.contracts import StageContract
+    from vssflow.runtime.memory import device_budget, format_bytes, host_budget
+    contracts = {k: StageContract.from_json(k, v) for k, v in manifest["contracts"].items()}
+    lines = []
+    for precision in manifest.get("precisions") or ["fp32"]:
+        b = host_budget(manifest, contracts, precision)
+        lines.append(f"host memory, {precision.upper()} graphs (ONNX Runtime; planned): weights {format_bytes(b['weights'])}; "
+                     f"runs in --max-memory {format_bytes(b['least'])} or more; without one, up to "
+                     f"{format_bytes(b['planned'])}")
+    d = device_budget(manifest, contracts)
+    if d is not None:
+        lines.append(f"GPU memory, TensorRT engines: {format_bytes(d['total'])} (engines {format_bytes(d['weights'])}, "
+                     f"shared scratch {format_bytes(d['scratch'])}, inputs at their largest {format_bytes(d['io'])})")
+    return lines
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,7 +184,9 @@ def build_engines_for(folder: Path, precision: str | None, progress) -> None:
         from .trt_build import engines_for
         report = engines_for(folder, precision, progress)
     built = ", ".join(f"{k} {v['precision']} {v['seconds']} s" for k, v in report.items())
-    click.echo(f"TensorRT engines: {built or 'all already there'}\nmodel folder: {folder}")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    click.echo("\n".join([f"TensorRT engines: {built or 'all already there'}", *memory_lines(manifest),
+                          f"model folder: {folder}"]))
 
 
 if __name__ == "__main__":

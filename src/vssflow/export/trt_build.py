@@ -99,10 +99,27 @@ def engine_bytes(onnx_path: Path, contract: StageContract, timing_cache: Path | 
                            f"({reason})") from None
 
 
-def write_engine(onnx_path: Path, contract: StageContract, path: Path, timing_cache: Path | None = None) -> Path:
-    """`engine_bytes` written to `path` atomically (a temporary name, then a rename)."""
+def scratch_bytes(data: bytes) -> int | None:
+    """The scratch memory an engine's context needs at its profile's largest shapes
+    (`device_memory_size`), read by deserializing it on this GPU; None where that fails (the
+    runtime, not the export, then says why)."""
+    try:
+        import tensorrt as trt
+
+        from vssflow.runtime import trt_engine
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
+        return None if engine is None else trt_engine.device_memory_size(engine)
+    except Exception:
+        return None
+
+
+def write_engine(onnx_path: Path, contract: StageContract, path: Path, timing_cache: Path | None = None) -> dict:
+    """`engine_bytes` written to `path` atomically (a temporary name, then a rename); returns its
+    name, bytes and scratch bytes (`scratch_bytes`)."""
     from vssflow.runtime.files import write_atomic
-    return write_atomic(path, bytes(engine_bytes(onnx_path, contract, timing_cache)))
+    data = bytes(engine_bytes(onnx_path, contract, timing_cache))
+    scratch = scratch_bytes(data)
+    return {"engine": write_atomic(path, data).name, "bytes": len(data), "scratch_bytes": scratch}
 
 
 def build_engines(folder: Path, contracts: Mapping[str, StageContract], precision: str,
@@ -132,8 +149,8 @@ def build_engines(folder: Path, contracts: Mapping[str, StageContract], precisio
             continue
         progress(f"{name}: building a strongly typed {built} TensorRT engine from {onnx_path.name}")
         t0 = time.perf_counter()
-        path = write_engine(onnx_path, contract, out / target, cache)
-        report[name] = {"engine": path.name, "onnx": onnx_path.name, "precision": built,
+        written = write_engine(onnx_path, contract, out / target, cache)
+        report[name] = {**written, "onnx": onnx_path.name, "precision": built,
                         "seconds": round(time.perf_counter() - t0, 1)}
     if cache is not None:
         Path(str(cache) + ".lock").unlink(missing_ok=True)   # Polygraphy's lock file; this folder is ours alone
@@ -145,7 +162,8 @@ def engines_for(path: str | os.PathLike, precision: str | None = None,
     """Build this GPU's and this TensorRT's engines from the ONNX graphs of the model folder at
     `path` and record them in its manifest (`vssflow-export --engines-for`): no checkpoint, no
     PyTorch, no tracing. `precision`: fp16 (the FP16 graphs) or fp32; None: fp16 where the folder
-    has FP16 graphs. Returns the build report (stage -> engine, graph, precision, seconds).
+    has FP16 graphs. Returns the build report (stage -> engine, its bytes and scratch bytes, graph,
+    precision, seconds).
 
     The folder changes only once every engine is built: they are built in a hidden folder inside
     it, moved in under names no manifest lists yet, and then manifest.json is replaced atomically

@@ -71,12 +71,13 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def weight_bytes(folder, precision: str = "fp32") -> dict[str, int]:
-    """The bytes of each stage's graph (its weights, nearly all of it) as the backend loads it."""
-    files = folder.manifest["files"]
+def weight_bytes(manifest: Mapping, precision: str = "fp32") -> dict[str, int]:
+    """The bytes of each stage's graph (its weights, nearly all of it) as the backend loads it,
+    from a model folder's manifest."""
+    files = manifest["files"]
     out = {}
-    for stage in folder.contracts:
-        name = graph_name(stage, stage_precision(folder.manifest, stage, precision))
+    for stage in manifest["contracts"]:
+        name = graph_name(stage, stage_precision(manifest, stage, precision))
         if name in files:
             out[stage] = int(files[name]["bytes"])
     return out
@@ -88,6 +89,17 @@ def row_bytes(contract) -> int:
     spec = contract.inputs[0]
     per_row = int(np.prod(spec.shape[1:], dtype=np.int64)) * np.dtype(spec.dtype).itemsize
     return per_row * ACTIVATIONS_PER_INPUT
+
+
+def piece_rows(contracts: Mapping, activations: int) -> dict[str, int]:
+    """Rows per call of each stage of `PIECE_STAGES` whose activations fit `activations` bytes (at
+    least one, at most the contract's maximum)."""
+    rows = {}
+    for stage in PIECE_STAGES:
+        contract = contracts[stage]
+        most = contract.axes[contract.inputs[0].shape[0]][2]
+        rows[stage] = int(max(1, min(most, activations // row_bytes(contract))))
+    return rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +117,7 @@ class MemoryPlan:
 
     @classmethod
     def make(cls, folder, precision: str = "fp32", budget: int | str | None = None) -> MemoryPlan:
-        weights = sum(weight_bytes(folder, precision).values())
+        weights = sum(weight_bytes(folder.manifest, precision).values())
         if budget is None:
             activations = DEFAULT_ACTIVATIONS
         else:
@@ -117,18 +129,41 @@ class MemoryPlan:
                     f"{format_bytes(weights)}, and the runtime {format_bytes(RESERVE)} more; give at least "
                     f"{format_bytes(need)} (or use the FP16 graphs, --precision fp16)")
             activations = min(DEFAULT_ACTIVATIONS, budget - need)
-        rows = {}
-        for stage in PIECE_STAGES:
-            contract = folder.contracts[stage]
-            axis = contract.inputs[0].shape[0]
-            most = contract.axes[axis][2]
-            rows[stage] = int(max(1, min(most, activations // row_bytes(contract))))
+        rows = piece_rows(folder.contracts, activations)
         return cls(budget, weights, activations, rows)
 
     def describe(self) -> str:
         budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
         pieces = ", ".join(f"{k} {v} rows" for k, v in self.rows.items())
         return f"{budget}: weights {format_bytes(self.weights)}, encoder calls of {pieces}"
+
+
+def host_budget(manifest: Mapping, contracts: Mapping, precision: str = "fp32") -> dict[str, int]:
+    """What a run of the folder's graphs at `precision` plans for on a host (ONNX Runtime): `weights`,
+    `least` (the smallest `--max-memory` it accepts: the weights and `RESERVE`; the encoders then
+    run a row at a time) and `planned` (without a budget: the largest encoder call the default
+    pieces make, `DEFAULT_ACTIVATIONS` at most). Estimates from the graphs' bytes and
+    `row_bytes`; `python -m vssflow.benchmarks.memory` measures."""
+    weights = sum(weight_bytes(manifest, precision).values())
+    rows = piece_rows(contracts, DEFAULT_ACTIVATIONS)
+    largest = max(n * row_bytes(contracts[stage]) for stage, n in rows.items())
+    return {"weights": weights, "least": weights + RESERVE, "planned": weights + RESERVE + largest}
+
+
+def device_budget(manifest: Mapping, contracts: Mapping) -> dict[str, int] | None:
+    """The device memory of the folder's TensorRT engines (the trt backend: every engine loaded,
+    one scratch buffer shared by all of them): `weights` (the engines' bytes), `scratch` (the
+    largest engine's, `device_memory_size` at its profile's largest shapes), `io` (each stage's
+    inputs at their largest, kept per stage) and `total`. None where no engine was built or its
+    scratch size was not recorded (`vssflow-export` records both when it builds them)."""
+    built = manifest.get("report", {}).get("tensorrt", {})
+    if not built or "skipped" in built or any(e.get("scratch_bytes") is None for e in built.values()):
+        return None
+    weights = sum(int(e["bytes"]) for e in built.values())
+    scratch = max(int(e["scratch_bytes"]) for e in built.values())
+    io = sum(int(np.prod(c.shape(spec, "max"), dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+             for name, c in contracts.items() if name in built for spec in c.inputs)
+    return {"weights": weights, "scratch": scratch, "io": io, "total": weights + scratch + io}
 
 
 def in_pieces(call, feed: Mapping[str, object], rows: int, concat=np.concatenate) -> dict[str, object]:
