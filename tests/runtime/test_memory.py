@@ -140,3 +140,38 @@ def test_device_budget_of_the_engines_built(tiny_model):
     assert d["total"] == d["weights"] + d["scratch"] + d["io"]
     built["vocoder"]["scratch_bytes"] = None                                 # not read at build time
     assert device_budget(manifest, folder.contracts) is None
+
+
+def test_a_run_in_pieces_gathers_no_more_than_a_piece_and_gives_the_same_audio(tiny_model, clip4):
+    """The encoders' float inputs are made a piece at a time (a window's 30 segments never at once),
+    and the sound is the same bits as a run with whole calls."""
+    from vssflow.runtime.session import Session
+    folder = ModelFolder.open(tiny_model)
+    weights = sum(weight_bytes(folder.manifest).values())
+    budget = weights + RESERVE + 2 * row_bytes(folder.contracts["synch_encoder"])
+    seen = {}
+    outs = []
+    for max_memory in (None, budget):
+        with Session(tiny_model, backend="ort", device="cpu", max_memory=max_memory) as s:
+            run = s.backend.run
+
+            def spy(stage, feed, run=run, rows=seen.setdefault(max_memory, {})):
+                rows.setdefault(stage, []).append(len(next(iter(feed.values()))))
+                return run(stage, feed)
+            s.backend.run = spy
+            outs.append(s.generate(clip4, steps=2, seed=3).audio)
+    assert max(seen[budget]["synch_encoder"]) == 2 and max(seen[None]["synch_encoder"]) > 2
+    assert max(seen[budget]["clip_encoder"]) <= MemoryPlan.make(folder, budget=budget).rows["clip_encoder"]
+    assert np.array_equal(outs[0], outs[1])
+
+
+def test_feature_cache_is_bounded_in_bytes():
+    from vssflow.runtime.features import FeatureCache
+    cache = FeatureCache(10_000)
+    for key in "abc":
+        cache.put(key, np.zeros(1000, np.float32))                  # 4000 bytes each
+    assert cache.get("a") is None and cache.get("b") is not None and cache.nbytes == 8000
+    cache.put("b", np.zeros(2000, np.float32))                      # replaced by 8000 bytes: c goes
+    assert cache.nbytes == 8000 and cache.get("c") is None and cache.get("b") is not None
+    cache.put("d", np.zeros(5000, np.float32))                      # more than the cache holds: not kept
+    assert cache.get("b") is None and cache.get("d") is None and cache.nbytes == 0

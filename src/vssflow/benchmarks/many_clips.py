@@ -76,7 +76,7 @@ def padding_saving(model: Path, clip: Path) -> dict:
     other = next(video.windows(clip, hop=9.0))
     times = {}
     for name, fn in (("every_input_s", lambda: encode(session.backend, Run(), w)),
-                     ("distinct_inputs_s", lambda: Encoders(clip_size=1 << 20, synch_size=1 << 20).encode(
+                     ("distinct_inputs_s", lambda: Encoders(clip_bytes=1 << 40, synch_bytes=1 << 40).encode(
                          session.backend, Run(), [other]))):
         t0 = time.perf_counter()
         fn()

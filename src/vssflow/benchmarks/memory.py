@@ -169,8 +169,7 @@ def caches_and_queues(folder) -> dict:
     sizes = ModelFolder.open(folder).sizes
     frame = 3 * sizes.image_size ** 2                           # uint8 pixels of one prepared frame
     window_frames = (C.CLIP.frames + C.SYNCH.frames) * frame
-    return {"clip_cache_bytes": CLIP_CACHE * sizes.clip_dim * 4,
-            "synch_cache_bytes": SYNCH_CACHE * C.SYNCH_TOKENS * sizes.synch_dim * 4,
+    return {"clip_cache_bytes": CLIP_CACHE, "synch_cache_bytes": SYNCH_CACHE,
             "window_frames_bytes": window_frames,
             "prefetch_queue_bytes_per_window": window_frames}
 

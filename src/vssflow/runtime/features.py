@@ -17,8 +17,9 @@ computed where the window is prepared, ahead of the model), features kept in a s
 most-recently-used cache per Session. Frames prepared on the GPU (`video.FrameWindow`) are not
 hashed: there only the padding, which is known by position, is shared.
 
-Calls are filled up to the contract's maximum (`N` frames, `S` segments), across windows; the
-backend runs each in pieces of the rows the memory plan allows (`Backend.pieces`, `memory.py`).
+Calls are filled up to the contract's maximum (`N` frames, `S` segments), across windows, or to
+the rows the memory plan allows where fewer (`Backend.pieces`, `memory.py`): the float input of
+a call is made only when it runs.
 """
 
 from __future__ import annotations
@@ -33,16 +34,19 @@ from . import video
 from .contracts import CLIP, SEGMENT_FRAMES, SEGMENT_STEP, SYNCH, SYNCH_SEGMENTS
 from .video import FrameWindow, VideoWindow
 
-# Features kept: 768 floats (3 KB) per CLIP frame, 8 x 768 (24 KB) per Synchformer segment.
-CLIP_CACHE = 1024
-SYNCH_CACHE = 128
+# Bytes of features kept per encoder: at full size 3 KB per CLIP frame (768 floats) and 24 KB per
+# Synchformer segment (8 x 768): ~10 windows' distinct frames and ~4 windows' segments.
+CLIP_CACHE = 3 << 20
+SYNCH_CACHE = 3 << 20
 
 
 class FeatureCache:
-    """Features by the digest of their input; the least recently used go first. Thread-safe."""
+    """Features by the digest of their input, at most `max_bytes` of them; the least recently used
+    go first. Thread-safe."""
 
-    def __init__(self, size: int):
-        self.size = size
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
         self._items: OrderedDict[Hashable, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -59,18 +63,19 @@ class FeatureCache:
 
     def put(self, key: Hashable, value: np.ndarray) -> None:
         with self._lock:
+            old = self._items.pop(key, None)
+            self.nbytes += value.nbytes - (0 if old is None else old.nbytes)
             self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            while self.nbytes > self.max_bytes and self._items:
+                self.nbytes -= self._items.popitem(last=False)[1].nbytes
 
 
 class Encoders:
     """A Session's visual encoders with its caches: `encode(backend, run, windows)`."""
 
-    def __init__(self, clip_size: int = CLIP_CACHE, synch_size: int = SYNCH_CACHE):
-        self.clip = FeatureCache(clip_size)
-        self.synch = FeatureCache(synch_size)
+    def __init__(self, clip_bytes: int = CLIP_CACHE, synch_bytes: int = SYNCH_CACHE):
+        self.clip = FeatureCache(clip_bytes)
+        self.synch = FeatureCache(synch_bytes)
 
     def encode(self, backend, run, windows: Sequence[VideoWindow | FrameWindow]
                ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -135,7 +140,9 @@ def _encode(backend, run, stage: str, cache: FeatureCache, inputs: list[_Inputs]
             todo.append((k, r, key))
     contract = backend.folder.contracts[stage]
     name, axis = contract.inputs[0].name, contract.inputs[0].shape[0]          # frames [N, ...], segments [S, ...]
-    limit = contract.axes[axis][2]
+    # Gathered (normalised to float32) a call at a time: no more rows than the memory plan's pieces,
+    # so a window's whole input (30 segments: 289 MB at 224 px) never exists at once.
+    limit = min(contract.axes[axis][2], backend.pieces.get(stage, contract.axes[axis][2]))
     computed: dict[tuple[int, int], np.ndarray] = {}
     if not todo:                 # every input known: the stage ran in no time, and its record says so
         run.timed(stage, 0.0)
