@@ -180,7 +180,7 @@ def high_water(pid: int) -> int:
 
 
 def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None = None,
-               precision: str = "fp32") -> dict:
+               precision: str = "fp32", steps: int | None = None) -> dict:
     """Peak resident memory of `vssflow-run` on a generated clip (ONNX Runtime, CPU): the child's
     `VmHWM` (what `/usr/bin/time -v` reports as its maximum resident set), read until it ends."""
     from .media import make_video
@@ -190,6 +190,8 @@ def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None 
            "--device", "cpu", "--precision", precision, "-o", str(work / "out.wav"), "-q"]
     if max_memory is not None:
         cmd += ["--max-memory", str(max_memory)]
+    if steps is not None:
+        cmd += ["--steps", str(steps)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     peak = 0
@@ -258,13 +260,16 @@ def table(report: dict) -> str:
               help="Also measure the authors' way per stage (needs the folder's weights.pt).")
 @click.option("--whole", is_flag=True, help="Encoder calls whole (no pieces), as before #22 (in this process).")
 @click.option("--no-end-to-end", is_flag=True, help="Skip the vssflow-run subprocess.")
+@click.option("--steps", type=click.IntRange(1), default=None,
+              help="The end-to-end run's solver steps (default: vssflow-run's). Every step's call is the same "
+                   "size, so fewer steps give the same peak sooner.")
 @click.option("--quick", is_flag=True, help="Tiny model and a 2-second clip (for tests).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help=f"Write <name>.json and .md there (e.g. {DEFAULT_OUT}).")
 @click.option("--name", default=None, help="File name stem [memory-cpu-<size or folder>].")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout instead of the table.")
-def main(model, size, seconds, ort_memory, max_memory, precision, theirs, whole, no_end_to_end, quick, out, name,
-         as_json):
+def main(model, size, seconds, ort_memory, max_memory, precision, theirs, whole, no_end_to_end, steps, quick, out,
+         name, as_json):
     """Where vssflow's memory goes: weights, activations and arena per stage, caches, end to end."""
     from vssflow.runtime.errors import VssflowError
 
@@ -280,7 +285,7 @@ def main(model, size, seconds, ort_memory, max_memory, precision, theirs, whole,
             if theirs:
                 report["theirs"] = measure_theirs(folder, Path(tmp))
             if not no_end_to_end:
-                report["end_to_end"] = end_to_end(Path(folder), seconds, Path(tmp), max_memory, precision)
+                report["end_to_end"] = end_to_end(Path(folder), seconds, Path(tmp), max_memory, precision, steps)
     except VssflowError as e:
         raise click.ClickException(str(e)) from None
     text = table(report)
