@@ -152,6 +152,68 @@ def test_the_same_wav_as_the_cli(server, tiny_model, clip4, tmp_path):
     server.cli_wav = body
 
 
+def stream(server, files: dict, fields: dict, headers=AUTH):
+    """(status, headers, the body's pieces as they arrived) of POST /v1/stream."""
+    body, content_type = multipart(files, fields)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    conn.request("POST", "/v1/stream", body=body, headers={**headers, "Content-Type": content_type})
+    r = conn.getresponse()
+    pieces = []
+    while piece := r.read1(1 << 16):
+        pieces.append(piece)
+    conn.close()
+    return r.status, r.headers, pieces
+
+
+def test_stream_sends_the_clis_samples_as_they_are_made(server, tiny_model, clip4, tmp_path):
+    """/v1/stream: a WAV header of unknown length, then the CLI's own float samples, in pieces."""
+    import numpy as np
+    import soundfile as sf
+    before = len(server.matching("POST /v1/stream 200"))
+    out = tmp_path / "x.wav"
+    cli = subprocess.run([sys.executable, "-m", "vssflow.runtime.cli", clip4, "--model", tiny_model, "--seed", "4",
+                          "--steps", "1", "-o", out, "-q"], cwd=tmp_path, capture_output=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr
+    status, headers, pieces = stream(server, {"video": ("clip4.mp4", clip4.read_bytes())}, {"seed": "4", "steps": "1"})
+    assert status == 200 and headers["Content-Type"] == "audio/wav" and headers["X-Sample-Rate"] == "16000"
+    assert headers["Transfer-Encoding"] == "chunked"
+    body = b"".join(pieces)
+    assert body[:4] == b"RIFF" and body[8:16] == b"WAVEfmt " and body[40:44] == b"\xff\xff\xff\xff"
+    expected, rate = sf.read(out, dtype="float32")
+    assert rate == 16000 and np.array_equal(np.frombuffer(body[44:], "<f4"), expected)
+    line = server.wait_for_lines("POST /v1/stream 200", before + 1)[-1]
+    assert "4.000 s of audio streamed, 1 NFE" in line
+    assert list(server.tmp.iterdir()) == []
+
+
+def test_stream_refuses_before_the_first_byte_with_a_status(server, clip4):
+    video = {"video": ("clip4.mp4", clip4.read_bytes())}
+    status, _, pieces = stream(server, video, {"format": "mp3"})
+    assert status == 422 and "/v1/stream sends WAV only" in json.loads(b"".join(pieces))["error"]
+    status, _, pieces = stream(server, {"video": ("clip.mp4", b"not a video " * 100)}, {})
+    assert status == 422 and json.loads(b"".join(pieces))["exit_code"] == 10
+    assert stream(server, video, {}, headers={})[0] == 401
+    server.wait_for_lines("POST /v1/stream 422", 2)
+    assert list(server.tmp.iterdir()) == [] and healthz(server)["in_flight"] == 0
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot_and_folder(server, clip12):
+    """Gone after the header: the stream ends (499, or 200 if it was already made), the slot and the
+    upload's folder are freed, and the next request is served."""
+    body, content_type = multipart({"video": ("clip12.mp4", clip12.read_bytes())}, {"steps": "2"})
+    ended = len(server.matching("POST /v1/stream 499")) + len(server.matching("POST /v1/stream 200"))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    conn.request("POST", "/v1/stream", body=body, headers={**AUTH, "Content-Type": content_type})
+    r = conn.getresponse()
+    assert r.status == 200 and r.read1(44)[:4] == b"RIFF"
+    conn.sock.shutdown(2)
+    conn.close()
+    with server.changed:
+        assert server.changed.wait_for(lambda: len(server.matching("POST /v1/stream 499"))
+                                       + len(server.matching("POST /v1/stream 200")) > ended, timeout=300)
+    assert list(server.tmp.iterdir()) == [] and healthz(server)["in_flight"] == 0
+
+
 def test_concurrent_requests_each_get_their_own_result(server, clip4):
     """Two at once share the Session (taking turns stage by stage): each answer is its own seed's."""
     from concurrent.futures import ThreadPoolExecutor

@@ -1,9 +1,17 @@
-"""The ASGI application of `vssflow-serve`: one `Session`, `POST /v1/generate` and `GET /healthz`.
+"""The ASGI application of `vssflow-serve`: one `Session`, `POST /v1/generate`, `POST /v1/stream`
+and `GET /healthz`.
 
 A request is read into a private temporary folder (`form.py`), generated in a worker thread (the
 Session is shared: its backend lock makes concurrent generations take turns stage by stage, and
 the event loop never waits on the model), written by the CLI's own `plan_output`/`write_output`,
 and answered with that file; the folder is removed once the answer is sent or has failed.
+
+`/v1/stream` takes the same form and answers with the sound as it is made: a WAV of 32-bit float
+mono samples whose header gives no length (`STREAM_WAV_HEADER`: the decoded frames, not the
+container, decide it), each chunk sent as the Session yields it. Everything checked before the
+model runs is refused with its status as in `/v1/generate`; a failure after the first bytes can
+only end the stream unfinished (no terminating chunk), so a client never takes part of a sound
+for all of it.
 
 Errors are the CLI's one line as JSON, `{"error": ..., "exit_code": N}`, with the HTTP status
 `errors.http_status` gives; an error no check foresaw is logged with its traceback and answered
@@ -22,10 +30,11 @@ import time
 from pathlib import Path
 
 import anyio.to_thread
+import numpy as np
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from vssflow.runtime.errors import VssflowError, VssflowInputError, describe, http_status
@@ -65,6 +74,7 @@ def create_app(session, limits: Limits, token: bytes | None = None) -> Starlette
     """The application around `session`; `token`: the bearer token every /v1 request must carry."""
     service = _Service(session, limits, token)
     return Starlette(routes=[Route("/v1/generate", service.generate, methods=["POST"]),
+                             Route("/v1/stream", service.stream, methods=["POST"]),
                              Route("/healthz", service.healthz, methods=["GET"])],
                      exception_handlers={HTTPException: _http_exception})
 
@@ -76,6 +86,16 @@ def generate_file(session, job: Job, folder: Path) -> Answer:
     chunks, info = session.stream(job.video, job.options, ref_audio=job.ref_audio)
     samples = write_output(plan, chunks, info.sample_rate)
     return Answer(plan.path, plan.format.media_type, samples / info.sample_rate, chunks.nfe)
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    """A WAV header for 32-bit float mono samples of a length not known yet: the RIFF and data sizes
+    are 0xFFFFFFFF, as streaming writers (and readers such as ffmpeg and libsndfile) take it."""
+    import struct
+    unknown = 0xFFFFFFFF
+    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 3, 1, sample_rate, sample_rate * 4, 4, 32)
+            + b"data" + struct.pack("<I", unknown))
 
 
 class _Service:
@@ -96,14 +116,7 @@ class _Service:
         t0 = time.perf_counter()
         folder = tmp = None
         try:
-            self._authorize(request)
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > self.limits.max_upload_bytes:
-                raise RequestError(f"the upload ({int(length) / 2**20:.1f} MB) is larger than this server's "
-                                   f"limit of {megabytes(self.limits.max_upload_bytes)}", 413)
-            if self.in_flight >= self.limits.max_concurrent:
-                raise Busy(f"the server is busy ({self.in_flight} requests in flight, at most "
-                           f"{self.limits.max_concurrent}): try again later")
+            self._admit(request)
             self.in_flight += 1
             try:
                 folder = tmp = Path(tempfile.mkdtemp(prefix="vssflow-serve-"))   # mode 700: this process's own
@@ -125,6 +138,70 @@ class _Service:
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    async def stream(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        folder = None
+        admitted = False
+        try:
+            self._admit(request)
+            self.in_flight += 1
+            admitted = True
+            folder = Path(tempfile.mkdtemp(prefix="vssflow-serve-"))
+            job = await read_job(request.stream(), request.headers.get("content-type", ""), folder,
+                                 self.limits.max_upload_bytes)
+            if job.format not in (None, "wav"):
+                raise RequestError(f"/v1/stream sends WAV only (format {job.format!r}): leave format out, or "
+                                   "use /v1/generate for other formats", 422)
+            chunks, info = await anyio.to_thread.run_sync(
+                lambda: self.session.stream(job.video, job.options, ref_audio=job.ref_audio))
+        except ClientDisconnect:
+            self._done(admitted, folder)
+            _log(request, 499, t0, "the client left during the upload")
+            return Response(status_code=400)
+        except Exception as e:
+            self._done(admitted, folder)
+            return self._error(request, e, t0, folder)
+        return StreamingResponse(self._chunks(request, t0, chunks, info.sample_rate, folder), media_type="audio/wav",
+                                 headers={"X-Sample-Rate": str(info.sample_rate)})
+
+    async def _chunks(self, request: Request, t0: float, chunks, sample_rate: int, folder: Path):
+        """The header, then each chunk as the model makes it (in a worker thread); the request's
+        slot and folder released however it ends: done, failed, or the client gone."""
+        samples, status, what = 0, 499, "the client left during the stream"
+        try:
+            yield wav_stream_header(sample_rate)
+            while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+                samples += len(chunk)
+                yield np.ascontiguousarray(chunk, dtype="<f4").tobytes()
+            status, what = 200, f"{samples / sample_rate:.3f} s of audio streamed, {chunks.nfe} NFE"
+        except Exception as e:              # the status line has gone out: the stream ends unfinished
+            message, code = describe(e)
+            status, what = 500, f"stream ended unfinished: exit {code}: {message}"
+            log.error("%s %s: %s", request.method, request.url.path, message,
+                      exc_info=None if isinstance(e, VssflowError) else e)
+            raise
+        finally:
+            chunks.close()                  # the decoder and the run: quick, and safe while cancelled
+            self._done(True, folder)
+            _log(request, status, t0, what)
+
+    def _admit(self, request: Request) -> None:
+        """Token, declared size and capacity, before anything is read."""
+        self._authorize(request)
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.limits.max_upload_bytes:
+            raise RequestError(f"the upload ({int(length) / 2**20:.1f} MB) is larger than this server's "
+                               f"limit of {megabytes(self.limits.max_upload_bytes)}", 413)
+        if self.in_flight >= self.limits.max_concurrent:
+            raise Busy(f"the server is busy ({self.in_flight} requests in flight, at most "
+                       f"{self.limits.max_concurrent}): try again later")
+
+    def _done(self, admitted: bool, folder: Path | None) -> None:
+        if admitted:
+            self.in_flight -= 1
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _authorize(self, request: Request) -> None:
         if self.token is None:

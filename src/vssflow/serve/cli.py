@@ -42,13 +42,15 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 def main(model_dir, host, port, backend, device, precision, token_file, max_upload_mb, max_concurrent):
     """Serve VSSFlow over HTTP: POST /v1/generate (multipart: a `video` file, an optional
     `ref_audio` file, and vssflow-run's options as fields) answers with the file vssflow-run
-    would write; GET /healthz says what is loaded. Stop it with SIGTERM or Ctrl-C: it stops
+    would write; POST /v1/stream (the same form) answers with a WAV as it is made, chunk by
+    chunk; GET /healthz says what is loaded. Stop it with SIGTERM or Ctrl-C: it stops
     accepting, finishes the requests in flight, and exits 0.
 
     \b
     Example:
       vssflow-serve --model models/vssflow --port 8000
       curl -F video=@clip.mp4 -F format=wav -F seed=3 http://127.0.0.1:8000/v1/generate -o clip.wav
+      curl -N -F video=@clip.mp4 http://127.0.0.1:8000/v1/stream | ffplay -nodisp -autoexit -
     """
     logging.basicConfig(level=logging.INFO, format=f"[{TOOL}] %(message)s", stream=sys.stderr)
     try:
