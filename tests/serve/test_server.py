@@ -290,6 +290,37 @@ def test_an_upload_over_the_limit_gets_413_before_it_is_read(server):
     assert list(server.tmp.iterdir()) == []
 
 
+def test_metrics_count_what_was_served(server, clip4):
+    """Prometheus' text format: requests by path and status, seconds, in flight, audio, the model."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict:
+        with urllib.request.urlopen(server.url("/metrics"), timeout=60) as r:
+            assert r.headers["Content-Type"].startswith("text/plain")
+            text = r.read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def served(m, status="200"):
+        return m.get(("vssflow_requests_total", (("path", "/v1/generate"), ("status", status))), 0)
+    before, logged = scrape(), server.served()
+    assert post(server, {"video": ("clip4.mp4", clip4.read_bytes())}, {"format": "wav", "steps": "1"})[0] == 200
+    assert post(server, {"video": ("clip4.mp4", clip4.read_bytes())}, {}, headers={})[0] == 401
+    urllib.request.urlopen(server.url("/healthz"), timeout=60).close()
+    server.wait_for_lines("POST /v1/generate 200", logged + 1)             # logged (after its last byte): counted
+    after = scrape()
+    assert served(after) == served(before) + 1 and served(after, "401") == served(before, "401") + 1
+    audio = ("vssflow_audio_seconds_total", ())
+    assert after[audio] == pytest.approx(before.get(audio, 0) + 4.0)
+    assert after[("vssflow_requests_in_flight", ())] == 0
+    assert after[("vssflow_model_info", (("backend", "ort"), ("model", "tiny"), ("precision", "fp32")))] == 1
+    count = ("vssflow_request_seconds_count", (("path", "/v1/generate"),))
+    assert after[count] == before.get(count, 0) + 2
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(server.url("/no/such/path"), timeout=60)
+    assert scrape()[("vssflow_requests_total", (("path", "other"), ("status", "404")))] >= 1
+
+
 def test_busy_is_503_and_sigterm_finishes_the_request_in_flight(server, clip4):
     """Last: it stops the module's server. Two requests half uploaded hold both places: a third
     gets 503; SIGTERM then lets both finish (200) and the server exit 0, leaving no file."""
@@ -316,3 +347,4 @@ def test_busy_is_503_and_sigterm_finishes_the_request_in_flight(server, clip4):
     assert server.proc.wait(timeout=120) == 0, "\n".join(server.lines)
     assert server.lines[-1].endswith("stopped")
     assert list(server.tmp.iterdir()) == []
+

@@ -26,7 +26,7 @@ _MODULE_OF = {"onnxruntime-gpu": "onnxruntime", "pillow": "PIL"}
 # What each optional package of vssflow needs, when the metadata cannot say (a source tree on sys.path).
 _FALLBACK = {"export": ("torch", "onnx", "onnxscript"), "torch": ("torch",), "cpu": ("onnxruntime",),
              "kernels": ("triton",), "ray": ("ray",),
-             "serve": ("starlette", "uvicorn", "python-multipart")}
+             "serve": ("starlette", "uvicorn", "python-multipart", "prometheus-client")}
 
 
 def requirements(extra: str) -> tuple[str, ...]:

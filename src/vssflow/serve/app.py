@@ -13,6 +13,9 @@ model runs is refused with its status as in `/v1/generate`; a failure after the 
 only end the stream unfinished (no terminating chunk), so a client never takes part of a sound
 for all of it.
 
+`GET /metrics` is Prometheus' text format (`metrics.py`): requests by path and status, their
+seconds, the requests in flight, the seconds of audio made.
+
 Errors are the CLI's one line as JSON, `{"error": ..., "exit_code": N}`, with the HTTP status
 `errors.http_status` gives; an error no check foresaw is logged with its traceback and answered
 500 without it. Every request ends in one log line.
@@ -41,6 +44,7 @@ from vssflow.runtime.errors import VssflowError, VssflowInputError, describe, ht
 from vssflow.runtime.output import plan_output, write_output
 
 from .form import Job, RequestError, megabytes, read_job
+from .metrics import Metrics
 
 log = logging.getLogger("vssflow.serve")
 RETRY_AFTER_SECONDS = 5                  # a 503's hint: about one short clip's turn
@@ -73,10 +77,13 @@ class Answer:
 def create_app(session, limits: Limits, token: bytes | None = None) -> Starlette:
     """The application around `session`; `token`: the bearer token every /v1 request must carry."""
     service = _Service(session, limits, token)
-    return Starlette(routes=[Route("/v1/generate", service.generate, methods=["POST"]),
-                             Route("/v1/stream", service.stream, methods=["POST"]),
-                             Route("/healthz", service.healthz, methods=["GET"])],
-                     exception_handlers={HTTPException: _http_exception})
+    app = Starlette(routes=[Route("/v1/generate", service.generate, methods=["POST"]),
+                            Route("/v1/stream", service.stream, methods=["POST"]),
+                            Route("/healthz", service.healthz, methods=["GET"]),
+                            Route("/metrics", service.metrics.endpoint, methods=["GET"])],
+                    exception_handlers={HTTPException: _http_exception})
+    app.state.metrics = service.metrics
+    return app
 
 
 def generate_file(session, job: Job, folder: Path) -> Answer:
@@ -102,6 +109,9 @@ class _Service:
     def __init__(self, session, limits: Limits, token: bytes | None):
         self.session, self.limits, self.token = session, limits, token
         self.in_flight = 0               # requests admitted and not yet answered (the event loop's count)
+        backend = session.backend
+        self.metrics = Metrics(lambda: self.in_flight, {"model": session.folder.path.name, "backend": backend.name,
+                                                        "precision": backend.precision})
 
     async def healthz(self, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -175,6 +185,7 @@ class _Service:
                 samples += len(chunk)
                 yield np.ascontiguousarray(chunk, dtype="<f4").tobytes()
             status, what = 200, f"{samples / sample_rate:.3f} s of audio streamed, {chunks.nfe} NFE"
+            request.app.state.metrics.audio(samples / sample_rate)
         except Exception as e:              # the status line has gone out: the stream ends unfinished
             message, code = describe(e)
             status, what = 500, f"stream ended unfinished: exit {code}: {message}"
@@ -239,6 +250,7 @@ class _FileThenRemove(FileResponse):
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
+            self.request.app.state.metrics.audio(float(self.headers["x-audio-seconds"]))
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
             _log(self.request, self.status_code, self.t0,
@@ -253,7 +265,12 @@ async def _http_exception(request: Request, e: HTTPException) -> Response:
 
 
 def _log(request: Request, status: int, t0: float, what: str = "") -> None:
-    """The request's one line: who, what, the status, how long, and the outcome (never a header)."""
+    """The request's one line: who, what, the status, how long, and the outcome (never a header);
+    and its count and seconds in the metrics."""
+    seconds = time.perf_counter() - t0
+    metrics = getattr(request.app.state, "metrics", None)
+    if metrics is not None:
+        metrics.request(request.url.path, status, seconds)
     client = request.client.host if request.client else "-"
-    log.info("%s %s %s %d %.2f s%s", client, request.method, request.url.path, status, time.perf_counter() - t0,
+    log.info("%s %s %s %d %.2f s%s", client, request.method, request.url.path, status, seconds,
              f" ({what})" if what else "")
