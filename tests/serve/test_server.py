@@ -131,6 +131,13 @@ def test_a_port_in_use_is_one_line(tiny_model, tmp_path):
         f"vssflow-serve: error: cannot listen on 127.0.0.1 port {port} (Address already in use)"), r.stderr
 
 
+def test_a_batch_over_the_folders_most_is_one_line(tiny_model, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "vssflow.serve.cli", "--model", str(tiny_model), "--port", "0",
+                        "--batch", "99"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "vssflow-serve: error: --batch 99: this model folder's graphs take at most 4 windows at once"), r.stderr
+
+
 def test_healthz_says_what_is_loaded(server):
     assert healthz(server) == {"model": "tiny", "backend": "ort", "precision": "fp32", "ready": True,
                                "in_flight": 0, "demo_model": False}

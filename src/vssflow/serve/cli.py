@@ -39,7 +39,11 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
               help="Largest request body (the video, the voice and the fields), in MB; larger ones get 413.")
 @click.option("--max-concurrent", type=click.IntRange(1, None), default=4, show_default=True,
               help="Requests handled at once (uploading, waiting for the model or generating); more get 503.")
-def main(model_dir, host, port, backend, device, precision, token_file, max_upload_mb, max_concurrent):
+@click.option("--batch", type=click.IntRange(1, None), default=None,
+              help="Requests to /v1/generate whose windows run together in one flow-step call, from those "
+                   "waiting when the model is free (never waiting for more). Default: as vssflow-run's batches "
+                   "(1 on a CPU, the model folder's most on a GPU).")
+def main(model_dir, host, port, backend, device, precision, token_file, max_upload_mb, max_concurrent, batch):
     """Serve VSSFlow over HTTP: POST /v1/generate (multipart: a `video` file, an optional
     `ref_audio` file, and vssflow-run's options as fields) answers with the file vssflow-run
     would write; POST /v1/stream (the same form) answers with a WAV as it is made, chunk by
@@ -57,6 +61,9 @@ def main(model_dir, host, port, backend, device, precision, token_file, max_uplo
         extras.require("serve", TOOL)
         token = _read_token(token_file) if token_file is not None else None
         session = _session(model_dir, backend, device, None if precision == "auto" else precision)
+        batch = _batch(session, batch)
+        logging.getLogger("vssflow.serve").info(
+            "/v1/generate: the windows of up to %d waiting request%s run together", batch, "s" if batch > 1 else "")
         sock = _listen(host, port)                  # once the model is ready: no client waits on a load
     except VssflowError as e:
         message, code = describe(e)
@@ -66,10 +73,11 @@ def main(model_dir, host, port, backend, device, precision, token_file, max_uplo
         logging.getLogger("vssflow.serve").warning(
             "warning: listening on %s without --token-file: anyone who can reach this machine can use it", host)
     from .app import Limits, create_app
-    app = create_app(session, Limits(int(max_upload_mb * 2**20), max_concurrent), token)
+    app = create_app(session, Limits(int(max_upload_mb * 2**20), max_concurrent, batch), token)
     try:
         _serve(app, sock, host)
     finally:
+        app.state.batcher.close()
         session.close()
     sys.exit(0)
 
@@ -90,6 +98,17 @@ def _session(model_dir: Path, backend: str, device: str | None, precision: str |
     session = Session(model_dir, backend=backend, device=device, precision=precision)
     announce(session, logging.getLogger("vssflow.serve").info)
     return session
+
+
+def _batch(session, batch: int | None) -> int:
+    from vssflow.runtime.batch import max_batch
+    most = max_batch(session)
+    if batch is None:
+        return session.default_batch
+    if batch > most:
+        session.close()
+        raise VssflowInputError(f"--batch {batch}: this model folder's graphs take at most {most} windows at once")
+    return batch
 
 
 def _listen(host: str, port: int) -> socket.socket:
