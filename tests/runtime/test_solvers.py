@@ -11,11 +11,11 @@ torchdiffeq = pytest.importorskip("torchdiffeq")
 GRID = torch.linspace(0, 1, 11)
 
 
-def _field(seed: int = 0, n: int = 12, frozen: int = 4):
+def _field(seed: int = 0, n: int = 12, frozen: int = 4, dtype=torch.float32):
     """A nonlinear, time-dependent vector field whose last `frozen` channels have zero velocity."""
     g = torch.Generator().manual_seed(seed)
-    a = torch.randn(n, n, generator=g) / np.sqrt(n)
-    b = torch.randn(n, generator=g)
+    a = (torch.randn(n, n, generator=g) / np.sqrt(n)).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
 
     def v(t, x):
         t = torch.as_tensor(t, dtype=x.dtype)
@@ -71,16 +71,20 @@ def test_dopri5_on_numpy_arrays_matches_torch():
 
 
 def test_dopri5_frozen_channels_take_the_same_steps():
-    """Integrating only the moving channels, with the frozen ones counted in the norms, is exact."""
+    """Integrating only the moving channels, with the frozen ones counted in the norms, is exact.
+
+    In float64: in float32 the first step's error estimate is rounding noise (ratio ~1e-5), which a
+    CPU's vector width changes for a state of 8 channels against one of 12 (FMA in the vector body,
+    not in the scalar tail: 40% apart on an AVX-512 machine), and every later step follows it."""
     n, k = 12, 4
-    v = _field(5, n, k)
-    x0 = torch.randn(2, n, generator=torch.Generator().manual_seed(6)) * 3
+    v = _field(5, n, k, torch.float64)
+    x0 = torch.randn(2, n, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 3
     full, full_nfe, full_steps = _ours(v, x0)
     frozen = x0[:, n - k:]
     part, nfe, steps = _ours(lambda t, x: v(t, torch.cat([x, frozen], dim=-1))[:, : n - k],
                              x0[:, : n - k], frozen=frozen)
-    assert nfe == full_nfe and np.allclose(steps, full_steps)
-    assert (part - full[:, : n - k]).abs().max() <= 1e-6
+    assert nfe == full_nfe and np.allclose(steps, full_steps, rtol=1e-9)
+    assert (part - full[:, : n - k]).abs().max() <= 1e-9
     # Without the frozen channels in the norm the step control differs: the option matters.
     _, nfe_wrong, _ = _ours(lambda t, x: v(t, torch.cat([x, frozen], dim=-1))[:, : n - k], x0[:, : n - k])
     assert nfe_wrong != full_nfe
