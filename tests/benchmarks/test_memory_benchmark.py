@@ -17,7 +17,7 @@ def test_stage_report_keys_and_table(tiny_model):
     assert report["stages"]["clip_encoder"]["input_shapes"] == {"frames": [100, 3, 224, 224]}
     assert 1 <= report["stages"]["clip_encoder"]["rows_per_call"] <= 100
     assert report["stages"]["flow_step"]["rows_per_call"] is None
-    assert report["ort_memory"] == "arena=off,mem_pattern=off,prepack=off"          # our defaults
+    assert report["ort_memory"] == "arena=auto,mem_pattern=auto,prepack=off"        # our defaults
     report.update(model="tiny", caches=caches_and_queues(tiny_model),
                   end_to_end={"command": "vssflow-run clip.mp4", "seconds": 2.0, "peak_bytes": 1 << 30,
                               "wall_seconds": 1.0})

@@ -68,7 +68,8 @@ def test_encoder_pieces_give_the_same_bits(tiny_model, stage, rows, pieces):
     backend.close()
 
 
-@pytest.mark.parametrize("setting", ["", "ort", "arena=shared", "arena=session,mem_pattern=on,prepack=off"])
+@pytest.mark.parametrize("setting", ["", "ort", "arena=shared", "arena=session,mem_pattern=on,prepack=off",
+                                     "arena=off,mem_pattern=off"])
 def test_ort_memory_settings_give_the_same_bits(tiny_model, setting):
     folder = ModelFolder.open(tiny_model)
     feed = folder.contracts["vae_decoder"].sample("opt", seed=2, T=50)
@@ -82,6 +83,19 @@ def test_ort_memory_parse():
     assert OrtMemory.parse("arena=shared,prepack=on") == OrtMemory(arena="shared", prepack=True)
     with pytest.raises(BackendError):
         OrtMemory.parse("arena=big")
+
+
+def test_ort_memory_per_stage():
+    """By default an arena and planned patterns for the stages called with one shape per window
+    only; what is set explicitly holds for every stage."""
+    auto = OrtMemory()
+    assert auto.for_stage("flow_step") == OrtMemory(arena="session", mem_pattern=True)
+    assert auto.for_stage("vae_decoder") == auto.for_stage("condition") == auto.for_stage("flow_step")
+    for stage in ("clip_encoder", "synch_encoder", "speaker_encoder", "vocoder"):
+        assert auto.for_stage(stage) == OrtMemory(arena="off", mem_pattern=False)
+    off = OrtMemory.parse("arena=off,mem_pattern=off")
+    assert off.for_stage("flow_step") == off and OrtMemory.parse("mem_pattern=auto") == auto
+    assert auto.describe() == "arena=auto,mem_pattern=auto,prepack=off"
 
 
 def test_cli_max_memory_too_small_is_one_line_and_exit_4(tiny_model, clip4, tmp_path):

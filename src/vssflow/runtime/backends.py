@@ -245,16 +245,23 @@ class OrtMemory:
     pattern its stage ever ran, grown by doubling), "shared" (one arena for every session, grown as
     requested: `kSameAsRequested`), "off" (no arena: the allocator's, so a stage's activations go
     back when its call ends). `mem_pattern`: ONNX Runtime's planned block per input shape (more for
-    every new shape). `prepack`: weights of matrix products also copied in the layout MLAS computes in:
-    off, as measured at full size on a 2-core CPU, it saves 524 MiB of the flow step's 1633 MiB graph and
-    three quarters of its load time (8 s against 32 s) for no measurable cost per call (6.11 s against
-    6.09 s, median of 3)."""
+    every new shape). "auto" (None for `mem_pattern`), the default, is per stage: an arena and
+    memory patterns for `PLANNED_STAGES`, neither for the others. `prepack`: weights of matrix
+    products also copied in the layout MLAS computes in: off, as measured at full size on a 2-core
+    CPU, it saves 524 MiB of the flow step's 1633 MiB graph and three quarters of its load time
+    (8 s against 32 s) for no measurable cost per call (6.11 s against 6.09 s, median of 3)."""
 
-    arena: str = "off"
-    mem_pattern: bool = False
+    arena: str = "auto"
+    mem_pattern: bool | None = None
     prepack: bool = False
 
-    ARENAS = ("session", "shared", "off")
+    ARENAS = ("auto", "session", "shared", "off")
+    # Stages called with one shape per window, whose activations a planned pattern reuses: measured at
+    # full size, each in a process of its own, a call's peak growth with an arena and patterns against
+    # neither: flow step 65 MiB against 231 MiB, VAE decoder 219 against 500, condition 30 against 42.
+    # Not the encoders (their pieces vary, and an arena would keep their largest: hundreds of MiB) nor
+    # the speaker encoder (705 MiB kept against 123) or the vocoder (chunks of varying length; 26 MiB).
+    PLANNED_STAGES = frozenset({"condition", "flow_step", "vae_decoder"})
 
     @classmethod
     def parse(cls, text: str) -> OrtMemory:
@@ -269,16 +276,24 @@ class OrtMemory:
             key, _, value = part.partition("=")
             if key == "arena" and value in cls.ARENAS:
                 fields[key] = value
-            elif key in ("mem_pattern", "prepack") and value in ("on", "off"):
+            elif key == "mem_pattern" and value in ("on", "off", "auto"):
+                fields[key] = None if value == "auto" else value == "on"
+            elif key == "prepack" and value in ("on", "off"):
                 fields[key] = value == "on"
             else:
-                raise BackendError(f"ONNX Runtime memory setting {part!r}: expected arena=session|shared|off, "
-                                   "mem_pattern=on|off or prepack=on|off")
+                raise BackendError(f"ONNX Runtime memory setting {part!r}: expected arena=auto|session|shared|off, "
+                                   "mem_pattern=auto|on|off or prepack=on|off")
         return cls(**fields)
 
+    def for_stage(self, stage: str) -> OrtMemory:
+        """The settings of `stage`'s session, "auto" resolved."""
+        planned = stage in self.PLANNED_STAGES
+        return dataclasses.replace(self, arena=("session" if planned else "off") if self.arena == "auto" else self.arena,
+                                   mem_pattern=planned if self.mem_pattern is None else self.mem_pattern)
+
     def describe(self) -> str:
-        return (f"arena={self.arena},mem_pattern={'on' if self.mem_pattern else 'off'},"
-                f"prepack={'on' if self.prepack else 'off'}")
+        pattern = "auto" if self.mem_pattern is None else "on" if self.mem_pattern else "off"
+        return f"arena={self.arena},mem_pattern={pattern},prepack={'on' if self.prepack else 'off'}"
 
 
 _SHARED_ARENA: list[bool] = []          # the process's one shared CPU arena, registered with ONNX Runtime once
@@ -359,7 +374,7 @@ class OrtBackend(Backend):
             options["user_compute_stream"] = str(self._stream.cuda_stream)
         return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
-    def _session(self, path):
+    def _session(self, path, stage: str = ""):
         if self.providers[0] == "CUDAExecutionProvider" and not OrtBackend._preloaded:
             OrtBackend._preloaded = True
             preload = getattr(self._ort, "preload_dlls", None)     # onnxruntime-gpu >= 1.21
@@ -372,7 +387,7 @@ class OrtBackend(Backend):
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
         if self.providers[0] == "CPUExecutionProvider":
-            _ort_cpu_options(self._ort, opts, self.memory)
+            _ort_cpu_options(self._ort, opts, self.memory.for_stage(stage))
         try:
             return self._ort.InferenceSession(str(path), opts, providers=self._provider_options())
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
@@ -396,7 +411,7 @@ class OrtBackend(Backend):
 
     def _load(self, name: str):
         path = self.folder.file(graph_name(name, self.stage_precision(name)))
-        session = self._session(path)
+        session = self._session(path, name)
         if self.providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
             raise BackendError(f"{name}: ONNX Runtime's CUDA provider did not load for {path.name}")
         return session
