@@ -189,3 +189,17 @@ def test_feature_cache_is_bounded_in_bytes():
     assert cache.nbytes == 8000 and cache.get("c") is None and cache.get("b") is not None
     cache.put("d", np.zeros(5000, np.float32))                      # more than the cache holds: not kept
     assert cache.get("b") is None and cache.get("d") is None and cache.nbytes == 0
+
+
+def test_fp16_graphs_on_the_cpu_run_without_graph_optimizations(tiny_model):
+    """Their weights' FP32 copies (folded casts) would take twice the FP16 graph; FP32 graphs keep
+    ONNX Runtime's optimizations."""
+    import onnxruntime as ort
+    folder = ModelFolder.open(tiny_model)
+    feed = folder.contracts["vae_decoder"].sample("opt", seed=2, T=50)
+    with OrtBackend(folder, "cpu", "fp16") as half, OrtBackend(folder, "cpu", "fp32") as full:
+        assert np.isfinite(half.run("vae_decoder", feed)["mel"]).all()
+        full.run("vae_decoder", feed)
+        level = {b.precision: b._stage("vae_decoder").get_session_options().graph_optimization_level
+                 for b in (half, full)}
+    assert level == {"fp16": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "fp32": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
