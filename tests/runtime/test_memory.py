@@ -93,6 +93,7 @@ def test_ort_memory_per_stage():
     assert auto.for_stage("vae_decoder") == auto.for_stage("condition") == auto.for_stage("flow_step")
     for stage in ("clip_encoder", "synch_encoder", "speaker_encoder", "vocoder"):
         assert auto.for_stage(stage) == OrtMemory(arena="off", mem_pattern=False)
+    assert auto.for_stage("flow_step", half=True) == OrtMemory(arena="off", mem_pattern=False)   # FP16 graph
     off = OrtMemory.parse("arena=off,mem_pattern=off")
     assert off.for_stage("flow_step") == off and OrtMemory.parse("mem_pattern=auto") == auto
     assert auto.describe() == "arena=auto,mem_pattern=auto,prepack=off"

@@ -285,9 +285,11 @@ class OrtMemory:
                                    "mem_pattern=auto|on|off or prepack=on|off")
         return cls(**fields)
 
-    def for_stage(self, stage: str) -> OrtMemory:
-        """The settings of `stage`'s session, "auto" resolved."""
-        planned = stage in self.PLANNED_STAGES
+    def for_stage(self, stage: str, half: bool = False) -> OrtMemory:
+        """The settings of `stage`'s session, "auto" resolved; `half`: it runs an FP16 graph, whose
+        weights the CPU provider casts to FP32 as each call needs them (`_ort_cpu_options`), and an
+        arena would keep those casts: none for it."""
+        planned = stage in self.PLANNED_STAGES and not half
         return dataclasses.replace(self, arena=("session" if planned else "off") if self.arena == "auto" else self.arena,
                                    mem_pattern=planned if self.mem_pattern is None else self.mem_pattern)
 
@@ -397,8 +399,8 @@ class OrtBackend(Backend):
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
         if self.providers[0] == "CPUExecutionProvider":
-            _ort_cpu_options(self._ort, opts, self.memory.for_stage(stage),
-                             half=bool(stage) and self.stage_precision(stage) != "fp32")
+            half = bool(stage) and self.stage_precision(stage) != "fp32"
+            _ort_cpu_options(self._ort, opts, self.memory.for_stage(stage, half), half)
         try:
             return self._ort.InferenceSession(str(path), opts, providers=self._provider_options())
         except Exception as e:  # onnxruntime raises its own types (InvalidProtobuf, Fail, ...) for bad files
