@@ -27,13 +27,17 @@ def test_stage_report_keys_and_table(tiny_model):
 
 def test_peak_rss_sees_an_allocation():
     """Freed before the block ends: seen by the kernel's high-water mark, or by a reading taken
-    while it is alive (the sampling thread alone may never run in between: CI's first red)."""
-    import numpy as np
+    while it is alive (the sampling thread alone may never run in between: CI's first red). The
+    memory is a fresh anonymous mapping, every page written: a numpy array may come from heap pages
+    already resident (a worker that ran other tests holds GiBs freed but not returned: CI's second)."""
+    import mmap
     with PeakRss() as p:
-        a = np.ones(64 << 20, np.uint8)          # 64 MiB, touched
+        block = mmap.mmap(-1, 64 << 20)
+        for offset in range(0, len(block), mmap.PAGESIZE):
+            block[offset] = 1
         if not p.exact:
             p.sample()
-        del a
+        block.close()
     assert p.peak - p.before >= 48 << 20 and p.seconds > 0
     # Two readings of the kernel's per-thread RSS counters, which lag by a few pages (seen: 20 KiB).
     assert high_water(os.getpid()) >= p.peak - (1 << 20)
