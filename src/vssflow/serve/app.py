@@ -7,7 +7,7 @@ waits on the model), written by the CLI's own `plan_output`/`write_output`, and 
 that file; the folder is removed once the answer is sent or has failed.
 
 `/v1/stream` takes the same form and answers with the sound as it is made: a WAV of 32-bit float
-mono samples whose header gives no length (`STREAM_WAV_HEADER`: the decoded frames, not the
+mono samples whose header gives no length (`wav_stream_header`: the decoded frames, not the
 container, decide it), each chunk sent as the Session yields it. Everything checked before the
 model runs is refused with its status as in `/v1/generate`; a failure after the first bytes can
 only end the stream unfinished (no terminating chunk), so a client never takes part of a sound
@@ -23,6 +23,7 @@ Errors are the CLI's one line as JSON, `{"error": ..., "exit_code": N}`, with th
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import logging
@@ -31,8 +32,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-
-import asyncio
 
 import anyio.to_thread
 import numpy as np
@@ -46,7 +45,7 @@ from vssflow.runtime.errors import VssflowError, VssflowInputError, describe, ht
 from vssflow.runtime.output import plan_output, write_output
 
 from .batcher import Batcher
-from .form import Job, RequestError, megabytes, read_job
+from .form import RequestError, megabytes, read_job
 from .metrics import Metrics
 
 log = logging.getLogger("vssflow.serve")
@@ -90,10 +89,9 @@ def create_app(session, limits: Limits, token: bytes | None = None) -> Starlette
     return app
 
 
-def write_answer(job: Job, result, folder: Path) -> Answer:
-    """What `vssflow-run VIDEO [options]` writes for `result`, written into `folder` (encoding:
-    call it from a worker thread)."""
-    plan = plan_output(job.video, None, format=job.format, folder=folder, input_audio=job.input_audio)
+def write_answer(plan, result) -> Answer:
+    """What `vssflow-run VIDEO [options]` writes for `result`, written where `plan` (the request's
+    `plan_output`) says (encoding: call it from a worker thread)."""
     samples = write_output(plan, [result.audio], result.sample_rate)
     return Answer(plan.path, plan.format.media_type, samples / result.sample_rate, result.nfe)
 
@@ -136,9 +134,10 @@ class _Service:
                 folder = tmp = Path(tempfile.mkdtemp(prefix="vssflow-serve-"))   # mode 700: this process's own
                 job = await read_job(request.stream(), request.headers.get("content-type", ""), folder,
                                      self.limits.max_upload_bytes)
-                plan_output(job.video, None, format=job.format, folder=folder, input_audio=job.input_audio)
+                # planned before the model runs: a format that cannot hold the video is refused at once
+                plan = plan_output(job.video, None, format=job.format, folder=folder, input_audio=job.input_audio)
                 result = await asyncio.wrap_future(self.batcher.submit(job))
-                answer = await anyio.to_thread.run_sync(write_answer, job, result, folder)
+                answer = await anyio.to_thread.run_sync(write_answer, plan, result)
             finally:
                 self.in_flight -= 1
             response = _FileThenRemove(answer.path, folder, request, t0, media_type=answer.media_type,
@@ -191,7 +190,7 @@ class _Service:
                 samples += len(chunk)
                 yield np.ascontiguousarray(chunk, dtype="<f4").tobytes()
             status, what = 200, f"{samples / sample_rate:.3f} s of audio streamed, {chunks.nfe} NFE"
-            request.app.state.metrics.audio(samples / sample_rate)
+            self.metrics.audio(samples / sample_rate)
         except Exception as e:              # the status line has gone out: the stream ends unfinished
             message, code = describe(e)
             status, what = 500, f"stream ended unfinished: exit {code}: {message}"

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import logging
 import queue
 import threading
 from collections.abc import Hashable
 
 from vssflow.runtime.inputs import GenerateOptions, Item
 
-log = logging.getLogger("vssflow.serve")
 _PER_ITEM = ("transcript", "speech_start", "speech_end", "seed")
 
 
@@ -29,7 +27,7 @@ def batch_key(options: GenerateOptions) -> Hashable:
     return dataclasses.replace(options, **{k: None for k in _PER_ITEM})
 
 
-def as_item(job) -> Item:
+def job_item(job) -> Item:
     """A request's clip and its own options, as `generate_many` takes them."""
     o = job.options
     return Item(job.video, transcript=o.transcript, speech_start=o.speech_start, speech_end=o.speech_end,
@@ -43,7 +41,7 @@ class Batcher:
     def __init__(self, session, batch: int):
         self.session, self.batch = session, batch
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self.batches: list[int] = []               # jobs per group run, in order (for tests and the log)
+        self.batches: list[int] = []               # jobs per group run, in order (for tests)
         self._thread = threading.Thread(target=self._loop, name="vssflow-serve-model", daemon=True)
         self._thread.start()
 
@@ -78,7 +76,7 @@ class Batcher:
         self.batches.append(len(group))
         futures = [f for _, f in group]
         try:
-            results = self.session.generate_many([as_item(job) for job, _ in group], options,
+            results = self.session.generate_many([job_item(job) for job, _ in group], options,
                                                  batch=min(self.batch, len(group)))
             for future, result in zip(futures, results):
                 if isinstance(result, BaseException):
