@@ -57,8 +57,9 @@ class PeakRss:
         self.before = self.peak = rss()
         self.exact = reset_peak_rss()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread = None if self.exact else threading.Thread(target=self._sample, daemon=True)
+        if self._thread is not None:             # the kernel's mark needs no sampling
+            self._thread.start()
         self._t0 = time.perf_counter()
         return self
 
@@ -73,7 +74,8 @@ class PeakRss:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self._t0
         self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
         self.after = rss()
         self.peak = max(self.sample(), peak_rss_bytes() if self.exact else 0)
 

@@ -142,7 +142,8 @@ def _encode(backend, run, stage: str, cache: FeatureCache, inputs: list[_Inputs]
     name, axis = contract.inputs[0].name, contract.inputs[0].shape[0]          # frames [N, ...], segments [S, ...]
     # Gathered (normalised to float32) a call at a time: no more rows than the memory plan's pieces,
     # so a window's whole input (30 segments: 289 MB at 224 px) never exists at once.
-    limit = min(contract.axes[axis][2], backend.pieces.get(stage, contract.axes[axis][2]))
+    most = contract.axes[axis][2]
+    limit = min(most, backend.pieces.get(stage, most))
     computed: dict[tuple[int, int], np.ndarray] = {}
     if not todo:                 # every input known: the stage ran in no time, and its record says so
         run.timed(stage, 0.0)

@@ -117,12 +117,12 @@ class MemoryPlan:
 
     @classmethod
     def make(cls, folder, precision: str = "fp32", budget: int | str | None = None) -> MemoryPlan:
-        weights = sum(weight_bytes(folder.manifest, precision).values())
+        host = host_budget(folder.manifest, folder.contracts, precision)
+        weights, need = host["weights"], host["least"]
         if budget is None:
             activations = DEFAULT_ACTIVATIONS
         else:
             budget = parse_memory(budget)
-            need = weights + RESERVE
             if need > budget:
                 raise MemoryBudgetError(
                     f"--max-memory {format_bytes(budget)} cannot fit this model: its weights alone take "
