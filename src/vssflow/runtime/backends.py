@@ -386,7 +386,9 @@ class OrtBackend(Backend):
             options["user_compute_stream"] = str(self._stream.cuda_stream)
         return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
-    def _session(self, path, stage: str = ""):
+    def _session(self, path, stage: str = "", half: bool = False):
+        """An InferenceSession of the graph at `path`: `stage`'s (CPU memory settings are per stage),
+        an FP16 graph where `half`."""
         if self.providers[0] == "CUDAExecutionProvider" and not OrtBackend._preloaded:
             OrtBackend._preloaded = True
             preload = getattr(self._ort, "preload_dlls", None)     # onnxruntime-gpu >= 1.21
@@ -399,7 +401,6 @@ class OrtBackend(Backend):
         opts = self._ort.SessionOptions()
         opts.log_severity_level = 3
         if self.providers[0] == "CPUExecutionProvider":
-            half = bool(stage) and self.stage_precision(stage) != "fp32"
             _ort_cpu_options(self._ort, opts, self.memory.for_stage(stage, half), half)
         try:
             return self._ort.InferenceSession(str(path), opts, providers=self._provider_options())
@@ -423,8 +424,9 @@ class OrtBackend(Backend):
                 "version: pip install 'onnxruntime-gpu[cuda,cudnn]', or on a Jetson the wheel built for its JetPack)")
 
     def _load(self, name: str):
-        path = self.folder.file(graph_name(name, self.stage_precision(name)))
-        session = self._session(path, name)
+        precision = self.stage_precision(name)
+        path = self.folder.file(graph_name(name, precision))
+        session = self._session(path, name, half=precision != "fp32")
         if self.providers[0] == "CUDAExecutionProvider" and "CUDAExecutionProvider" not in session.get_providers():
             raise BackendError(f"{name}: ONNX Runtime's CUDA provider did not load for {path.name}")
         return session
