@@ -8,7 +8,7 @@ import numpy as np
 
 from vssflow.runtime.inputs import GenerateOptions
 from vssflow.runtime.session import Session
-from vssflow.serve.batcher import Batcher, batch_key
+from vssflow.serve.batcher import Batcher, RequestCancelled, batch_key
 from vssflow.serve.form import Job
 
 
@@ -22,12 +22,12 @@ class HeldFirst:
     def __init__(self, session):
         self.session, self.started, self.release, self.calls = session, threading.Event(), threading.Event(), []
 
-    def generate_many(self, items, options, batch):
+    def generate_many(self, items, options, batch, progress=None):
         self.calls.append((len(items), batch))
         if len(self.calls) == 1:
             self.started.set()
             self.release.wait(timeout=300)
-        return self.session.generate_many(items, options, batch=batch)
+        return self.session.generate_many(items, options, batch=batch, progress=progress)
 
 
 def test_waiting_requests_run_together_and_each_gets_its_own_result(tiny_model, clip4, tmp_path):
@@ -57,3 +57,42 @@ def test_waiting_requests_run_together_and_each_gets_its_own_result(tiny_model, 
 def test_batch_key_is_what_an_item_cannot_set():
     a = GenerateOptions(transcript="hi", speech_start=1.0, speech_end=2.0, seed=3, steps=5)
     assert batch_key(a) == batch_key(GenerateOptions(seed=9, steps=5)) != batch_key(GenerateOptions(steps=6))
+
+
+def test_cancelled_requests_are_dropped_or_stopped(tiny_model, clip4):
+    """Cancelled while waiting: never run. Cancelled while running: its group stops at the next step."""
+    with Session(tiny_model, backend="ort", device="cpu") as session:
+        held = HeldFirst(session)
+        batcher = Batcher(held, batch=4)
+        try:
+            stop = threading.Event()
+            first = batcher.submit(job(clip4, seed=1), stop)
+            assert held.started.wait(timeout=300)
+            dropped = threading.Event()
+            waiting = batcher.submit(job(clip4, seed=2), dropped)
+            dropped.set()
+            stop.set()                                      # the held run's only request is cancelled
+            held.release.set()
+            assert isinstance(first.exception(timeout=300), RequestCancelled)
+            assert isinstance(waiting.exception(timeout=300), RequestCancelled)
+            assert held.calls == [(1, 1)]                   # the dropped one never reached the model
+            assert batcher.submit(job(clip4, seed=3)).result(timeout=300).audio.size   # and the next one runs
+        finally:
+            batcher.close()
+
+
+def test_a_cancelled_stream_stops_at_its_next_step(tiny_model, clip12):
+    """`/v1/stream`'s chunks (`app._Stream`): once cancelled, the run stops before its second window."""
+    import pytest
+
+    from vssflow.serve.app import _Stream
+    with Session(tiny_model, backend="ort", device="cpu") as session:
+        stream = _Stream()
+        stream.chunks, _ = session.stream(clip12, steps=2, progress=stream.check)
+        assert stream.next().result(timeout=300) is not None
+        stream.cancel.set()
+        with pytest.raises(RequestCancelled):
+            while stream.next().result(timeout=300) is not None:
+                pass
+        stream.close().result(timeout=300)
+        assert stream.chunks.nfe < session.generate(clip12, steps=2).nfe

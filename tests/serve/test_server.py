@@ -319,13 +319,30 @@ def test_metrics_count_what_was_served(server, clip4):
     assert served(after) == served(before) + 1 and served(after, "401") == served(before, "401") + 1
     audio = ("vssflow_audio_seconds_total", ())
     assert after[audio] == pytest.approx(before.get(audio, 0) + 4.0)
-    assert after[("vssflow_requests_in_flight", ())] == 0
+    assert after[("vssflow_requests_in_flight", ())] == 0 and after[("vssflow_requests_waiting", ())] == 0
+    batches = ("vssflow_batch_requests_count", ())
+    assert after[batches] == before.get(batches, 0) + 1            # --batch 1 on a CPU: one request a batch
+    assert after[("vssflow_batch_requests_bucket", (("le", "1.0"),))] == after[batches]
     assert after[("vssflow_model_info", (("backend", "ort"), ("model", "tiny"), ("precision", "fp32")))] == 1
     count = ("vssflow_request_seconds_count", (("path", "/v1/generate"),))
     assert after[count] == before.get(count, 0) + 2
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(server.url("/no/such/path"), timeout=60)
     assert scrape()[("vssflow_requests_total", (("path", "other"), ("status", "404")))] >= 1
+
+
+def test_a_client_leaving_before_its_answer_frees_its_slot_and_folder(server, clip12):
+    """Gone once its upload is read: its work is cancelled (499), or it was done already (200)."""
+    body, content_type = multipart({"video": ("clip12.mp4", clip12.read_bytes())}, {"format": "wav", "steps": "2"})
+    ended = len(server.matching("POST /v1/generate 499")) + server.served()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+    conn.request("POST", "/v1/generate", body=body, headers={**AUTH, "Content-Type": content_type})
+    conn.sock.shutdown(2)
+    conn.close()
+    with server.changed:
+        assert server.changed.wait_for(lambda: len(server.matching("POST /v1/generate 499"))
+                                       + server.served() > ended, timeout=300)
+    assert list(server.tmp.iterdir()) == [] and healthz(server)["in_flight"] == 0
 
 
 def test_busy_is_503_and_sigterm_finishes_the_request_in_flight(server, clip4):
@@ -355,3 +372,39 @@ def test_busy_is_503_and_sigterm_finishes_the_request_in_flight(server, clip4):
     assert server.lines[-1].endswith("stopped")
     assert list(server.tmp.iterdir()) == []
 
+
+
+@pytest.fixture(scope="module")
+def limited(tiny_model, tmp_path_factory):
+    """A server whose requests have 1 ms for their answer, clips of 5 s and transcripts of 10 characters."""
+    root = tmp_path_factory.mktemp("limited")
+    (root / "tmp").mkdir()
+    server = Server(["--model", tiny_model, "--port", 0, "--request-timeout", 0.001, "--max-seconds", 5,
+                     "--max-transcript", 10], env={**os.environ, "TMPDIR": str(root / "tmp")}, cwd=root)
+    server.tmp = root / "tmp"
+    yield server
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=120) == 0, "\n".join(server.lines)
+
+
+def test_limits_are_refused_before_the_model_runs(limited, clip4, clip12):
+    status, _, body = post(limited, {"video": ("clip12.mp4", clip12.read_bytes())}, {})
+    assert status == 422 and json.loads(body) == {
+        "error": "the video is 12.0 s long; this server takes clips of at most 5 s (--max-seconds)", "exit_code": 2}
+    status, _, body = post(limited, {"video": ("clip4.mp4", clip4.read_bytes())}, {"transcript": "eleven char"})
+    assert status == 422 and "at most 10 (--max-transcript)" in json.loads(body)["error"]
+    status, _, pieces = stream(limited, {"video": ("clip12.mp4", clip12.read_bytes())}, {})
+    assert status == 422 and "--max-seconds" in json.loads(b"".join(pieces))["error"]
+    limited.wait_for_lines(" 422 ", 3)
+    assert list(limited.tmp.iterdir()) == []
+
+
+def test_past_the_request_timeout_504_and_the_work_is_cancelled(limited, clip4):
+    """No answer within --request-timeout: 504 (exit 124) before any byte, the slot and folder freed,
+    for both paths (the work dropped or stopped: `test_batcher`; the tiny model may be done first)."""
+    status, headers, body = post(limited, {"video": ("clip4.mp4", clip4.read_bytes())}, {"steps": "8"})
+    assert status == 504 and json.loads(body)["exit_code"] == 124 and "--request-timeout" in json.loads(body)["error"]
+    status, _, pieces = stream(limited, {"video": ("clip4.mp4", clip4.read_bytes())}, {"steps": "8"})
+    assert status == 504 and json.loads(b"".join(pieces))["exit_code"] == 124
+    limited.wait_for_lines("POST /v1/stream 504", 1)
+    assert list(limited.tmp.iterdir()) == [] and healthz(limited)["in_flight"] == 0

@@ -14,7 +14,13 @@ only end the stream unfinished (no terminating chunk), so a client never takes p
 for all of it.
 
 `GET /metrics` is Prometheus' text format (`metrics.py`): requests by path and status, their
-seconds, the requests in flight, the seconds of audio made.
+seconds, the requests in flight and waiting for the model, requests per batch, the seconds of
+audio made.
+
+Limits, each checked before the model runs: the upload's bytes (413), the clip's seconds and the
+transcript's characters (422), requests at once (503). Once its upload is read, a request has
+`request_timeout` seconds until its answer starts (504 past it); past that, or once its client has
+gone, its work is cancelled (`batcher.py`; a stream stops at its model's next step).
 
 Errors are the CLI's one line as JSON, `{"error": ..., "exit_code": N}`, with the HTTP status
 `errors.http_status` gives; an error no check foresaw is logged with its traceback and answered
@@ -24,12 +30,14 @@ Errors are the CLI's one line as JSON, `{"error": ..., "exit_code": N}`, with th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import hmac
 import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,8 +52,8 @@ from starlette.routing import Route
 from vssflow.runtime.errors import VssflowError, VssflowInputError, describe, http_status
 from vssflow.runtime.output import plan_output, write_output
 
-from .batcher import Batcher
-from .form import RequestError, megabytes, read_job
+from .batcher import Batcher, RequestCancelled
+from .form import Job, RequestError, megabytes, read_job
 from .metrics import Metrics
 
 log = logging.getLogger("vssflow.serve")
@@ -60,11 +68,25 @@ class Busy(VssflowError):
     http_status = 503
 
 
+class RequestTimeout(VssflowError):
+    """The answer did not start within --request-timeout seconds of the upload (504)."""
+
+    exit_code = 124                      # as timeout(1)
+    http_status = 504
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before its answer started."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     max_upload_bytes: int
     max_concurrent: int
     batch: int = 1                       # requests whose windows `/v1/generate` batches together
+    request_timeout: float | None = None  # seconds from the upload read to the answer's start
+    max_seconds: float | None = None     # the longest clip taken
+    max_transcript: int | None = None    # the longest transcript taken, in characters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,9 +133,10 @@ class _Service:
         self.session, self.limits, self.token = session, limits, token
         self.in_flight = 0               # requests admitted and not yet answered (the event loop's count)
         backend = session.backend
-        self.batcher = Batcher(session, limits.batch)
-        self.metrics = Metrics(lambda: self.in_flight, {"model": session.folder.path.name, "backend": backend.name,
-                                                        "precision": backend.precision})
+        self.metrics = Metrics(lambda: self.in_flight, lambda: self.batcher.waiting(), limits.batch,
+                               {"model": session.folder.path.name, "backend": backend.name,
+                                "precision": backend.precision})
+        self.batcher = Batcher(session, limits.batch, self.metrics.batch)
 
     async def healthz(self, request: Request) -> Response:
         t0 = time.perf_counter()
@@ -132,11 +155,12 @@ class _Service:
             self.in_flight += 1
             try:
                 folder = tmp = Path(tempfile.mkdtemp(prefix="vssflow-serve-"))   # mode 700: this process's own
-                job = await read_job(request.stream(), request.headers.get("content-type", ""), folder,
-                                     self.limits.max_upload_bytes)
+                job = await self._read(request, folder)
                 # planned before the model runs: a format that cannot hold the video is refused at once
                 plan = plan_output(job.video, None, format=job.format, folder=folder, input_audio=job.input_audio)
-                result = await asyncio.wrap_future(self.batcher.submit(job))
+                cancel = threading.Event()
+                result = await self._answer_of(request, asyncio.wrap_future(self.batcher.submit(job, cancel)),
+                                               cancel)
                 answer = await anyio.to_thread.run_sync(write_answer, plan, result)
             finally:
                 self.in_flight -= 1
@@ -145,51 +169,103 @@ class _Service:
                                        headers={"X-Audio-Seconds": f"{answer.seconds:.3f}", "X-NFE": str(answer.nfe)})
             folder = None                                                      # the response removes it
             return response
-        except ClientDisconnect:             # gone mid-upload: nobody to answer, and no bug
-            _log(request, 499, t0, "the client left during the upload")
+        except (ClientDisconnect, _ClientGone) as e:  # gone: nobody to answer, and no bug
+            self._done(False, folder)
+            folder = None                                                      # logged once it is gone
+            _log(request, 499, t0, "the client left during the upload" if isinstance(e, ClientDisconnect)
+                 else "the client left before its answer: its work is cancelled")
             return Response(status_code=400)
         except Exception as e:
+            self._done(False, folder)
+            folder = None
             return self._error(request, e, t0, tmp)
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
 
+    async def _read(self, request: Request, folder: Path) -> Job:
+        """The request's job, within every limit checked before the model runs."""
+        job = await read_job(request.stream(), request.headers.get("content-type", ""), folder,
+                             self.limits.max_upload_bytes)
+        most = self.limits.max_transcript
+        if most is not None and job.options.transcript and len(job.options.transcript) > most:
+            raise RequestError(f"the transcript has {len(job.options.transcript)} characters; this server takes "
+                               f"at most {most} (--max-transcript)", 422)
+        if self.limits.max_seconds is not None:
+            from vssflow.runtime.video import probe
+            seconds = (await anyio.to_thread.run_sync(probe, job.video)).duration
+            if seconds > self.limits.max_seconds:
+                raise RequestError(f"the video is {seconds:.1f} s long; this server takes clips of at most "
+                                   f"{self.limits.max_seconds:g} s (--max-seconds)", 422)
+        return job
+
+    async def _answer_of(self, request: Request, work: asyncio.Future, cancel: threading.Event):
+        """`work`'s result, unless the client leaves first (`_ClientGone`) or the request's time runs
+        out (`RequestTimeout`); either way `cancel` is set, so the model drops the work."""
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({work, gone}, timeout=self.limits.request_timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if work in done:
+            return work.result()
+        cancel.set()
+        work.add_done_callback(lambda f: f.cancelled() or f.exception())    # its outcome has nobody to hear it
+        if gone in done:
+            raise _ClientGone
+        raise RequestTimeout(f"no answer within {self.limits.request_timeout:g} s (--request-timeout): "
+                             "the request was cancelled; try a shorter clip or fewer steps, or later")
+
     async def stream(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        folder = None
+        folder = stream = None
         admitted = False
         try:
             self._admit(request)
             self.in_flight += 1
             admitted = True
             folder = Path(tempfile.mkdtemp(prefix="vssflow-serve-"))
-            job = await read_job(request.stream(), request.headers.get("content-type", ""), folder,
-                                 self.limits.max_upload_bytes)
+            job = await self._read(request, folder)
             if job.format not in (None, "wav"):
                 raise RequestError(f"/v1/stream sends WAV only (format {job.format!r}): leave format out, or "
                                    "use /v1/generate for other formats", 422)
+            stream = _Stream()
             chunks, info = await anyio.to_thread.run_sync(
-                lambda: self.session.stream(job.video, job.options, ref_audio=job.ref_audio))
+                lambda: self.session.stream(job.video, job.options, ref_audio=job.ref_audio, progress=stream.check))
+            stream.chunks = chunks
+            # the first chunk before the status line: an error or a timeout before it still has its status
+            first = await self._answer_of(request, asyncio.wrap_future(stream.next()), stream.cancel)
         except ClientDisconnect:
             self._done(admitted, folder)
             _log(request, 499, t0, "the client left during the upload")
             return Response(status_code=400)
+        except _ClientGone:
+            await self._closed(stream)
+            self._done(admitted, folder)
+            _log(request, 499, t0, "the client left before the first chunk: its work is cancelled")
+            return Response(status_code=400)
         except Exception as e:
+            if stream is not None:
+                await self._closed(stream)
             self._done(admitted, folder)
             return self._error(request, e, t0, folder)
-        return StreamingResponse(self._chunks(request, t0, chunks, info.sample_rate, folder), media_type="audio/wav",
-                                 headers={"X-Sample-Rate": str(info.sample_rate)})
+        return StreamingResponse(self._chunks(request, t0, stream, first, info.sample_rate, folder),
+                                 media_type="audio/wav", headers={"X-Sample-Rate": str(info.sample_rate)})
 
-    async def _chunks(self, request: Request, t0: float, chunks, sample_rate: int, folder: Path):
-        """The header, then each chunk as the model makes it (in a worker thread); the request's
-        slot and folder released however it ends: done, failed, or the client gone."""
+    async def _chunks(self, request: Request, t0: float, stream: _Stream, first, sample_rate: int, folder: Path):
+        """The header, then each chunk as the model makes it (in the stream's thread); the request's
+        slot and folder released however it ends: done, failed, or the client gone (its model
+        stopped at the next step)."""
         samples, status, what = 0, 499, "the client left during the stream"
+        chunk = first
         try:
             yield wav_stream_header(sample_rate)
-            while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+            while chunk is not None:
                 samples += len(chunk)
                 yield np.ascontiguousarray(chunk, dtype="<f4").tobytes()
-            status, what = 200, f"{samples / sample_rate:.3f} s of audio streamed, {chunks.nfe} NFE"
+                chunk = await asyncio.wrap_future(stream.next())
+            status, what = 200, f"{samples / sample_rate:.3f} s of audio streamed, {stream.chunks.nfe} NFE"
             self.metrics.audio(samples / sample_rate)
         except Exception as e:              # the status line has gone out: the stream ends unfinished
             message, code = describe(e)
@@ -198,9 +274,17 @@ class _Service:
                       exc_info=None if isinstance(e, VssflowError) else e)
             raise
         finally:
-            chunks.close()                  # the decoder and the run: quick, and safe while cancelled
+            await self._closed(stream)
             self._done(True, folder)
             _log(request, status, t0, what)
+
+    @staticmethod
+    async def _closed(stream: _Stream) -> None:
+        """`stream` cancelled and closed, once the step it may be in has stopped (shielded: this runs
+        while the request itself is being cancelled)."""
+        stream.cancel.set()
+        with anyio.CancelScope(shield=True):
+            await asyncio.wrap_future(stream.close())
 
     def _admit(self, request: Request) -> None:
         """Token, declared size and capacity, before anything is read."""
@@ -245,6 +329,32 @@ class _Service:
         return answer
 
 
+class _Stream:
+    """A `Session.stream`'s chunks, taken one at a time on a thread of their own, and stopped at its
+    model's next stage call or step once `cancel` is set (its `progress` is `check`)."""
+
+    def __init__(self):
+        self.cancel, self.chunks = threading.Event(), None
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vssflow-serve-stream")
+
+    def check(self, event: dict) -> None:
+        if self.cancel.is_set():
+            raise RequestCancelled("cancelled while it ran")
+
+    def next(self) -> concurrent.futures.Future:
+        """A future of the next chunk (None at the end)."""
+        return self._thread.submit(next, self.chunks, None)
+
+    def close(self) -> concurrent.futures.Future:
+        """A future done once the chunks are closed, after any `next` still running."""
+        def close():
+            if self.chunks is not None:
+                self.chunks.close()
+        done = self._thread.submit(close)
+        self._thread.shutdown(wait=False)
+        return done
+
+
 class _FileThenRemove(FileResponse):
     """The generated file, sent from disk; its folder removed once it is sent, or the sending failed."""
 
@@ -260,6 +370,12 @@ class _FileThenRemove(FileResponse):
             shutil.rmtree(self.folder, ignore_errors=True)
             _log(self.request, self.status_code, self.t0,
                  f"{self.headers['x-audio-seconds']} s of audio, {self.headers['x-nfe']} NFE")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed its connection (the body is read: the next message is that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _http_exception(request: Request, e: HTTPException) -> Response:

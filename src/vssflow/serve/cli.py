@@ -39,11 +39,19 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
               help="Largest request body (the video, the voice and the fields), in MB; larger ones get 413.")
 @click.option("--max-concurrent", type=click.IntRange(1, None), default=4, show_default=True,
               help="Requests handled at once (uploading, waiting for the model or generating); more get 503.")
+@click.option("--request-timeout", type=click.FloatRange(0, None), default=900, show_default=True,
+              help="Seconds a request may wait for the model and run, from its upload read to its answer's start "
+                   "(/v1/stream: its first chunk); past them it gets 504 and its work is cancelled. 0: no limit.")
+@click.option("--max-seconds", type=click.FloatRange(0, None, min_open=True), default=300, show_default=True,
+              help="The longest video taken, in seconds; longer ones get 422 before the model runs.")
+@click.option("--max-transcript", type=click.IntRange(1, None), default=2000, show_default=True,
+              help="The longest transcript taken, in characters; longer ones get 422.")
 @click.option("--batch", type=click.IntRange(1, None), default=None,
               help="Requests to /v1/generate whose windows run together in one flow-step call, from those "
                    "waiting when the model is free (never waiting for more). Default: as vssflow-run's batches "
                    "(1 on a CPU, the model folder's most on a GPU).")
-def main(model_dir, host, port, backend, device, precision, token_file, max_upload_mb, max_concurrent, batch):
+def main(model_dir, host, port, backend, device, precision, token_file, max_upload_mb, max_concurrent,
+         request_timeout, max_seconds, max_transcript, batch):
     """Serve VSSFlow over HTTP: POST /v1/generate (multipart: a `video` file, an optional
     `ref_audio` file, and vssflow-run's options as fields) answers with the file vssflow-run
     would write; POST /v1/stream (the same form) answers with a WAV as it is made, chunk by
@@ -73,7 +81,9 @@ def main(model_dir, host, port, backend, device, precision, token_file, max_uplo
         logging.getLogger("vssflow.serve").warning(
             "warning: listening on %s without --token-file: anyone who can reach this machine can use it", host)
     from .app import Limits, create_app
-    app = create_app(session, Limits(int(max_upload_mb * 2**20), max_concurrent, batch), token)
+    limits = Limits(int(max_upload_mb * 2**20), max_concurrent, batch, request_timeout or None, max_seconds,
+                    max_transcript)
+    app = create_app(session, limits, token)
     try:
         _serve(app, sock, host)
     finally:

@@ -8,6 +8,8 @@ process, as in tests, never share counts):
   the label set without bound;
 * `vssflow_request_seconds{path}`: a histogram of their seconds, upload to last byte;
 * `vssflow_requests_in_flight`: admitted and not yet answered;
+* `vssflow_requests_waiting`: `/v1/generate` requests read and waiting for the model;
+* `vssflow_batch_requests`: a histogram of the requests whose windows ran together in one batch;
 * `vssflow_audio_seconds_total`: seconds of sound sent;
 * `vssflow_model_info{model, backend, precision}`: what is loaded.
 
@@ -28,7 +30,8 @@ BUCKETS = (0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
 class Metrics:
-    def __init__(self, in_flight: Callable[[], int], model: Mapping[str, str]):
+    def __init__(self, in_flight: Callable[[], int], waiting: Callable[[], int], most_batch: int,
+                 model: Mapping[str, str]):
         self.registry = CollectorRegistry()
         self.requests = Counter("vssflow_requests", "Requests answered, by path and HTTP status",
                                 ["path", "status"], registry=self.registry)
@@ -36,6 +39,11 @@ class Metrics:
                                  ["path"], buckets=BUCKETS, registry=self.registry)
         Gauge("vssflow_requests_in_flight", "Requests admitted and not yet answered",
               registry=self.registry).set_function(in_flight)
+        Gauge("vssflow_requests_waiting", "Requests to /v1/generate read and waiting for the model",
+              registry=self.registry).set_function(waiting)
+        self.batches = Histogram("vssflow_batch_requests", "Requests whose windows ran together in one batch",
+                                 buckets=[n for n in (1, 2, 4, 8, 16, 32, 64) if n < most_batch] + [most_batch],
+                                 registry=self.registry)
         self.audio_seconds = Counter("vssflow_audio_seconds", "Seconds of sound sent", registry=self.registry)
         Info("vssflow_model", "The model this server runs", registry=self.registry).info(dict(model))
 
@@ -43,6 +51,9 @@ class Metrics:
         path = path if path in PATHS else "other"
         self.requests.labels(path, str(status)).inc()
         self.seconds.labels(path).observe(seconds)
+
+    def batch(self, requests: int) -> None:
+        self.batches.observe(requests)
 
     def audio(self, seconds: float) -> None:
         self.audio_seconds.inc(seconds)
