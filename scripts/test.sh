@@ -17,8 +17,9 @@ machine() {
   stat_before=$now
 }
 machine "before set-up"
-bash scripts/setup.sh export,cpu,dev,ray,kernels,serve   # ray: the --ray batch test (ray[data], ~15-30 s, ~500 MB);
-                                                        # serve: vssflow-serve's tests (starlette, uvicorn)
+bash scripts/setup.sh export,cpu,dev,ray,kernels,serve-ray   # ray: the --ray batch test (ray[data], ~15-30 s,
+                                                            # ~500 MB); serve-ray: vssflow-serve's tests, --ray's
+                                                            # through Ray Serve (starlette, uvicorn, ray[serve])
 . .venv/bin/activate
 machine "before tests"
 # How long a fresh process takes to import what most tests' subprocesses import, and what the

@@ -59,7 +59,12 @@ def default_batch(session) -> int:
 
 def max_batch(session) -> int:
     """The most windows every batched stage's contract takes at once (axis `B`)."""
-    contracts = session.folder.contracts
+    return most_windows(session.folder)
+
+
+def most_windows(folder) -> int:
+    """`max_batch` of a model folder, before any Session loads it."""
+    contracts = folder.contracts
     return min(contracts[s].axes["B"][2] for s in ("flow_step", "vae_decoder", "vocoder"))
 
 

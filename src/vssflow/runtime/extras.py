@@ -26,7 +26,8 @@ _MODULE_OF = {"onnxruntime-gpu": "onnxruntime", "pillow": "PIL"}
 # What each optional package of vssflow needs, when the metadata cannot say (a source tree on sys.path).
 _FALLBACK = {"export": ("torch", "onnx", "onnxscript"), "torch": ("torch",), "cpu": ("onnxruntime",),
              "kernels": ("triton",), "ray": ("ray",),
-             "serve": ("starlette", "uvicorn", "python-multipart", "prometheus-client")}
+             "serve": ("starlette", "uvicorn", "python-multipart", "prometheus-client"),
+             "serve-ray": ("starlette", "uvicorn", "python-multipart", "prometheus-client", "ray")}
 
 
 def requirements(extra: str) -> tuple[str, ...]:

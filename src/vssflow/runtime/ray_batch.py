@@ -226,14 +226,16 @@ def local_environ(home: Path) -> dict[str, str]:
 
 @contextlib.contextmanager
 def ray_instance(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None,
-                 object_store_memory: int | None = None, quiet: bool = True) -> Iterator[object]:
+                 object_store_memory: int | None = None, quiet: bool = True,
+                 log_to_driver: bool | None = None) -> Iterator[object]:
     """Ray for one batch: connect to the cluster at `address` (``host:port`` of its head, or
     ``auto``), or start a local instance on 127.0.0.1; disconnected (a local instance stopped,
     every process of it ended) on exit.
 
     A local instance keeps its session (logs, sockets) in a fresh ``/tmp/vssflow-ray-XXXX``: a
     short path, because Unix socket paths must fit in 107 bytes. Removed on a clean exit; kept,
-    for its logs, when the block raised.
+    for its logs, when the block raised. `log_to_driver`: what Ray's workers print shown here
+    (default: unless `quiet`).
     """
     local = address is None
     own_dir = Path(tempfile.mkdtemp(prefix="vssflow-ray-", dir="/tmp")) if local else None
@@ -241,8 +243,8 @@ def ray_instance(address: str | None = None, *, num_cpus: int | None = None, num
         if local:
             (own_dir / "home").mkdir()
         env = local_environ(own_dir / "home") if local else {}
-        if quiet:                       # the driver's core worker logs to stderr; its log file keeps it all
-            env["RAY_BACKEND_LOG_LEVEL"] = "fatal"
+        if quiet and not log_to_driver:  # the driver's core worker logs to stderr; its log file keeps it all
+            env["RAY_BACKEND_LOG_LEVEL"] = "fatal"     # (each of Ray's processes says so where it logs to here)
         with _environ(env):
             ray = require_ray()
             if ray.is_initialized():
@@ -256,7 +258,7 @@ def ray_instance(address: str | None = None, *, num_cpus: int | None = None, num
             # (logging.cc:303) before that level holds: into the session's log instead.
             with _stderr_to(own_dir / "driver.err" if local and quiet else None):
                 ray.init(address=address or "local", logging_level=logging.ERROR if quiet else logging.INFO,
-                         log_to_driver=not quiet, **kwargs)
+                         log_to_driver=not quiet if log_to_driver is None else log_to_driver, **kwargs)
             _no_colour_at_exit()
         if callable(on_sigterm):        # ray.init replaced it with sys.exit(15): keep the caller's own
             signal.signal(signal.SIGTERM, on_sigterm)

@@ -54,6 +54,7 @@ from vssflow.runtime.output import plan_output, write_output
 
 from .batcher import Batcher, RequestCancelled
 from .form import Job, RequestError, megabytes, read_job
+from .limits import Limits
 from .metrics import Metrics
 
 log = logging.getLogger("vssflow.serve")
@@ -77,16 +78,6 @@ class RequestTimeout(VssflowError):
 
 class _ClientGone(Exception):
     """The client closed its connection before its answer started."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    max_upload_bytes: int
-    max_concurrent: int
-    batch: int = 1                       # requests whose windows `/v1/generate` batches together
-    request_timeout: float | None = None  # seconds from the upload read to the answer's start
-    max_seconds: float | None = None     # the longest clip taken
-    max_transcript: int | None = None    # the longest transcript taken, in characters
 
 
 @dataclasses.dataclass(frozen=True)

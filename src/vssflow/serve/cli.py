@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -15,6 +16,8 @@ from vssflow.runtime import extras
 from vssflow.runtime.backends import BACKENDS
 from vssflow.runtime.errors import VssflowError, VssflowInputError, describe
 from vssflow.runtime.precision import PRECISIONS
+
+from .limits import Limits
 
 TOOL = "vssflow-serve"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -50,8 +53,16 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
               help="Requests to /v1/generate whose windows run together in one flow-step call, from those "
                    "waiting when the model is free (never waiting for more). Default: as vssflow-run's batches "
                    "(1 on a CPU, the model folder's most on a GPU).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve through Ray Serve: the same API from replicas (one per GPU of the cluster, or --replicas "
+                   "CPU ones), on a local Ray instance on 127.0.0.1 unless --ray-address says where. Needs "
+                   "pip install 'vssflow[serve-ray]'.")
+@click.option("--ray-address", default=None, metavar="HOST:PORT",
+              help="With --ray: the Ray cluster's head to join (or 'auto'), instead of a local instance.")
+@click.option("--replicas", type=click.IntRange(1, None), default=None,
+              help="With --ray: replicas to run (default: one per GPU of the cluster; 1 without GPUs).")
 def main(model_dir, host, port, backend, device, precision, token_file, max_upload_mb, max_concurrent,
-         request_timeout, max_seconds, max_transcript, batch):
+         request_timeout, max_seconds, max_transcript, batch, use_ray, ray_address, replicas):
     """Serve VSSFlow over HTTP: POST /v1/generate (multipart: a `video` file, an optional
     `ref_audio` file, and vssflow-run's options as fields) answers with the file vssflow-run
     would write; POST /v1/stream (the same form) answers with a WAV as it is made, chunk by
@@ -63,13 +74,24 @@ def main(model_dir, host, port, backend, device, precision, token_file, max_uplo
       vssflow-serve --model models/vssflow --port 8000
       curl -F video=@clip.mp4 -F format=wav -F seed=3 http://127.0.0.1:8000/v1/generate -o clip.wav
       curl -N -F video=@clip.mp4 http://127.0.0.1:8000/v1/stream | ffplay -nodisp -autoexit -
+      vssflow-serve --model models/vssflow --ray --ray-address HEAD:6379   # replicas on a Ray cluster
     """
     logging.basicConfig(level=logging.INFO, format=f"[{TOOL}] %(message)s", stream=sys.stderr)
+    if not use_ray and (ray_address is not None or replicas is not None):
+        click.echo(f"{TOOL}: error: --ray-address and --replicas go with --ray", err=True)
+        sys.exit(2)
     try:
         extras.require("serve", TOOL)
         token = _read_token(token_file) if token_file is not None else None
+        limits = Limits(int(max_upload_mb * 2**20), max_concurrent, batch or 1, request_timeout or None, max_seconds,
+                        max_transcript)
+        if use_ray:
+            _serve_on_ray(model_dir, dict(backend=backend, device=device,
+                                          precision=None if precision == "auto" else precision),
+                          limits, batch, token, host=host, port=port, address=ray_address, replicas=replicas)
+            sys.exit(0)
         session = _session(model_dir, backend, device, None if precision == "auto" else precision)
-        batch = _batch(session, batch)
+        batch = resolve_batch(session, batch)
         logging.getLogger("vssflow.serve").info(
             "/v1/generate: the windows of up to %d waiting request%s run together", batch, "s" if batch > 1 else "")
         sock = _listen(host, port)                  # once the model is ready: no client waits on a load
@@ -80,10 +102,8 @@ def main(model_dir, host, port, backend, device, precision, token_file, max_uplo
     if token is None and host not in LOOPBACK:
         logging.getLogger("vssflow.serve").warning(
             "warning: listening on %s without --token-file: anyone who can reach this machine can use it", host)
-    from .app import Limits, create_app
-    limits = Limits(int(max_upload_mb * 2**20), max_concurrent, batch, request_timeout or None, max_seconds,
-                    max_transcript)
-    app = create_app(session, limits, token)
+    from .app import create_app
+    app = create_app(session, dataclasses.replace(limits, batch=batch), token)
     try:
         _serve(app, sock, host)
     finally:
@@ -110,15 +130,35 @@ def _session(model_dir: Path, backend: str, device: str | None, precision: str |
     return session
 
 
-def _batch(session, batch: int | None) -> int:
-    from vssflow.runtime.batch import max_batch
-    most = max_batch(session)
+def resolve_batch(session, batch: int | None) -> int:
+    """`--batch`, or the Session's default; over the folder's most: one line (exit 2)."""
     if batch is None:
         return session.default_batch
-    if batch > most:
+    try:
+        _check_batch(session.folder, batch)
+    except VssflowInputError:
         session.close()
-        raise VssflowInputError(f"--batch {batch}: this model folder's graphs take at most {most} windows at once")
+        raise
     return batch
+
+
+def _check_batch(folder, batch: int | None) -> None:
+    from vssflow.runtime.batch import most_windows
+    most = most_windows(folder)
+    if batch is not None and batch > most:
+        raise VssflowInputError(f"--batch {batch}: this model folder's graphs take at most {most} windows at once")
+
+
+def _serve_on_ray(model_dir: Path, session: dict, limits, batch: int | None, token: bytes | None, **where) -> None:
+    """`--ray`: what the replicas would refuse is refused here first (the folder, --batch), then
+    `ray_serve.serve_on_ray`."""
+    from vssflow.runtime.model_folder import ModelFolder
+
+    from .ray_serve import serve_on_ray
+    _check_batch(ModelFolder.open(model_dir), batch)
+    from vssflow.runtime.ray_batch import check_ray
+    check_ray()
+    serve_on_ray(model_dir, session, limits, batch, token, **where)
 
 
 def _listen(host: str, port: int) -> socket.socket:
