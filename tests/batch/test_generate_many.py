@@ -38,6 +38,26 @@ def test_batch_at_one_is_bit_identical(ort_session, clips, singles):
     assert np.array_equal(out.audio, singles["a"].audio)
 
 
+def test_the_vocoder_stops_where_the_clips_end(ort_session, clips, clip12):
+    """A batch vocodes no more of a window than its clips keep, as a single run does: a 3-s and a 4-s
+    clip together take the 4-s clip's chunks; the 12-s clip's first window is vocoded whole."""
+    def vocoder_calls(events):
+        return sum(e["kind"] == "stage" and e["stage"] == "vocoder" for e in events)
+    alone = {}
+    for name, path in (("a", clips / "a.mp4"), ("long", clip12)):
+        events = []
+        ort_session.generate(path, steps=STEPS, progress=events.append)
+        alone[name] = vocoder_calls(events)
+    events = []
+    outs = list(ort_session.generate_many([clips / "sub" / "b.mp4", clips / "a.mp4"], steps=STEPS, batch=2,
+                                          progress=events.append))
+    assert vocoder_calls([e for e in events if e["item"] == 1]) == alone["a"] < 8   # 10 s: 8 chunks
+    events = []
+    list(ort_session.generate_many([clip12], steps=STEPS, batch=1, progress=events.append))
+    assert vocoder_calls(events) == alone["long"]
+    assert all(not isinstance(o, Exception) for o in outs)
+
+
 def test_clips_up_to_ten_seconds_are_one_window_in_a_batch(ort_session, tmp_path):
     """9.52 s and 10.0 s are one window in a batch as in a single run (`steps` evaluations, a
     one-window noise accepted); one frame past 10 s is two; each result equals its single run."""

@@ -38,7 +38,7 @@ from . import window
 from .errors import VssflowInputError
 from .inputs import Item, Prepared, as_item, frame_windows, prepare, speaker_embedding
 from .results import Result
-from .timeline import audio_length, crossfade_windows, cut_audio, window_phone_ids
+from .timeline import HOP_SAMPLES, audio_length, crossfade_windows, cut_audio, window_phone_ids
 from .window import Run
 
 __all__ = ["Item", "as_item", "default_batch", "generate_many", "max_batch"]
@@ -276,18 +276,21 @@ class _Model:
         session = self.session
         rows = [self.pending[k] for k, _ in group]
         windows = [w for _, w in group]
+        kept: list[int | None] = []                  # each row's samples its clip keeps (None: all)
         for p, w in zip(rows, windows):
             p.run.window = w.index
             if p.speaker is None:
                 p.speaker = speaker_embedding(session.backend, p.prepared.crops, session.sizes.speaker_dim, p.run)
             if w.last:
                 p.length.append(audio_length(p.prepared.info.video, w, p.run))
+            kept.append(max(0, p.length[0] - w.index * HOP_SAMPLES) if w.last else None)
         options = rows[0].prepared.info.options
         noise = np.stack([p.prepared.noise_of(w.index) for p, w in zip(rows, windows)])
         pieces = window.generate_rows(session.backend, [p.run for p in rows], windows,
                                       [window_phone_ids(p.prepared.track, w.index) for p, w in zip(rows, windows)],
                                       [p.speaker for p in rows], noise, solver=options.solver, steps=options.steps,
-                                      cfg=options.cfg, encoders=session.encoders, fp32_encoders=session.fp32_encoders)
+                                      cfg=options.cfg, encoders=session.encoders, fp32_encoders=session.fp32_encoders,
+                                      samples=kept)
         for p, row in zip(rows, pieces):
             p.windows.append(row)
 

@@ -372,13 +372,19 @@ def vocode(backend, run: Run, mel: np.ndarray) -> Iterator[np.ndarray]:
         yield audio[s0:s1]
 
 
-def decode_rows(backend, run: Run | Runs, z: np.ndarray) -> Iterator[np.ndarray]:
+def decode_rows(backend, run: Run | Runs, z: np.ndarray, samples: int | None = None) -> Iterator[np.ndarray]:
     """A batch of windows decoded: latents `[B, 128, T]` -> audio chunks `[B, n]` (the VAE once, the
-    vocoder in overlapping chunks, as `mel_of` and `vocode` for one)."""
+    vocoder in overlapping chunks, as `mel_of` and `vocode` for one). `samples`: the most any row
+    keeps (None: all); the vocoder stops once its chunks cover them, as a stream's reader stops
+    pulling `vocode` at the clip's end."""
     mel = run.call(backend, "vae_decoder", {"z": z})["mel"]                          # [B, 4T, 64]
     run.keep_rows("mel", mel)
+    made = 0
     for a0, b0, s0, s1 in vocoder_chunks(mel.shape[1]):
+        if samples is not None and made >= samples:
+            return
         audio = run.call(backend, "vocoder", {"mel": np.ascontiguousarray(mel[:, a0:b0])})["audio"]   # [B, n]
+        made += s1 - s0
         yield audio[:, s0:s1]
 
 
@@ -415,10 +421,13 @@ def generate(backend, run: Run, window, phone_ids: np.ndarray, speaker: np.ndarr
 
 def generate_rows(backend, runs: Sequence[Run], windows: Sequence, phone_ids: Sequence[np.ndarray],
                   speakers: Sequence[np.ndarray], noise: np.ndarray, *, solver: str = "euler", steps: int = 25,
-                  cfg: float = 3.0, encoders=None, fp32_encoders=None) -> list[list[np.ndarray]]:
+                  cfg: float = 3.0, encoders=None, fp32_encoders=None,
+                  samples: Sequence[int | None] | None = None) -> list[list[np.ndarray]]:
     """Several windows as one batch, row `i` being `windows[i]` of the generation `runs[i]`:
     conditions (`encoders` over all of them at once), one ODE over `noise` `[B, 128, T]`, the
     VAE and the vocoder likewise; each row's audio chunks. `encoders` is required here.
+    `samples[i]`: how many of row `i`'s samples its clip keeps (None: all); the vocoder decodes
+    up to the most of them, so a short clip's window does not vocode its padding.
 
     The guard, for a batch: at half precision, when a row's latent or audio is not finite, the
     batch's windows are generated again one by one through `generate` (which checks each before
@@ -430,7 +439,8 @@ def generate_rows(backend, runs: Sequence[Run], windows: Sequence, phone_ids: Se
     cond = conditions_rows(backend, rows, windows, phone_ids, speakers, encoders)
     z = sample(backend, rows, cond, noise, solver=solver, steps=steps, cfg=cfg)
     pieces: list[list[np.ndarray]] = [[] for _ in windows]
-    for chunk in decode_rows(backend, rows, z):
+    most = None if samples is None or None in samples else max(samples)
+    for chunk in decode_rows(backend, rows, z, most):
         for row, audio in zip(pieces, chunk):
             row.append(audio)
     if backend.precision == "fp32" or not any(nonfinite(latent=z[i], audio=np.concatenate(row))
