@@ -2,8 +2,10 @@
 
     python -m vssflow.benchmarks.serve MODEL WORK --requests 8 --clients 4 --seconds 4 --steps 25 --batch 4
 
-Writes M synthetic clips (`media.make_video`, each its own so no feature is shared by chance) into
-WORK, then, as a user would run each (subprocesses, real HTTP on 127.0.0.1):
+Writes M synthetic clips (`media.make_video`, each its own frames, so no feature is shared by
+chance) into WORK, then runs each way as a user would (subprocesses, real HTTP on 127.0.0.1), each
+in a fresh process after one warm-up request on a clip of its own (a Session's feature cache never
+serves a measured clip from an earlier way):
 
 * `/v1/generate` with batching across requests off (`--batch 1`) and on (`--batch B`): the M
   requests sent by N client threads, each sending its next request once its last is answered;
@@ -166,13 +168,18 @@ def main(model, work, n, clients, seconds, steps, batch, out):
                "load_1min": round(os.getloadavg()[0], 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    for label, b in (("generate, batching off (--batch 1)", 1), (f"generate, batching on (--batch {batch})", batch)):
+    warm = work / "warm.mp4"                          # its own frames: nothing of it is a measured clip's
+    if not warm.exists():
+        make_video(warm, seconds, 25, (320, 240), texture=n + 1)
+    # each way a fresh server: a Session's feature cache would otherwise serve a clip seen by an earlier way
+    for label, path, b in (("generate, batching off (--batch 1)", "/v1/generate", 1),
+                           (f"generate, batching on (--batch {batch})", "/v1/generate", batch),
+                           ("stream", "/v1/stream", 1)):
         server = _Server(model, b, clients)
         try:
-            _request(server.port, "/v1/generate", clips[0], fields)            # warm: sessions, caches, pages
-            report(label, load(server.port, "/v1/generate", clips, clients, fields))
-            if b == 1:
-                report("stream", load(server.port, "/v1/stream", clips, clients, {"steps": str(steps)}))
+            _request(server.port, path, warm, fields if path == "/v1/generate" else {"steps": str(steps)})
+            report(label, load(server.port, path, clips, clients,
+                               fields if path == "/v1/generate" else {"steps": str(steps)}))
         finally:
             server.stop()
     report(f"vssflow-run batch (--batch {batch})", batch_cli(model, clips_dir, work / "batch", steps, batch))

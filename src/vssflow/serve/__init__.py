@@ -6,6 +6,7 @@
 `form.py` reads a request: the multipart upload streamed to a private folder, its fields checked
 as `vssflow-run` checks its options; `app.py` is the application (auth, limits, the generation in
 a worker thread, errors as JSON); `batcher.py` runs the waiting requests' windows together;
-`cli.py` is the command; `ray_serve.py` deploys the same application as Ray Serve replicas (`--ray`). Needs the serve extra (Starlette,
-uvicorn, python-multipart): nothing here imports them until the command runs.
+`cli.py` is the command; `ray_serve.py` deploys the same application as Ray Serve replicas
+(`--ray`). Needs the serve extra (Starlette, uvicorn, python-multipart, prometheus-client; `--ray`:
+serve-ray): nothing here imports them until the command runs.
 """
