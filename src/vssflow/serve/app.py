@@ -160,16 +160,10 @@ class _Service:
                                        headers={"X-Audio-Seconds": f"{answer.seconds:.3f}", "X-NFE": str(answer.nfe)})
             folder = None                                                      # the response removes it
             return response
-        except (ClientDisconnect, _ClientGone) as e:  # gone: nobody to answer, and no bug
-            self._done(False, folder)
-            folder = None                                                      # logged once it is gone
-            _log(request, 499, t0, "the client left during the upload" if isinstance(e, ClientDisconnect)
-                 else "the client left before its answer: its work is cancelled")
-            return Response(status_code=400)
         except Exception as e:
             self._done(False, folder)
-            folder = None
-            return self._error(request, e, t0, tmp)
+            folder = None                                                      # logged once it is gone
+            return self._ended(request, e, t0, tmp, "before its answer")
         finally:
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -227,20 +221,11 @@ class _Service:
             stream.chunks = chunks
             # the first chunk before the status line: an error or a timeout before it still has its status
             first = await self._answer_of(request, asyncio.wrap_future(stream.next()), stream.cancel)
-        except ClientDisconnect:
-            self._done(admitted, folder)
-            _log(request, 499, t0, "the client left during the upload")
-            return Response(status_code=400)
-        except _ClientGone:
-            await self._closed(stream)
-            self._done(admitted, folder)
-            _log(request, 499, t0, "the client left before the first chunk: its work is cancelled")
-            return Response(status_code=400)
         except Exception as e:
             if stream is not None:
                 await self._closed(stream)
             self._done(admitted, folder)
-            return self._error(request, e, t0, folder)
+            return self._ended(request, e, t0, folder, "before the first chunk")
         return StreamingResponse(self._chunks(request, t0, stream, first, info.sample_rate, folder),
                                  media_type="audio/wav", headers={"X-Sample-Rate": str(info.sample_rate)})
 
@@ -300,6 +285,17 @@ class _Service:
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
             raise RequestError("a valid token is needed: send the header 'Authorization: Bearer TOKEN'", 401)
+
+    def _ended(self, request: Request, e: Exception, t0: float, folder: Path | None, before: str) -> Response:
+        """The answer to a request that ended with `e` before its answer started (its slot and folder
+        already released): nothing for a client that has gone (no bug: logged as 499), else the error."""
+        if isinstance(e, ClientDisconnect):
+            _log(request, 499, t0, "the client left during the upload")
+        elif isinstance(e, _ClientGone):
+            _log(request, 499, t0, f"the client left {before}: its work is cancelled")
+        else:
+            return self._error(request, e, t0, folder)
+        return Response(status_code=400)
 
     def _error(self, request: Request, e: Exception, t0: float, folder: Path | None) -> Response:
         message, code = describe(e)

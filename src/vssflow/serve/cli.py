@@ -83,8 +83,9 @@ def main(model_dir, host, port, backend, device, precision, token_file, max_uplo
     try:
         extras.require("serve", TOOL)
         token = _read_token(token_file) if token_file is not None else None
-        limits = Limits(int(max_upload_mb * 2**20), max_concurrent, batch or 1, request_timeout or None, max_seconds,
-                        max_transcript)
+        # `batch` is resolved against the loaded model (here, or in each Ray Serve replica)
+        limits = Limits(int(max_upload_mb * 2**20), max_concurrent, request_timeout=request_timeout or None,
+                        max_seconds=max_seconds, max_transcript=max_transcript)
         if use_ray:
             _serve_on_ray(model_dir, dict(backend=backend, device=device,
                                           precision=None if precision == "auto" else precision),
@@ -156,8 +157,6 @@ def _serve_on_ray(model_dir: Path, session: dict, limits, batch: int | None, tok
 
     from .ray_serve import serve_on_ray
     _check_batch(ModelFolder.open(model_dir), batch)
-    from vssflow.runtime.ray_batch import check_ray
-    check_ray()
     serve_on_ray(model_dir, session, limits, batch, token, **where)
 
 

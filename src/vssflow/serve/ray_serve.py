@@ -37,8 +37,8 @@ GRACE_SECONDS = 600                     # a replica's requests in flight at shut
 
 
 def require_serve():
-    """`ray.serve`, or the error (exit 4) naming the install line."""
-    extras.require("ray", "--ray")
+    """`ray.serve` (Ray itself already imported: `ray_instance`), or the error (exit 4) naming the
+    install line."""
     try:
         from ray import serve
     except ImportError as e:            # Ray without its serve extra: grpc, fastapi, aiohttp, ...
