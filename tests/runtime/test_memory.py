@@ -39,6 +39,30 @@ def test_plan_pieces_follow_the_budget(tiny_model):
     assert MemoryPlan.make(folder, budget=weights + RESERVE).rows == {s: 1 for s in PIECE_STAGES}
 
 
+def test_plan_bounds_the_prefetch_queue_in_bytes(tiny_model, clip4, monkeypatch):
+    """The decoded windows a batch's workers hold ahead: `QUEUE_BYTES` of them without a budget, what
+    the budget leaves after the pieces with one (at least one window); `generate_many` keeps to it."""
+    from vssflow.runtime import batch
+    from vssflow.runtime.memory import QUEUE_BYTES, window_frame_bytes
+    from vssflow.runtime.session import Session
+    folder = ModelFolder.open(tiny_model)
+    window = window_frame_bytes(folder.sizes)
+    assert MemoryPlan.make(folder).queue_windows == QUEUE_BYTES // window
+    least = host_budget(folder.manifest, folder.contracts)["least"]
+    assert MemoryPlan.make(folder, budget=least).queue_windows == 1
+    assert MemoryPlan.make(folder, budget=least + DEFAULT_ACTIVATIONS + 3 * window).queue_windows == 3
+    seen = []
+
+    class Recorded(batch._Prefetch):
+        def __init__(self, *args):
+            seen.append(args[-1])                       # capacity
+            super().__init__(*args)
+    monkeypatch.setattr(batch, "_Prefetch", Recorded)
+    with Session(tiny_model, backend="ort", max_memory=least + DEFAULT_ACTIVATIONS + 3 * window) as s:
+        assert not isinstance(next(s.generate_many([clip4], steps=1, batch=4)), Exception)
+    assert seen == [3]                                  # not 2 x batch = 8
+
+
 def test_plan_refuses_a_budget_the_weights_do_not_fit(tiny_model):
     folder = ModelFolder.open(tiny_model)
     with pytest.raises(MemoryBudgetError) as e:

@@ -164,16 +164,17 @@ def _theirs_in_child(folder: str, work: str) -> dict:
 
 def caches_and_queues(folder) -> dict:
     """The byte bounds of what the runtime keeps besides the model: the feature caches (full) and
-    the frames of one window (the prefetch queue of `generate_many` holds `capacity` of them)."""
-    from vssflow.runtime import contracts as C
+    the frames of one window (the prefetch queue of `generate_many` holds at most the plan's
+    `queue_windows` of them)."""
     from vssflow.runtime.features import CLIP_CACHE, SYNCH_CACHE
+    from vssflow.runtime.memory import MemoryPlan, window_frame_bytes
     from vssflow.runtime.model_folder import ModelFolder
-    sizes = ModelFolder.open(folder).sizes
-    frame = 3 * sizes.image_size ** 2                           # uint8 pixels of one prepared frame
-    window_frames = (C.CLIP.frames + C.SYNCH.frames) * frame
+    opened = ModelFolder.open(folder)
+    window_frames = window_frame_bytes(opened.sizes)
     return {"clip_cache_bytes": CLIP_CACHE, "synch_cache_bytes": SYNCH_CACHE,
             "window_frames_bytes": window_frames,
-            "prefetch_queue_bytes_per_window": window_frames}
+            "prefetch_queue_bytes_per_window": window_frames,
+            "prefetch_queue_windows": MemoryPlan.make(opened).queue_windows}
 
 
 def high_water(pid: int) -> int:
@@ -230,7 +231,8 @@ def table(report: dict) -> str:
     c = report["caches"]
     lines.append(f"- caches at most: CLIP features {format_bytes(c['clip_cache_bytes'])}, Synchformer features "
                  f"{format_bytes(c['synch_cache_bytes'])}; frames of one window "
-                 f"{format_bytes(c['window_frames_bytes'])} (the batch prefetch queue holds `capacity` of them)")
+                 f"{format_bytes(c['window_frames_bytes'])} (the batch prefetch queue holds at most "
+                 f"{c['prefetch_queue_windows']} of them without a budget)")
     if "skipped" in theirs:
         lines.append(f"- the authors' way: not measured: {theirs['skipped']}")
     elif theirs:

@@ -9,7 +9,8 @@ The pipeline, two sides and a bounded queue between them:
 * **workers** (threads, `workers` of them) take the items in order: each checks and reads its
   item's inputs (`inputs.prepare`: probe, transcript, reference voice) and decodes its
   windows, resized to uint8 frames and their digests taken (`video.VideoWindow`), into the
-  queue. At most `capacity` windows wait there (52 MB each), and workers stay at most
+  queue. At most `capacity` windows wait there (52 MB each at full size; two per batch row, fewer
+  where `memory.MemoryPlan.queue_windows`, the bytes budget, says so), and workers stay at most
   `lookahead` items ahead, so memory is flat whatever the number of items. A worker may always
   hand over a window of the item the model is waiting for, so the bound never deadlocks.
 * **the model** (the caller's thread) takes `batch` windows at a time, in item order, of one
@@ -79,7 +80,7 @@ def generate_many(session, items: Iterable, options=None, *, keep_intermediates:
         raise VssflowInputError(f"batch must be between 1 and {limit} (this model folder's contracts), got {batch}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-    capacity = capacity or max(2, 2 * batch)
+    capacity = capacity or min(max(2, 2 * batch), session.memory.queue_windows)
     model = _Model(session, batch, keep_intermediates, progress)
     prefetch = _Prefetch(session, items, options, fields, model.new_run, workers, capacity)
     try:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from . import contracts as C
 from .errors import BackendError, VssflowInputError
 from .precision import graph_name, stage_precision
 
@@ -40,6 +41,9 @@ ACTIVATIONS_PER_INPUT = 14
 RESERVE = 640 * MIB
 # The activations an encoder call may take when no budget is given.
 DEFAULT_ACTIVATIONS = 1 * GIB
+# The decoded frames `generate_many`'s workers may hold ahead of the model when no budget is given
+# (about five windows at full size).
+QUEUE_BYTES = 256 * MIB
 
 _UNITS = {"": 1, "b": 1, "k": KIB, "kb": KIB, "kib": KIB, "m": MIB, "mb": MIB, "mib": MIB,
           "g": GIB, "gb": GIB, "gib": GIB, "t": 1 << 40, "tb": 1 << 40, "tib": 1 << 40}
@@ -108,17 +112,20 @@ class MemoryPlan:
 
     `budget`: bytes (None: none given); `weights`: every stage's graph bytes; `rows`: rows per call
     of each stage of `PIECE_STAGES` (at most the contract's maximum); `activations`: what the
-    pieces were sized to."""
+    pieces were sized to; `queue_windows`: the decoded windows `generate_many`'s workers may hold
+    ahead of the model (`QUEUE_BYTES`, or what the budget leaves after the pieces; at least one)."""
 
     budget: int | None
     weights: int
     activations: int
     rows: Mapping[str, int]
+    queue_windows: int = 1
 
     @classmethod
     def make(cls, folder, precision: str = "fp32", budget: int | str | None = None) -> MemoryPlan:
         host = host_budget(folder.manifest, folder.contracts, precision)
         weights, need = host["weights"], host["least"]
+        queue = QUEUE_BYTES
         if budget is None:
             activations = DEFAULT_ACTIVATIONS
         else:
@@ -129,13 +136,21 @@ class MemoryPlan:
                     f"{format_bytes(weights)}, and the runtime {format_bytes(RESERVE)} more; give at least "
                     f"{format_bytes(need)} (or use the FP16 graphs, --precision fp16)")
             activations = min(DEFAULT_ACTIVATIONS, budget - need)
+            queue = min(QUEUE_BYTES, budget - need - activations)
         rows = piece_rows(folder.contracts, activations)
-        return cls(budget, weights, activations, rows)
+        return cls(budget, weights, activations, rows, max(1, queue // window_frame_bytes(folder.sizes)))
 
     def describe(self) -> str:
         budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
         pieces = ", ".join(f"{k} {v} rows" for k, v in self.rows.items())
-        return f"{budget}: weights {format_bytes(self.weights)}, encoder calls of {pieces}"
+        return (f"{budget}: weights {format_bytes(self.weights)}, encoder calls of {pieces}, "
+                f"at most {self.queue_windows} decoded window{'s' if self.queue_windows > 1 else ''} queued")
+
+
+def window_frame_bytes(sizes) -> int:
+    """The prepared uint8 frames of one window (CLIP's and the Synchformer's), as the batch's
+    prefetch queue holds them."""
+    return (C.CLIP.frames + C.SYNCH.frames) * 3 * sizes.image_size ** 2
 
 
 def host_budget(manifest: Mapping, contracts: Mapping, precision: str = "fp32") -> dict[str, int]:
