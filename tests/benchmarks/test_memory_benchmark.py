@@ -4,8 +4,8 @@ import os
 
 from vssflow.benchmarks.memory import PeakRss, caches_and_queues, high_water, measure_stages, table
 
-KEYS = {"graph_bytes", "load_bytes", "load_peak_bytes", "call_peak_bytes", "call_kept_bytes", "call_seconds",
-        "load_seconds", "input_shapes", "rows_per_call"}
+KEYS = {"graph_bytes", "load_bytes", "load_peak_bytes", "call_peak_bytes", "call_kept_bytes", "call_mapped_bytes",
+        "call_seconds", "load_seconds", "input_shapes", "rows_per_call"}
 
 
 def test_stage_report_keys_and_table(tiny_model):
@@ -20,9 +20,10 @@ def test_stage_report_keys_and_table(tiny_model):
     assert report["ort_memory"] == "arena=auto,mem_pattern=auto,prepack=off"        # our defaults
     report.update(model="tiny", caches=caches_and_queues(tiny_model),
                   end_to_end={"command": "vssflow-run clip.mp4", "seconds": 2.0, "peak_bytes": 1 << 30,
-                              "wall_seconds": 1.0})
+                              "peak_anon_bytes": 1 << 29, "wall_seconds": 1.0})
     text = table(report)
     assert "| clip_encoder |" in text and "**1.00 GiB**" in text and "CLIP features" in text
+    assert "at most 512 MiB of it anonymous" in text
 
 
 def test_peak_rss_sees_an_allocation():
@@ -56,7 +57,7 @@ def test_the_authors_way_per_stage_and_the_fp16_graphs(tiny_model, tmp_path):
     text = table(report)
     assert "FP16 graphs" in text and "the authors' way (eager torch FP32" in text
     flow = next(line for line in text.splitlines() if line.startswith("| flow_step |"))
-    assert flow.count("|") == 10 and "| - | - |" not in flow            # the authors' figures beside ours
+    assert flow.count("|") == 11 and "| - | - |" not in flow            # the authors' figures beside ours
 
 
 def test_without_weights_the_authors_way_is_skipped_with_its_reason(tmp_path):

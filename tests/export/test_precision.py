@@ -6,7 +6,7 @@ import torch
 
 from vssflow.export import onnx_export as E
 from vssflow.export import precision as P
-from vssflow.runtime.precision import FP16_STAGES, graph_name
+from vssflow.runtime.precision import FP16_STAGES, graph_name, weights_name
 from vssflow.export.checkpoint import SYNCHFORMER, atomic_torch_save, read_aux, read_checkpoint, safe_load
 from vssflow.export.synchformer import load_synchformer
 from vssflow.runtime.contracts import stage_contracts
@@ -52,7 +52,8 @@ def test_fp16_graph_follows_the_policy_and_matches_fp32(stage, tiny, graphs):
     m32, m16 = onnx.load(str(p32), load_external_data=False), onnx.load(str(p16), load_external_data=False)
     io = lambda m: [(v.name, v.type.tensor_type.elem_type) for v in list(m.graph.input) + list(m.graph.output)]  # noqa: E731
     assert io(m16) == io(m32)                                  # the contract is the same at both precisions
-    assert p16.stat().st_size < 0.65 * p32.stat().st_size
+    stored = lambda p: sum(f.stat().st_size for f in (p, p.with_name(weights_name(p.name))) if f.exists())  # noqa: E731
+    assert stored(p16) < 0.65 * stored(p32)                  # the graph and its weights file
     report = P.compare_graphs(p32, p16, contract, sizes=SIZES)
     assert set(report) == {s.name for s in contract.outputs}
     for name, a in report.items():

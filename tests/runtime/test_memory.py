@@ -29,7 +29,10 @@ def test_parse_memory_refuses_what_is_not_a_size(text):
 def test_plan_pieces_follow_the_budget(tiny_model):
     folder = ModelFolder.open(tiny_model)
     weights = sum(weight_bytes(folder.manifest).values())
-    assert weights == sum(folder.manifest["files"][f"{s}.onnx"]["bytes"] for s in folder.contracts)
+    files = folder.manifest["files"]                  # each graph and the weights file beside it
+    assert weights == sum(files[n]["bytes"] for s in folder.contracts for n in (f"{s}.onnx", f"{s}.onnx.data")
+                          if n in files)
+    assert "flow_step.onnx.data" in files
     free = MemoryPlan.make(folder)
     most = {s: folder.contracts[s].axes[folder.contracts[s].inputs[0].shape[0]][2] for s in PIECE_STAGES}
     assert free.rows == {s: min(most[s], DEFAULT_ACTIVATIONS // row_bytes(folder.contracts[s])) for s in PIECE_STAGES}

@@ -7,10 +7,11 @@
 
 In this process, for each stage in pipeline order (the ort backend on the CPU, with `--ort`'s
 memory settings, `--max-memory`'s encoder pieces and `--precision`'s graphs): the graph's bytes,
-the resident memory its load adds (weights, and what ONNX Runtime copies of them), and for its
-largest call as one clip's run sends it (a whole window) the resident growth at its peak
-(activations and arena: the kernel's high-water mark, restarted before the call) and what stays
-after it (the arena kept), with the call's seconds. Beside it, unless `--no-theirs`, the authors'
+the resident memory its load adds (weights, and what ONNX Runtime copies of them: little where
+they are in a weights file it maps), and for its largest call as one clip's run sends it (a whole
+window) the resident growth at its peak less the file pages mapped in meanwhile (activations and
+arena: the kernel's high-water mark, restarted before the call), what stays after it (the arena
+kept), the weights' file pages the call touched first, and the call's seconds. Beside it, unless `--no-theirs`, the authors'
 way (eager torch FP32) on the same window in a process of its own, stage by stage. Then the
 caches' and the prefetch queue's bounds, and, unless `--no-end-to-end`, the peak resident memory
 (`VmHWM`, as `/usr/bin/time -v` reports it) of a `vssflow-run` subprocess on a generated clip, as
@@ -47,6 +48,11 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def file_rss() -> int:
+    """This process's resident file pages now (`RssFile`: mapped files, as the weights files are)."""
+    return (status_kib("RssFile") or 0) * 1024
+
+
 class PeakRss:
     """`with PeakRss() as p: ...`: `p.before`, `p.peak` and `p.after`, resident bytes. The peak is
     the kernel's own high-water mark where Linux lets it be restarted at `__enter__` (`p.exact`),
@@ -55,6 +61,7 @@ class PeakRss:
 
     def __enter__(self):
         self.before = self.peak = rss()
+        self.file_before = file_rss()
         self.exact = reset_peak_rss()
         self._stop = threading.Event()
         self._thread = None if self.exact else threading.Thread(target=self._sample, daemon=True)
@@ -78,6 +85,14 @@ class PeakRss:
             self._thread.join()
         self.after = rss()
         self.peak = max(self.sample(), peak_rss_bytes() if self.exact else 0)
+        self.file_growth = file_rss() - self.file_before
+
+    @property
+    def anon_peak(self) -> int:
+        """The peak's growth less the file pages mapped in meanwhile (weights ONNX Runtime maps from
+        their file and touches first in this call): the activations and what the allocator took.
+        File pages are only added while a call runs, so those at its end were there at its peak."""
+        return self.peak - self.before - max(0, self.file_growth)
 
 
 def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, whole: bool = False,
@@ -104,7 +119,8 @@ def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, 
         measured[stage] = {
             "graph_bytes": graphs.get(stage, 0),
             "load_bytes": load.after - load.before, "load_peak_bytes": load.peak - load.before,
-            "call_peak_bytes": call.peak - call.before, "call_kept_bytes": call.after - call.before,
+            "call_peak_bytes": call.anon_peak, "call_kept_bytes": call.after - call.before - max(0, call.file_growth),
+            "call_mapped_bytes": max(0, call.file_growth),
             "call_seconds": call.seconds, "load_seconds": load.seconds,
             "input_shapes": {k: list(v.shape) for k, v in feed.items()},
             "rows_per_call": backend.pieces.get(stage)}
@@ -154,7 +170,7 @@ def _theirs_in_child(folder: str, work: str) -> dict:
     for stage in THEIR_STAGES:
         with PeakRss() as call:
             theirs.run(stage)
-        stages[stage] = {"call_peak_bytes": call.peak - call.before, "resident_peak_bytes": call.peak,
+        stages[stage] = {"call_peak_bytes": call.anon_peak, "resident_peak_bytes": call.peak,
                          "call_seconds": call.seconds}
         if stage == "condition":            # the VAE decodes the noise: the sampling loop is not run here
             theirs.latent = theirs.x0[:, :theirs.ref.audio_channels]
@@ -185,7 +201,9 @@ def high_water(pid: int) -> int:
 def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None = None,
                precision: str = "fp32", steps: int | None = None) -> dict:
     """Peak resident memory of `vssflow-run` on a generated clip (ONNX Runtime, CPU): the child's
-    `VmHWM` (what `/usr/bin/time -v` reports as its maximum resident set), read until it ends."""
+    `VmHWM` (what `/usr/bin/time -v` reports as its maximum resident set), read until it ends, and
+    the most of it that was anonymous (`RssAnon`, sampled every 20 ms: the rest is file pages, the
+    weights ONNX Runtime maps, which the kernel can drop and processes share)."""
     from .media import make_video
     video = work / "clip.mp4"
     make_video(video, seconds, 25, (320, 240))
@@ -197,9 +215,10 @@ def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None 
         cmd += ["--steps", str(steps)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-    peak = 0
+    peak = anon = 0
     while proc.poll() is None:          # the child's own high-water mark (a fork's ru_maxrss starts at ours)
         peak = max(peak, high_water(proc.pid))
+        anon = max(anon, (status_kib("RssAnon", proc.pid) or 0) * 1024)
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode(errors="replace").strip()
@@ -207,7 +226,8 @@ def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None 
     if proc.returncode != 0:
         raise click.ClickException(f"vssflow-run exited {proc.returncode}: {err.splitlines()[-1] if err else ''}")
     shown = ["vssflow-run" if c == "vssflow.runtime.cli" else c for c in cmd[2:]]
-    return {"command": " ".join(shown), "seconds": seconds, "peak_bytes": peak, "wall_seconds": wall}
+    return {"command": " ".join(shown), "seconds": seconds, "peak_bytes": peak, "peak_anon_bytes": anon,
+            "wall_seconds": wall}
 
 
 def table(report: dict) -> str:
@@ -216,14 +236,14 @@ def table(report: dict) -> str:
     their = theirs.get("stages", {})
     lines = [f"# Memory: {report['model']}, {report.get('precision', 'fp32').upper()} graphs "
              f"({report['ort_memory']}; {report['plan']})", "",
-             "| stage | graph | load adds | largest call: peak adds | kept after | call s | rows/call "
-             "| authors': call peak adds | call s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| stage | graph | load adds | largest call: peak adds | kept after | weights mapped in | call s "
+             "| rows/call | authors': call peak adds | call s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in s.items():
         t = their.get(name)
         lines.append(f"| {name} | {format_bytes(r['graph_bytes'])} | {format_bytes(r['load_bytes'])} | "
                      f"{format_bytes(r['call_peak_bytes'])} | {format_bytes(r['call_kept_bytes'])} | "
-                     f"{r['call_seconds']:.2f} | {r['rows_per_call'] or ''} | "
+                     f"{format_bytes(r.get('call_mapped_bytes', 0))} | {r['call_seconds']:.2f} | {r['rows_per_call'] or ''} | "
                      + (f"{format_bytes(t['call_peak_bytes'])} | {t['call_seconds']:.2f} |" if t else "- | - |"))
     lines += ["", f"- before any stage: {format_bytes(report['base_bytes'])} resident; after every stage: "
               f"{format_bytes(report['resident_after_bytes'])}; this process's peak: "
@@ -244,7 +264,8 @@ def table(report: dict) -> str:
     e = report.get("end_to_end")
     if e:
         lines.append(f"- end to end, `{e['command']}` on a {e['seconds']:g}-second clip: peak "
-                     f"**{format_bytes(e['peak_bytes'])}** resident ({e['peak_bytes'] // 1024} kB), "
+                     f"**{format_bytes(e['peak_bytes'])}** resident ({e['peak_bytes'] // 1024} kB), at most "
+                     f"{format_bytes(e.get('peak_anon_bytes', 0))} of it anonymous (the rest: mapped weights), "
                      f"{e['wall_seconds']:.1f} s")
     return "\n".join(lines) + "\n"
 

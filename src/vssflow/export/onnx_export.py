@@ -31,7 +31,7 @@ from vssflow.runtime.contracts import LATENT_RATE, ModelSizes, StageContract, st
 from vssflow.runtime.errors import OutputError
 from vssflow.runtime.files import atomic_folder
 from vssflow.runtime.model_folder import FORMAT_VERSION, sha256, write_stamp
-from vssflow.runtime.precision import FP16_STAGES, graph_name
+from vssflow.runtime.precision import FP16_STAGES, graph_name, weights_name
 
 from .checkpoint import RAWNET, SYNCHFORMER, AuthorsCheckpoint, build_modules, read_aux, read_checkpoint
 from .errors import ExportError
@@ -101,8 +101,55 @@ def export_onnx(module: torch.nn.Module, contract: StageContract, path: Path, de
         torch.onnx.export(module, args, str(path), input_names=[s.name for s in contract.inputs],
                           output_names=[s.name for s in contract.outputs], dynamic_axes=contract.dynamic_axes(),
                           opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    externalize(path)
     import onnx
     onnx.checker.check_model(str(path), full_check=True)
+
+
+# Weights of at least EXTERNAL_MIN bytes are moved out of the graph into its weights file
+# (`precision.weights_name`), each at an offset that is a multiple of WEIGHTS_ALIGN (a page on
+# 4-KiB and 64-KiB page kernels alike), where ONNX Runtime maps them from the file instead of
+# reading a copy into its heap: at full size a stage's load then adds a few MiB instead of its
+# graph's bytes, and the pages it maps are the page cache's, shared between processes and
+# reclaimable. Smaller tensors stay in the graph.
+EXTERNAL_MIN = 64 * 1024
+WEIGHTS_ALIGN = 64 * 1024
+# A metadata entry of the graph: its weights file's sha256, so that the graph's own sha256 (which
+# names the TensorRT engines built from it) changes with its weights.
+WEIGHTS_SHA256 = "vssflow.weights_sha256"
+
+
+def externalize(path: Path, min_bytes: int = EXTERNAL_MIN) -> int:
+    """Move the initializers of graph file `path` of `min_bytes` or more into its weights file,
+    aligned, and record that file's sha256 in the graph; returns the bytes moved (0: no weights
+    file is written)."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import set_external_data
+    model = onnx.load(str(path))
+    data = path.with_name(weights_name(path.name))
+    digest, moved = hashlib.sha256(), 0
+    with open(data, "wb") as f:
+        for t in model.graph.initializer:
+            if not t.HasField("raw_data") or len(t.raw_data) < min_bytes:
+                continue
+            pad = b"\0" * (-f.tell() % WEIGHTS_ALIGN)
+            f.write(pad)
+            digest.update(pad)
+            offset = f.tell()
+            f.write(t.raw_data)
+            digest.update(t.raw_data)
+            moved += len(t.raw_data)
+            set_external_data(t, data.name, offset, len(t.raw_data))
+            t.ClearField("raw_data")
+    if not moved:
+        data.unlink()
+        return 0
+    entry = model.metadata_props.add()
+    entry.key, entry.value = WEIGHTS_SHA256, digest.hexdigest()
+    onnx.save_model(model, str(path))
+    return moved
 
 
 def half_trace_device() -> str:

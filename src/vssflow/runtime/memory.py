@@ -28,7 +28,7 @@ import numpy as np
 
 from . import contracts as C
 from .errors import BackendError, VssflowInputError
-from .precision import graph_name, stage_precision
+from .precision import graph_name, stage_precision, weights_name
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 # Stages whose calls are cut into pieces along their first (batch) axis: their rows are independent.
@@ -76,14 +76,14 @@ def format_bytes(n: float) -> str:
 
 
 def weight_bytes(manifest: Mapping, precision: str = "fp32") -> dict[str, int]:
-    """The bytes of each stage's graph (its weights, nearly all of it) as the backend loads it,
-    from a model folder's manifest."""
+    """The bytes of each stage's graph and its weights file (the weights, nearly all of it) as the
+    backend loads it, from a model folder's manifest."""
     files = manifest["files"]
     out = {}
     for stage in manifest["contracts"]:
         name = graph_name(stage, stage_precision(manifest, stage, precision))
         if name in files:
-            out[stage] = int(files[name]["bytes"])
+            out[stage] = sum(int(files[n]["bytes"]) for n in (name, weights_name(name)) if n in files)
     return out
 
 

@@ -31,6 +31,13 @@ def graph_name(stage: str, precision: str = "fp32") -> str:
     return f"{stage}.onnx" if precision == "fp32" else f"{stage}.{precision}.onnx"
 
 
+def weights_name(graph: str) -> str:
+    """The file beside graph file `graph` that holds its large weights (ONNX external data, which
+    ONNX Runtime memory-maps instead of copying): `flow_step.onnx.data`. Folders exported before
+    it keep their weights inside the graph."""
+    return f"{graph}.data"
+
+
 def folder_precisions(manifest: Mapping) -> tuple[str, ...]:
     """The graph precisions a model folder holds: ("fp32",) or ("fp32", "fp16").
     Folders written before precisions were recorded hold fp32 graphs only."""
