@@ -36,7 +36,7 @@ def tensorrt(version: str, strongly_typed: bool = True, contracts=None, memory=N
     for name in ("float32", "float16", "int32", "int64", "bool"):
         setattr(trt, name, f"DataType.{name}")
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None})
-    trt.log = types.SimpleNamespace(contexts=[], memory_sizes={})
+    trt.log = types.SimpleNamespace(contexts=[], memory_sizes={}, executed=[])
 
     class Runtime:
         def __init__(self, logger):
@@ -110,6 +110,7 @@ class FakeContext:
     def execute_async_v3(self, stream):
         assert stream and self.scratch is not None and self.scratch[1] >= self.engine.device_memory_size_v2
         self.streams.append(stream)
+        self.engine.log.executed.append((self.engine.stage, dict(self.shapes)))
         mem, c = self.engine.memory, self.engine.contract
         if self.engine.stage == "flow_step":
             z = mem.read(self.addresses["z"], self.shapes["z"], "float32")

@@ -120,6 +120,25 @@ def test_profile_is_the_contract_profile():
     assert shapes["t"] == ((1,), (1,), (1,))
 
 
+def test_encoder_profiles_stop_at_the_rows_the_runtime_sends():
+    """The encoders' engines take at most a piece's rows (`memory.engine_contract`), the most any
+    memory plan sends, so their scratch is a piece's, not a whole window's; other stages as their
+    contract says."""
+    from vssflow.runtime.memory import DEFAULT_ACTIVATIONS, engine_contract, piece_rows
+    contracts = stage_contracts(ModelSizes(), max_latents=250)
+    rows = piece_rows(contracts, DEFAULT_ACTIVATIONS)
+    synch = trt_build.profile_shapes(engine_contract(contracts, "synch_encoder"))
+    assert rows["synch_encoder"] < 30 and synch["segments"][2][0] == rows["synch_encoder"]
+    assert synch["segments"][0] == trt_build.profile_shapes(contracts["synch_encoder"])["segments"][0]
+    clip = trt_build.profile_shapes(engine_contract(contracts, "clip_encoder"))
+    assert clip["frames"][2][0] == rows["clip_encoder"]
+    assert engine_contract(contracts, "flow_step") is contracts["flow_step"]
+    assert engines.profile_key(engine_contract(contracts, "synch_encoder")) != engines.profile_key(
+        contracts["synch_encoder"])                                     # engines built before are told apart
+    assert all(piece_rows(contracts, a)[s] <= rows[s] for a in (1 << 20, DEFAULT_ACTIVATIONS // 2, DEFAULT_ACTIVATIONS)
+               for s in rows)                                            # no plan sends more
+
+
 def test_no_engines_without_tensorrt(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     report = trt_build.build_engines(tmp_path, stage_contracts(ModelSizes()), "fp16")

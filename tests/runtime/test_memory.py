@@ -159,9 +159,13 @@ def test_the_budget_the_export_prints_is_the_one_the_runtime_keeps(tiny_model, p
     accepts, and its plan without a budget is the one a run makes (FP16: half the weights)."""
     folder = ModelFolder.open(tiny_model)
     b = host_budget(folder.manifest, folder.contracts, precision)
-    MemoryPlan.make(folder, precision, b["least"])
+    assert not MemoryPlan.make(folder, precision, b["least"]).low_memory
+    assert MemoryPlan.make(folder, precision, b["least"] - 1).low_memory       # one stage at a time
+    assert MemoryPlan.make(folder, precision, b["least_low"]).low_memory
     with pytest.raises(MemoryBudgetError):
-        MemoryPlan.make(folder, precision, b["least"] - 1)
+        MemoryPlan.make(folder, precision, b["least_low"] - 1)
+    with pytest.raises(MemoryBudgetError):
+        MemoryPlan.make(folder, precision, b["least"] - 1, low_memory=False)
     plan = MemoryPlan.make(folder, precision)
     assert b["planned"] == plan.weights + RESERVE + max(n * row_bytes(folder.contracts[s]) for s, n in plan.rows.items())
     if precision == "fp16":
@@ -231,3 +235,55 @@ def test_fp16_graphs_on_the_cpu_run_without_graph_optimizations(tiny_model):
         level = {b.precision: b._stage("vae_decoder").get_session_options().graph_optimization_level
                  for b in (half, full)}
     assert level == {"fp16": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "fp32": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def test_low_memory_holds_one_stage_and_gives_the_same_audio(tiny_model, clip12):
+    """`low_memory`: at most one stage loaded at any time; a 12-s clip (two windows) loads its
+    window stages once per window; the audio is the same bits as with every stage loaded."""
+    from vssflow.runtime.session import Session
+    outs, loads = [], []
+    for low in (False, True):
+        with Session(tiny_model, backend="ort", device="cpu", low_memory=low) as s:
+            assert s.memory.low_memory is low and (s.backend.resident == 1) is low
+            held = []
+            load = s.backend._load
+
+            def spy(name, load=load, backend=s.backend):
+                held.append(len(backend._stages))             # loaded beside the one coming in
+                return load(name)
+            s.backend._load = spy
+            outs.append(s.generate(clip12, steps=2, seed=3).audio)
+            loads.append(s.backend.loads)
+            assert max(held) == (0 if low else 5)
+    assert np.array_equal(outs[0], outs[1])
+    assert loads == [6, 2 * 6]            # six stages (no reference voice: no speaker encoder), per window
+
+
+def test_a_budget_below_every_stage_chooses_low_memory(tiny_model, clip4, tmp_path):
+    folder = ModelFolder.open(tiny_model)
+    b = host_budget(folder.manifest, folder.contracts)
+    plan = MemoryPlan.make(folder, budget=b["least_low"])
+    assert plan.low_memory and "one stage loaded at a time" in plan.describe()
+    with pytest.raises(MemoryBudgetError) as e:
+        MemoryPlan.make(folder, budget=b["least_low"] - 1)
+    assert "largest stage's weights alone" in str(e.value) and "\n" not in str(e.value)
+    r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(tmp_path / "o.wav"),
+                                      "--backend", "ort", "--max-memory", str(b["least_low"]), "--steps", "2"])
+    assert r.exit_code == 0, r.output
+    assert "one stage loaded at a time" in r.output and (tmp_path / "o.wav").is_file()
+
+
+def test_cli_low_memory_gives_the_same_file(tiny_model, clip4, tmp_path):
+    args = [str(clip4), "--model", str(tiny_model), "--backend", "ort", "--steps", "2", "-q"]
+    for name, extra in (("a.wav", []), ("b.wav", ["--low-memory"])):
+        r = CliRunner().invoke(cli.main, args + ["-o", str(tmp_path / name)] + extra)
+        assert r.exit_code == 0, r.output
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
+def test_low_memory_on_the_torch_backend_is_one_line_and_exit_4(tiny_model, clip4, tmp_path):
+    r = CliRunner().invoke(cli.main, [str(clip4), "--model", str(tiny_model), "-o", str(tmp_path / "o.wav"),
+                                      "--backend", "torch", "--low-memory", "-q"])
+    assert r.exit_code == 4, r.output
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert len(lines) == 1 and "torch backend loads every stage's weights together" in lines[0]

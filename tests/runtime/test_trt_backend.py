@@ -59,6 +59,19 @@ def test_one_scratch_buffer_of_the_largest_size(gpu):
     assert scratch.pop()[1] == max(sizes[s] for s in ("vocoder", "flow_step", "clip_encoder"))
 
 
+def test_encoder_calls_stay_within_the_engine_profile(gpu):
+    """The encoders' engines take at most a piece's rows (`memory.engine_contract`): a whole window's
+    30 segments, even asked for in one call, go in pieces no larger."""
+    from vssflow.runtime.memory import engine_contract
+    folder, calls = gpu
+    b = create_backend(folder, "trt")
+    b.pieces = {}                                                      # whole calls asked for
+    rows = engine_contract(folder.contracts, "synch_encoder").axes["S"][2]
+    out = b.run("synch_encoder", folder.contracts["synch_encoder"].sample("max"))
+    sent = [shapes["segments"][0] for stage, shapes in calls.trt.log.executed if stage == "synch_encoder"]
+    assert max(sent) == rows < 30 and sum(sent) == 30 and len(out["features"]) == 30
+
+
 def test_window_constants_go_up_once(gpu):
     folder, calls = gpu
     b = create_backend(folder, "trt")

@@ -68,8 +68,8 @@ def memory_lines(manifest: dict) -> list[str]:
     for precision in manifest.get("precisions") or ["fp32"]:
         b = host_budget(manifest, contracts, precision)
         lines.append(f"host memory, {precision.upper()} graphs (ONNX Runtime; planned): weights {format_bytes(b['weights'])}; "
-                     f"runs in --max-memory {format_bytes(b['least'])} or more; without one, up to "
-                     f"{format_bytes(b['planned'])}")
+                     f"runs in --max-memory {format_bytes(b['least'])} or more, {format_bytes(b['least_low'])} "
+                     f"loading one stage at a time (--low-memory); without one, up to {format_bytes(b['planned'])}")
     d = device_budget(manifest, contracts)
     if d is not None:
         lines.append(f"GPU memory, TensorRT engines: {format_bytes(d['total'])} (engines {format_bytes(d['weights'])}, "

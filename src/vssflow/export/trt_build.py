@@ -33,6 +33,7 @@ from pathlib import Path
 from vssflow.runtime import engines
 from vssflow.runtime.contracts import StageContract
 from vssflow.runtime.errors import BackendError
+from vssflow.runtime.memory import engine_contract
 from vssflow.runtime.model_folder import ModelFolder, sha256, update_manifest
 from vssflow.runtime.precision import folder_precisions, graph_name, require_graphs, stage_precision
 
@@ -138,7 +139,8 @@ def build_engines(folder: Path, contracts: Mapping[str, StageContract], precisio
     cache = out / "timing.cache" if timing_cache else None
     files = {p.name: {} for p in folder.iterdir()}
     report = {}
-    for name, contract in contracts.items():
+    for name in contracts:
+        contract = engine_contract(contracts, name)             # encoder profiles stop at a piece's rows
         built = stage_precision({"files": files}, name, precision)
         onnx_path = folder / graph_name(name, built)
         if not onnx_path.exists():

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import cuda_driver, engines, extras, trt_engine
 from .errors import BackendError, ModelFolderError, VssflowError
-from .memory import in_pieces
+from .memory import PIECE_STAGES, engine_contract, in_pieces
 from .model_folder import ModelFolder
 from .precision import FP16_STAGES, PRECISIONS, folder_precisions, graph_name, require_graphs, stage_precision
 
@@ -116,6 +116,11 @@ class Backend:
         # Rows per call of the stages whose rows are independent (`memory.MemoryPlan.rows`): a longer
         # call runs in pieces, the same bits in less memory. Empty: every call whole.
         self.pieces: dict[str, int] = {}
+        # At most this many stages loaded at once, the least recently called dropped first (`--low-memory`:
+        # 1, so a run holds the largest stage's weights rather than every stage's; each window then
+        # loads its stages again). None: every stage stays loaded once called.
+        self.resident: int | None = None
+        self.loads = 0                  # stages loaded so far (each load after a drop counts again)
 
     def _set_precision(self, precision: str | None) -> None:
         """`precision`, or by default fp16 on a GPU where the folder has FP16 graphs and this backend
@@ -150,7 +155,7 @@ class Backend:
             if self._fp32 is None:
                 self._fp32 = self._make_fp32()
                 self._fp32.lock = self.lock
-                self._fp32.pieces = self.pieces
+                self._fp32.pieces, self._fp32.resident = self.pieces, self.resident
             return self._fp32
 
     def _make_fp32(self) -> Backend:
@@ -172,9 +177,14 @@ class Backend:
     # --- the rest, once ------------------------------------------------------------------------
     def _stage(self, name: str):
         with self.lock:
-            if name not in self._stages:
-                self._stages[name] = self._load(name)
-            return self._stages[name]
+            runner = self._stages.pop(name, None)
+            if runner is None:
+                while self.resident is not None and self._stages and len(self._stages) >= self.resident:
+                    del self._stages[next(iter(self._stages))]      # the least recently called
+                runner = self._load(name)
+                self.loads += 1
+            self._stages[name] = runner                              # most recent last
+            return runner
 
     def load(self, stage: str) -> None:
         """Load `stage` now (a call loads it otherwise): to time or measure the load on its own."""
@@ -751,6 +761,9 @@ class TrtBackend(Backend):
                                "or TensorRT version?); re-run vssflow-export --engines-for, or use --backend ort")
         contract = self.folder.contracts[name]
         trt_engine.check_io(name, engine, contract, trt, path.name)
+        if name in PIECE_STAGES:       # its profile may stop at a piece's rows (`memory.engine_contract`)
+            rows = engine_contract(self.folder.contracts, name).axes[contract.inputs[0].shape[0]][2]
+            self.pieces[name] = min(self.pieces.get(name, rows), rows)
         ctx = trt_engine.context_without_memory(name, engine, trt)
         size = trt_engine.device_memory_size(engine)
         if size > self._scratch.nbytes:             # grow the shared buffer; point every context at the new one

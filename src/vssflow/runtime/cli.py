@@ -115,7 +115,12 @@ def _raise_on_sigterm() -> None:
                    "way; device without Triton (or on a CPU) runs the kernels' slow reference.")
 @click.option("--max-memory", default=None, metavar="SIZE",
               help="Memory the run plans for (e.g. 4G, 3500M): the encoders run in pieces that fit what the "
-                   "weights leave; exit 4 where the weights alone do not fit.")
+                   "weights leave, one stage loaded at a time where every stage's weights together do not fit "
+                   "(as --low-memory); exit 4 where even the largest stage's do not.")
+@click.option("--low-memory", is_flag=True, default=None,
+              help="Load one stage at a time (ort, trt): the memory of the largest stage's weights instead of "
+                   "every stage's. A clip of one window (up to 10 s) runs as fast; longer clips and batches "
+                   "load each window's stages again.")
 @click.option("--verify", is_flag=True,
               help="Check the sha256 of every model file (by default only files changed since their last check).")
 @click.option("--dump-intermediates", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -151,7 +156,8 @@ def _raise_on_sigterm() -> None:
 @click.option("--ray-workers", type=click.IntRange(1, None), default=None,
               help="Actors, one Session each (default: one per GPU of the cluster, else 1).")
 def main(videos, model_dir, output, input_audio, transcript, speech_start, speech_end, ref_audio, solver, steps,
-         cfg, seed, noise, backend, device, precision, compile_, preprocess, max_memory, verify, dump_intermediates,
+         cfg, seed, noise, backend, device, precision, compile_, preprocess, max_memory, low_memory, verify,
+         dump_intermediates,
          as_json, quiet,
          manifest,
          output_dir, out_format, report, skip_existing, batch, workers, use_ray, ray_address, ray_workers):
@@ -177,7 +183,7 @@ def main(videos, model_dir, output, input_audio, transcript, speech_start, speec
     """
     ui = _Ui(interactive=sys.stderr.isatty() and not quiet, quiet=quiet, as_json=as_json)
     model = _Model(model_dir, backend, device, preprocess, verify, None if precision == "auto" else precision,
-                   compile_, max_memory)
+                   compile_, max_memory, low_memory)
     options = GenerateOptions(transcript, speech_start, speech_end, solver, steps, cfg, seed)
     many = (len(videos) != 1 or any(v.is_dir() for v in videos) or manifest is not None
             or output_dir is not None or report is not None or use_ray or ray_address is not None)
@@ -249,6 +255,7 @@ class _Model:
     precision: str | None = None        # None: the backend's default (fp16 on a GPU)
     compile: bool = False               # the torch backend's flow step through torch.compile
     max_memory: str | None = None       # what the run plans for, "4G" (`memory.MemoryPlan`)
+    low_memory: bool | None = None      # one stage loaded at a time (None: where max_memory needs it)
 
     def path(self, say) -> Path:
         if self.folder is not None:
@@ -260,7 +267,8 @@ class _Model:
     def settings(self) -> dict:
         """The `Session` keywords: here, and for each actor of a `--ray` batch."""
         return dict(backend=self.backend, device=self.device, preprocess=self.preprocess, verify_hashes=self.verify,
-                    precision=self.precision, compile=self.compile, max_memory=self.max_memory)
+                    precision=self.precision, compile=self.compile, max_memory=self.max_memory,
+                    low_memory=self.low_memory)
 
     def session(self, say):
         from .session import Session
@@ -275,6 +283,8 @@ def announce(session, say) -> None:
         say(f"backend auto: {reason}")
     for note in session.backend.notes:                  # e.g. ONNX Runtime's CUDA provider did not load
         say(f"backend {session.backend.name}: {note}")
+    if session.memory.low_memory:
+        say(f"memory: {session.memory.describe()}")
     if session.folder.is_demo:
         say("DEMO MODEL: random weights; the sound it makes is noise")
 

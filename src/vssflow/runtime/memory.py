@@ -113,38 +113,66 @@ class MemoryPlan:
     `budget`: bytes (None: none given); `weights`: every stage's graph bytes; `rows`: rows per call
     of each stage of `PIECE_STAGES` (at most the contract's maximum); `activations`: what the
     pieces were sized to; `queue_windows`: the decoded windows `generate_many`'s workers may hold
-    ahead of the model (`QUEUE_BYTES`, or what the budget leaves after the pieces; at least one)."""
+    ahead of the model (`QUEUE_BYTES`, or what the budget leaves after the pieces; at least one);
+    `low_memory`: one stage loaded at a time (`Backend.resident`), so the weights held are the
+    largest stage's rather than every stage's; each window then loads its stages again.
+
+    `low_memory` None (the default) chooses it where a budget is given that every stage's weights
+    together do not fit and the largest stage's do."""
 
     budget: int | None
     weights: int
     activations: int
     rows: Mapping[str, int]
     queue_windows: int = 1
+    low_memory: bool = False
 
     @classmethod
-    def make(cls, folder, precision: str = "fp32", budget: int | str | None = None) -> MemoryPlan:
+    def make(cls, folder, precision: str = "fp32", budget: int | str | None = None,
+             low_memory: bool | None = None) -> MemoryPlan:
         host = host_budget(folder.manifest, folder.contracts, precision)
-        weights, need = host["weights"], host["least"]
+        budget = None if budget is None else parse_memory(budget)
+        if low_memory is None:
+            low_memory = budget is not None and budget < host["least"]
+        weights = host["largest"] if low_memory else host["weights"]
+        need = weights + RESERVE
         queue = QUEUE_BYTES
         if budget is None:
             activations = DEFAULT_ACTIVATIONS
         else:
-            budget = parse_memory(budget)
             if need > budget:
+                held = (f"its largest stage's weights alone take {format_bytes(weights)} (loaded one stage at a time, "
+                        "--low-memory)" if low_memory else f"its weights alone take {format_bytes(weights)}")
                 raise MemoryBudgetError(
-                    f"--max-memory {format_bytes(budget)} cannot fit this model: its weights alone take "
-                    f"{format_bytes(weights)}, and the runtime {format_bytes(RESERVE)} more; give at least "
-                    f"{format_bytes(need)} (or use the FP16 graphs, --precision fp16)")
+                    f"--max-memory {format_bytes(budget)} cannot fit this model: {held}, and the runtime "
+                    f"{format_bytes(RESERVE)} more; give at least {format_bytes(need)} (or use the FP16 graphs, "
+                    "--precision fp16)")
             activations = min(DEFAULT_ACTIVATIONS, budget - need)
             queue = min(QUEUE_BYTES, budget - need - activations)
         rows = piece_rows(folder.contracts, activations)
-        return cls(budget, weights, activations, rows, max(1, queue // window_frame_bytes(folder.sizes)))
+        return cls(budget, host["weights"], activations, rows, max(1, queue // window_frame_bytes(folder.sizes)),
+                   low_memory)
 
     def describe(self) -> str:
         budget = "no budget" if self.budget is None else f"budget {format_bytes(self.budget)}"
         pieces = ", ".join(f"{k} {v} rows" for k, v in self.rows.items())
-        return (f"{budget}: weights {format_bytes(self.weights)}, encoder calls of {pieces}, "
+        held = ", one stage loaded at a time" if self.low_memory else ""
+        return (f"{budget}: weights {format_bytes(self.weights)}{held}, encoder calls of {pieces}, "
                 f"at most {self.queue_windows} decoded window{'s' if self.queue_windows > 1 else ''} queued")
+
+
+def engine_contract(contracts: Mapping, stage: str):
+    """The contract a TensorRT engine of `stage` is built for: a stage of `PIECE_STAGES` never gets
+    more rows per call than a piece of `DEFAULT_ACTIVATIONS` (the most any plan gives), so its
+    profile stops there and its scratch (`device_memory_size`, at the profile's largest shapes) is
+    sized to a piece instead of a whole window (30 Synchformer segments); the others as they are."""
+    contract = contracts[stage]
+    if stage not in PIECE_STAGES:
+        return contract
+    rows = piece_rows(contracts, DEFAULT_ACTIVATIONS)[stage]
+    axis = contract.inputs[0].shape[0]
+    lo, opt, _ = contract.axes[axis]
+    return dataclasses.replace(contract, axes={**contract.axes, axis: (lo, min(opt, rows), rows)})
 
 
 def window_frame_bytes(sizes) -> int:
@@ -155,21 +183,25 @@ def window_frame_bytes(sizes) -> int:
 
 def host_budget(manifest: Mapping, contracts: Mapping, precision: str = "fp32") -> dict[str, int]:
     """What a run of the folder's graphs at `precision` plans for on a host (ONNX Runtime): `weights`,
-    `least` (the smallest `--max-memory` it accepts: the weights and `RESERVE`; the encoders then
-    run a row at a time) and `planned` (without a budget: the largest encoder call the default
-    pieces make, `DEFAULT_ACTIVATIONS` at most). Estimates from the graphs' bytes and
-    `row_bytes`; `python -m vssflow.benchmarks.memory` measures."""
-    weights = sum(weight_bytes(manifest, precision).values())
+    `least` (the smallest `--max-memory` it accepts with every stage loaded: the weights and
+    `RESERVE`; the encoders then run a row at a time), `largest` (the largest stage's weights) and
+    `least_low` (the smallest with one stage loaded at a time, `--low-memory`), and `planned`
+    (without a budget: the largest encoder call the default pieces make, `DEFAULT_ACTIVATIONS` at
+    most). Estimates from the graphs' bytes and `row_bytes`; `python -m vssflow.benchmarks.memory`
+    measures."""
+    stages = weight_bytes(manifest, precision)
+    weights, largest = sum(stages.values()), max(stages.values(), default=0)
     rows = piece_rows(contracts, DEFAULT_ACTIVATIONS)
-    largest = max(n * row_bytes(contracts[stage]) for stage, n in rows.items())
-    return {"weights": weights, "least": weights + RESERVE, "planned": weights + RESERVE + largest}
+    call = max(n * row_bytes(contracts[stage]) for stage, n in rows.items())
+    return {"weights": weights, "least": weights + RESERVE, "largest": largest, "least_low": largest + RESERVE,
+            "planned": weights + RESERVE + call}
 
 
 def device_budget(manifest: Mapping, contracts: Mapping) -> dict[str, int] | None:
     """The device memory of the folder's TensorRT engines (the trt backend: every engine loaded,
     one scratch buffer shared by all of them): `weights` (the engines' bytes), `scratch` (the
     largest engine's, `device_memory_size` at its profile's largest shapes), `io` (each stage's
-    inputs at their largest, kept per stage) and `total`. None where no engine was built or its
+    inputs at their largest as its engine takes them, `engine_contract`, kept per stage) and `total`. None where no engine was built or its
     scratch size was not recorded (`vssflow-export` records both when it builds them)."""
     built = manifest.get("report", {}).get("tensorrt", {})
     if not built or "skipped" in built or any(e.get("scratch_bytes") is None for e in built.values()):
@@ -177,7 +209,8 @@ def device_budget(manifest: Mapping, contracts: Mapping) -> dict[str, int] | Non
     weights = sum(int(e["bytes"]) for e in built.values())
     scratch = max(int(e["scratch_bytes"]) for e in built.values())
     io = sum(int(np.prod(c.shape(spec, "max"), dtype=np.int64)) * np.dtype(spec.dtype).itemsize
-             for name, c in contracts.items() if name in built for spec in c.inputs)
+             for name, c in ((n, engine_contract(contracts, n)) for n in contracts) if name in built
+             for spec in c.inputs)
     return {"weights": weights, "scratch": scratch, "io": io, "total": weights + scratch + io}
 
 

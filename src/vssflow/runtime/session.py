@@ -30,6 +30,7 @@ import numpy as np
 
 from . import extras, window
 from .backends import create_backend
+from .errors import BackendError
 from .batch import default_batch, generate_many
 from .features import Encoders
 from .inputs import GenerateOptions, Prepared, StreamInfo, frame_windows, frames_device, prepare, speaker_embedding
@@ -68,19 +69,29 @@ class Session:
     `max_memory`: bytes (or "4G") the run plans for (`memory.MemoryPlan`): the encoders' calls in
     pieces sized to what the weights leave; MemoryBudgetError (exit 4) where the weights alone do
     not fit. None: pieces of at most `memory.DEFAULT_ACTIVATIONS`.
+
+    `low_memory`: one stage loaded at a time (the ort and trt backends): the weights held are the
+    largest stage's, not every stage's, and each window loads its stages again (a single-window
+    clip loads each stage once either way). None: chosen where `max_memory` is too small for
+    every stage's weights together.
     """
 
     def __init__(self, model_dir: str | Path, backend: str = "auto", device: str | None = None,
                  verify_hashes: bool = False, preprocess: str = "auto", precision: str | None = None,
-                 compile: bool = False, max_memory: int | str | None = None):
+                 compile: bool = False, max_memory: int | str | None = None, low_memory: bool | None = None):
         self.folder = ModelFolder.open(model_dir, verify_hashes=verify_hashes)
         self.backend = create_backend(self.folder, backend, device, precision, compile)
         try:
-            self.memory = MemoryPlan.make(self.folder, self.backend.precision, max_memory)
+            self.memory = MemoryPlan.make(self.folder, self.backend.precision, max_memory, low_memory)
+            if self.memory.low_memory and self.backend.name == "torch":
+                raise BackendError("the torch backend loads every stage's weights together (weights.pt), so it "
+                                   "cannot hold one stage at a time (--low-memory, or a --max-memory below every "
+                                   "stage's weights): use --backend ort or trt")
         except Exception:
             self.backend.close()
             raise
         self.backend.pieces = dict(self.memory.rows)          # the encoders' rows per call
+        self.backend.resident = 1 if self.memory.low_memory else None
         self.frames_device = self._frames_device(preprocess)       # None: frames on the host
         self.sizes = self.folder.sizes
         self.encoders = Encoders()           # each distinct frame / segment encoded once (features.py)
