@@ -199,7 +199,7 @@ def high_water(pid: int) -> int:
 
 
 def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None = None,
-               precision: str = "fp32", steps: int | None = None) -> dict:
+               precision: str = "fp32", steps: int | None = None, low_memory: bool = False) -> dict:
     """Peak resident memory of `vssflow-run` on a generated clip (ONNX Runtime, CPU): the child's
     `VmHWM` (what `/usr/bin/time -v` reports as its maximum resident set), read until it ends, and
     the most of it that was anonymous (`RssAnon`, sampled every 20 ms: the rest is file pages, the
@@ -213,6 +213,8 @@ def end_to_end(folder: Path, seconds: float, work: Path, max_memory: str | None 
         cmd += ["--max-memory", str(max_memory)]
     if steps is not None:
         cmd += ["--steps", str(steps)]
+    if low_memory:
+        cmd += ["--low-memory"]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     peak = anon = 0
@@ -283,6 +285,7 @@ def table(report: dict) -> str:
               help="Which graphs ours runs: fp16 needs a folder exported with FP16 graphs.")
 @click.option("--theirs/--no-theirs", default=True, show_default=True,
               help="Also measure the authors' way per stage (needs the folder's weights.pt).")
+@click.option("--low-memory", is_flag=True, help="The end-to-end run with --low-memory (one stage loaded at a time).")
 @click.option("--whole", is_flag=True, help="Encoder calls whole (no pieces), as before #22 (in this process).")
 @click.option("--no-end-to-end", is_flag=True, help="Skip the vssflow-run subprocess.")
 @click.option("--steps", type=click.IntRange(1), default=None,
@@ -293,8 +296,8 @@ def table(report: dict) -> str:
               help=f"Write <name>.json and .md there (e.g. {DEFAULT_OUT}).")
 @click.option("--name", default=None, help="File name stem [memory-cpu-<size or folder>].")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON on stdout instead of the table.")
-def main(model, size, seconds, ort_memory, max_memory, precision, theirs, whole, no_end_to_end, steps, quick, out,
-         name, as_json):
+def main(model, size, seconds, ort_memory, max_memory, precision, theirs, low_memory, whole, no_end_to_end, steps,
+         quick, out, name, as_json):
     """Where vssflow's memory goes: weights, activations and arena per stage, caches, end to end."""
     from vssflow.runtime.errors import VssflowError
 
@@ -310,7 +313,8 @@ def main(model, size, seconds, ort_memory, max_memory, precision, theirs, whole,
             if theirs:
                 report["theirs"] = measure_theirs(folder, Path(tmp))
             if not no_end_to_end:
-                report["end_to_end"] = end_to_end(Path(folder), seconds, Path(tmp), max_memory, precision, steps)
+                report["end_to_end"] = end_to_end(Path(folder), seconds, Path(tmp), max_memory, precision, steps,
+                                                  low_memory)
     except VssflowError as e:
         raise click.ClickException(str(e)) from None
     text = table(report)
