@@ -91,8 +91,10 @@ class PeakRss:
     def anon_peak(self) -> int:
         """The peak's growth less the file pages mapped in meanwhile (weights ONNX Runtime maps from
         their file and touches first in this call): the activations and what the allocator took.
-        File pages are only added while a call runs, so those at its end were there at its peak."""
-        return self.peak - self.before - max(0, self.file_growth)
+        File pages are only added while a call runs, so those at its end were there at its peak (an
+        estimate: where the call also freed memory, or mapped a library's pages, it reads low; never
+        below 0)."""
+        return max(0, self.peak - self.before - max(0, self.file_growth))
 
 
 def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, whole: bool = False,
