@@ -6,7 +6,6 @@ import warnings
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 
 from vssflow.export.onnx_export import EXTERNAL_MIN, WEIGHTS_ALIGN, WEIGHTS_SHA256, externalize
@@ -73,9 +72,8 @@ def test_the_graph_hash_follows_its_weights(tmp_path):
     assert sha256(a) != sha256(b)
 
 
-@pytest.mark.parametrize("min_bytes", [1 << 30])
-def test_a_graph_without_large_weights_keeps_them_inline(tmp_path, min_bytes):
+def test_a_graph_without_large_weights_keeps_them_inline(tmp_path):
     graph = _linear_graph(tmp_path / "stage.onnx", 0)
     before = graph.read_bytes()
-    assert externalize(graph, min_bytes) == 0
+    assert externalize(graph, 1 << 30) == 0
     assert not (tmp_path / weights_name(graph.name)).exists() and graph.read_bytes() == before

@@ -85,7 +85,7 @@ class PeakRss:
             self._thread.join()
         self.after = rss()
         self.peak = max(self.sample(), peak_rss_bytes() if self.exact else 0)
-        self.file_growth = file_rss() - self.file_before
+        self.mapped = max(0, file_rss() - self.file_before)
 
     @property
     def anon_peak(self) -> int:
@@ -94,7 +94,7 @@ class PeakRss:
         File pages are only added while a call runs, so those at its end were there at its peak (an
         estimate: where the call also freed memory, or mapped a library's pages, it reads low; never
         below 0)."""
-        return max(0, self.peak - self.before - max(0, self.file_growth))
+        return max(0, self.peak - self.before - self.mapped)
 
 
 def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, whole: bool = False,
@@ -121,8 +121,8 @@ def measure_stages(folder, ort_memory: str = "", max_memory: str | None = None, 
         measured[stage] = {
             "graph_bytes": graphs.get(stage, 0),
             "load_bytes": load.after - load.before, "load_peak_bytes": load.peak - load.before,
-            "call_peak_bytes": call.anon_peak, "call_kept_bytes": call.after - call.before - max(0, call.file_growth),
-            "call_mapped_bytes": max(0, call.file_growth),
+            "call_peak_bytes": call.anon_peak, "call_kept_bytes": call.after - call.before - call.mapped,
+            "call_mapped_bytes": call.mapped,
             "call_seconds": call.seconds, "load_seconds": load.seconds,
             "input_shapes": {k: list(v.shape) for k, v in feed.items()},
             "rows_per_call": backend.pieces.get(stage)}

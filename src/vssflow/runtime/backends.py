@@ -105,6 +105,8 @@ class Backend:
     # The precisions this kind of backend runs, and why not the others.
     precisions: tuple[str, ...] = ("fp32", "fp16")
     precision_note = "bf16 is the torch backend's (FP16 and FP32 graphs only)"
+    # Whether each stage's runner holds its own weights, so that dropping it frees them (`resident`).
+    stages_apart = True
 
     def __init__(self, folder: ModelFolder, device: str | None = None):
         self.folder, self.device = folder, device
@@ -522,6 +524,7 @@ class TorchBackend(Backend):
     """The export-side PyTorch modules on CPU or CUDA: the reference, and the GPU path without TensorRT."""
 
     name = "torch"
+    stages_apart = False            # every module comes out of one weights.pt load (`_all_modules`)
     half_by_default = False
     # The policy of `export/precision.py` on the modules themselves: no graphs needed.
     precisions = PRECISIONS

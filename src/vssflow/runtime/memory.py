@@ -201,16 +201,16 @@ def device_budget(manifest: Mapping, contracts: Mapping) -> dict[str, int] | Non
     """The device memory of the folder's TensorRT engines (the trt backend: every engine loaded,
     one scratch buffer shared by all of them): `weights` (the engines' bytes), `scratch` (the
     largest engine's, `device_memory_size` at its profile's largest shapes), `io` (each stage's
-    inputs at their largest as its engine takes them, `engine_contract`, kept per stage) and `total`. None where no engine was built or its
-    scratch size was not recorded (`vssflow-export` records both when it builds them)."""
+    inputs at their largest as its engine takes them, `engine_contract`, kept per stage) and
+    `total`. None where no engine was built or its scratch size was not recorded (`vssflow-export` records both when it builds them)."""
     built = manifest.get("report", {}).get("tensorrt", {})
     if not built or "skipped" in built or any(e.get("scratch_bytes") is None for e in built.values()):
         return None
     weights = sum(int(e["bytes"]) for e in built.values())
     scratch = max(int(e["scratch_bytes"]) for e in built.values())
+    engine_contracts = [engine_contract(contracts, name) for name in contracts if name in built]
     io = sum(int(np.prod(c.shape(spec, "max"), dtype=np.int64)) * np.dtype(spec.dtype).itemsize
-             for name, c in ((n, engine_contract(contracts, n)) for n in contracts) if name in built
-             for spec in c.inputs)
+             for c in engine_contracts for spec in c.inputs)
     return {"weights": weights, "scratch": scratch, "io": io, "total": weights + scratch + io}
 
 

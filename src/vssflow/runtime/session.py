@@ -30,8 +30,8 @@ import numpy as np
 
 from . import extras, window
 from .backends import create_backend
-from .errors import BackendError
 from .batch import default_batch, generate_many
+from .errors import BackendError
 from .features import Encoders
 from .inputs import GenerateOptions, Prepared, StreamInfo, frame_windows, frames_device, prepare, speaker_embedding
 from .memory import MemoryPlan
@@ -83,8 +83,8 @@ class Session:
         self.backend = create_backend(self.folder, backend, device, precision, compile)
         try:
             self.memory = MemoryPlan.make(self.folder, self.backend.precision, max_memory, low_memory)
-            if self.memory.low_memory and self.backend.name == "torch":
-                raise BackendError("the torch backend loads every stage's weights together (weights.pt), so it "
+            if self.memory.low_memory and not self.backend.stages_apart:
+                raise BackendError(f"the {self.backend.name} backend loads every stage's weights together (weights.pt), so it "
                                    "cannot hold one stage at a time (--low-memory, or a --max-memory below every "
                                    "stage's weights): use --backend ort or trt")
         except Exception:
